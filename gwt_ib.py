@@ -1,0 +1,1203 @@
+"""GWT-IB: recurrent PPO whose GRU memory is written only when the agent is surprised.
+
+    c_t   = sigmoid(td_scale*|td_prev_t| + base_logit + bias [+ MLP([z_t, h_{t-1}])])   gate in [0, 1]
+    h_t   = h_{t-1} + c_t * (GRU(c_t * z_t, h_{t-1}) - h_{t-1})                          c=0 freezes memory
+    td_prev_{t+1} = normalize(r_t + gamma*(1-term_t)*V(o_{t+1}, h_t, td_prev=0) - V_t)    "clean" TD error
+    loss  = PPO clip + vf_coef*value - ent_coef*entropy + lambda_c*mean_seq(mean_t c - target_c)^2
+
+One file, read top to bottom: config, env helpers, model, TD normalizer, rollout, PPO+IB update,
+GateCheck, run management, main. `python gwt_ib.py --help` lists every setting.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import pickle
+import random
+import re
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ============================================================================ config
+@dataclass
+class Cfg:
+    # --- environment
+    env_id: str = "popgym-CountRecallEasy-v0"  # any registered gymnasium id; popgym ids are registered on demand
+    num_envs: int = 16  # environments stepped in parallel during the rollout
+    seed: int = 42  # seeds python, numpy, torch and the environments
+    prev_action: bool = False  # append the previous action (one-hot; raw for Box) to the observation, as POPGym's benchmark does
+    async_envs: bool = False  # step environments in subprocesses (gymnasium AsyncVectorEnv) instead of in this process
+    # --- budget
+    total_timesteps: int = 500_000  # environment steps over the whole run (all envs together)
+    rollout_steps: int = 256  # steps per environment per rollout
+    seq_len: int = 64  # BPTT length of a training sequence; must divide rollout_steps
+    # --- PPO
+    epochs: int = 4  # passes over each rollout
+    minibatches: int = 4  # minibatches per epoch (sequences are shuffled as units)
+    lr: float = 2.5e-4  # Adam learning rate
+    anneal_lr: bool = False  # decay lr linearly to 0 over the run
+    gamma: float = 0.99  # discount
+    gae_lambda: float = 0.95  # GAE lambda
+    clip_eps: float = 0.2  # PPO ratio clip
+    vf_coef: float = 0.5  # value-loss weight
+    ent_coef: float = 0.01  # entropy-bonus weight
+    max_grad_norm: float = 0.5  # global gradient-norm clip
+    norm_adv: bool = True  # normalize advantages per minibatch
+    # --- model
+    enc_dim: int = 128  # encoder width (obs -> enc_dim -> enc_dim, tanh)
+    hid_dim: int = 256  # GRU memory size
+    router_hid: int = 64  # hidden width of the router's residual MLP over [z, h_prev]
+    head_hid: int = 256  # hidden width of the actor and critic MLPs
+    # --- router (gate)
+    td_scale: float = 5.0  # weight of |td_norm_prev| in the gate logit
+    base_logit: float = -1.0  # fixed gate logit offset (gate ~0.27 at zero TD, before bias)
+    bias_init: float = -1.5  # initial value of the learnable gate bias
+    bias_clamp_min: float = -4.0  # lower clamp of the bias, applied after every optimizer step
+    bias_clamp_max: float = 2.0  # upper clamp of the bias
+    use_router_residual: bool = True  # add a zero-initialized MLP([z, h_prev]) to the prior logit
+    gate: str = "scalar"  # "scalar": one gate per step; "vector": one gate per memory unit (GWT-IB-SEC)
+    force_c: Optional[float] = None  # fix the gate to this value in [0, 1] (ablations); none = learned gate
+    memoryless: bool = False  # baseline: reset h to zero before every step (no memory at all)
+    # --- information bottleneck
+    target_c: float = 0.35  # gate budget: target mean gate per sequence
+    lambda_c: float = 0.05  # IB weight (at the start of the run if lambda_c_end is set)
+    lambda_c_end: Optional[float] = None  # if set, IB weight moves linearly from lambda_c to this over the run (GWT-IB-SEC)
+    budget_warmup_updates: int = 25  # IB weight ramps linearly from 0 over this many updates
+    ib_loss: str = "sq"  # "sq": (mean_t c - target_c)^2 per sequence; "kl": mean KL(Bern(c) || Bern(target_c)) (GWT-IB-SEC)
+    # --- TD normalization
+    td_scale_mode: str = "ema_quantile"  # "ema", "quantile" or "ema_quantile" (see TDNormalizer)
+    td_ema: float = 0.99  # EMA rate of the TD mean (and of the variance in "ema" mode)
+    td_scale_ema2: float = 0.995  # EMA rate of the quantile scale in "ema_quantile" mode
+    td_quantile: float = 0.90  # quantile of |td - mean| used as scale in the quantile modes
+    td_window: int = 4096  # TD errors kept for the "quantile" mode's sliding window
+    td_std_min: float = 1e-3  # lower clamp of the TD scale
+    td_std_max: float = 50.0  # upper clamp of the TD scale
+    td_norm_clip: float = 5.0  # normalized TD is clipped to [-clip, clip]
+    # --- evaluation and GateCheck
+    eval_every: int = 10  # greedy evaluation every this many updates (also before training and at the end)
+    eval_episodes: int = 32  # greedy episodes per evaluation, run in parallel
+    eval_ok_margin: float = 0.1  # GateCheck eval_ok: late eval must exceed early eval by this much
+    gatecheck_rollouts: int = 4  # the last this-many rollouts supply GateCheck's (td, c) samples
+    # --- output
+    log_every: int = 10  # print the progress line every this many updates
+    out_dir: str = "runs"  # parent directory of run directories
+    run_name: str = ""  # run directory name; empty = <env>__s<seed>__<time>; never overwrites
+    checkpoint_every: int = 10  # write checkpoint.pt (atomically) every this many updates
+    save_plot: bool = True  # write training.png into the run directory at the end
+    progress: bool = True  # show the tqdm progress bar
+    # --- system
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
+    torch_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    compile: bool = False  # torch.compile the recurrent cell (falls back to eager if compilation fails)
+    halt_after: int = 0  # stop cleanly (checkpoint + summary) after this many updates in this invocation; 0 = never
+
+
+class ConfigError(ValueError):
+    """A bad setting: names the field, the value and what is allowed."""
+
+    def __init__(self, name: str, value: Any, allowed: str):
+        super().__init__(f"--{name.replace('_', '-')} {value!r}: {allowed}")
+        self.name, self.value, self.allowed = name, value, allowed
+
+
+def field_docs() -> dict[str, str]:
+    """One-line docs of Cfg's fields, read from the comment beside each field above."""
+    import inspect
+    docs = {}
+    for line in inspect.getsource(Cfg).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.+)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2)
+    return docs
+
+
+def _field_kind(f: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, optional) of a Cfg field from its annotation string."""
+    ann = str(f.type)
+    optional = ann.startswith("Optional[")
+    base = ann[9:-1] if optional else ann
+    return {"int": int, "float": float, "bool": bool, "str": str}[base], optional
+
+
+def _convert(name: str, raw: str, typ: type, optional: bool) -> Any:
+    if optional and raw.lower() in ("none", "null", ""):
+        return None
+    what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[typ]
+    what += " or none" if optional else ""
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(raw.replace("_", ""))
+        if typ is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(name, raw, f"must be {what}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, suggestions for a mistyped flag
+        m = re.search(r"unrecognized arguments: (\S+)", message)
+        if m:
+            flags = [s for a in self._actions for s in a.option_strings]
+            close = difflib.get_close_matches(m.group(1).split("=")[0], flags, n=3)
+            message += f" (did you mean {', '.join(close)}?)" if close else ""
+        print(f"gwt_ib.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="Examples:\n  python gwt_ib.py\n  python gwt_ib.py --env-id popgym-BattleshipEasy-v0 "
+                       "--total-timesteps 100000 --force-c 1.0\n  python gwt_ib.py --resume runs/<run>")
+    docs = field_docs()
+    for f in dataclasses.fields(Cfg):
+        typ, opt = _field_kind(f)
+        meta = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[typ]
+        kw = dict(nargs="?", const="true") if typ is bool else {}
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=meta, default=None,
+                       help=f"{docs.get(f.name, '')} (default: {f.default})", **kw)
+    p.add_argument("--list-envs", action="store_true", help="print POPGym ids with their spaces and exit")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                   "(its config.json is used; flags given here override it)")
+    return p
+
+
+def parse_overrides(ns: argparse.Namespace, base: Cfg) -> Cfg:
+    """Typed Cfg from argparse strings; only flags that were given override `base`."""
+    changes = {}
+    for f in dataclasses.fields(Cfg):
+        raw = getattr(ns, f.name)
+        if raw is not None:
+            changes[f.name] = _convert(f.name, raw, *_field_kind(f))
+    return dataclasses.replace(base, **changes)
+
+
+_CHOICES = {"gate": ("scalar", "vector"), "ib_loss": ("sq", "kl"),
+            "td_scale_mode": ("ema", "quantile", "ema_quantile")}
+
+
+def validate(cfg: Cfg) -> None:
+    """Check every field's type and range before anything starts; raise ConfigError on the first bad one."""
+    for f in dataclasses.fields(Cfg):
+        v = getattr(cfg, f.name)
+        typ, opt = _field_kind(f)
+        ok = (v is None and opt) or (isinstance(v, typ) and not (typ is int and isinstance(v, bool))) \
+            or (typ is float and isinstance(v, int) and not isinstance(v, bool))
+        if not ok:
+            raise ConfigError(f.name, v, f"must be {typ.__name__}{' or None' if opt else ''}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f.name, v, "must be finite")
+
+    def need(name, cond, allowed):
+        if not cond:
+            raise ConfigError(name, getattr(cfg, name), allowed)
+
+    c = cfg
+    need("env_id", c.env_id.strip() != "", "must name a registered gymnasium environment")
+    for name in ("num_envs", "rollout_steps", "seq_len", "epochs", "minibatches", "enc_dim", "hid_dim",
+                 "router_hid", "head_hid", "eval_episodes", "log_every", "checkpoint_every", "gatecheck_rollouts"):
+        need(name, getattr(c, name) >= 1, "must be an integer >= 1")
+    for name in ("seed", "budget_warmup_updates", "eval_every", "torch_threads", "halt_after"):
+        need(name, getattr(c, name) >= 0, "must be an integer >= 0")
+    need("seq_len", c.rollout_steps % c.seq_len == 0, f"must divide rollout_steps ({c.rollout_steps})")
+    n_seq = c.num_envs * c.rollout_steps // c.seq_len
+    need("minibatches", n_seq % c.minibatches == 0,
+         f"must divide the number of sequences per rollout (num_envs*rollout_steps/seq_len = {n_seq})")
+    need("total_timesteps", c.total_timesteps >= c.num_envs * c.rollout_steps,
+         f"must be >= num_envs*rollout_steps ({c.num_envs * c.rollout_steps}) for at least one update")
+    for name in ("lr", "vf_coef", "ent_coef", "lambda_c", "td_scale", "eval_ok_margin"):
+        need(name, getattr(c, name) >= 0, "must be >= 0")
+    for name in ("clip_eps", "max_grad_norm", "td_std_min", "td_norm_clip"):
+        need(name, getattr(c, name) > 0, "must be > 0")
+    for name in ("gamma", "gae_lambda"):
+        need(name, 0 <= getattr(c, name) <= 1, "must be in [0, 1]")
+    for name in ("target_c", "td_ema", "td_scale_ema2", "td_quantile"):
+        need(name, 0 < getattr(c, name) < 1, "must be in (0, 1)")
+    need("td_window", c.td_window >= 2, "must be an integer >= 2")
+    need("bias_clamp_min", c.bias_clamp_min < c.bias_clamp_max, f"must be < bias_clamp_max ({c.bias_clamp_max})")
+    need("bias_init", c.bias_clamp_min <= c.bias_init <= c.bias_clamp_max,
+         f"must lie in [bias_clamp_min, bias_clamp_max] = [{c.bias_clamp_min}, {c.bias_clamp_max}]")
+    need("td_std_min", c.td_std_min < c.td_std_max, f"must be < td_std_max ({c.td_std_max})")
+    need("force_c", c.force_c is None or 0 <= c.force_c <= 1, "must be in [0, 1] or none")
+    need("lambda_c_end", c.lambda_c_end is None or c.lambda_c_end >= 0, "must be >= 0 or none")
+    for name, choices in _CHOICES.items():
+        need(name, getattr(c, name) in choices, f"must be one of {', '.join(choices)}")
+    need("gate", c.gate == "scalar" or c.use_router_residual,
+         "vector gates need use_router_residual=true (the prior alone is one number per step)")
+    need("out_dir", c.out_dir.strip() != "", "must be a directory path")
+    need("run_name", "/" not in c.run_name and c.run_name not in (".", ".."), "must be a plain directory name")
+    m = re.fullmatch(r"(auto|cpu|cuda)(:(\d+))?", c.device)
+    need("device", m is not None and (m.group(2) is None or m.group(1) == "cuda"),
+         "must be auto, cpu, cuda or cuda:N")
+    if m.group(1) == "cuda":
+        n = torch.cuda.device_count()
+        need("device", n > 0, "no CUDA device is available here (use cpu or auto)")
+        need("device", m.group(3) is None or int(m.group(3)) < n, f"must index one of the {n} CUDA devices")
+
+
+def resolve_device(cfg: Cfg) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def seed_everything(seed: int) -> None:
+    """The one place where randomness is seeded (envs are seeded at their first reset)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ============================================================================ env helpers
+def _gym():
+    """gymnasium with POPGym's ids registered (imported lazily: `import gwt_ib` stays cheap)."""
+    import gymnasium
+    try:
+        import popgym  # noqa: F401  registers popgym-*-v0
+    except ImportError:
+        pass
+    return gymnasium
+
+
+def check_env_id(env_id: str) -> None:
+    gym = _gym()
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see `python gwt_ib.py --list-envs`"
+        raise ConfigError("env_id", env_id, f"is not a registered gymnasium id; {hint}")
+
+
+def obs_encoder(space, path: str = "obs"):
+    """(dim, fn): fn maps a batch of observations of `space` to a (N, dim) float32 array.
+    Discrete parts become one-hot vectors (as POPGym's baselines feed networks), Box and MultiBinary
+    parts are flattened floats, Tuple and Dict parts are concatenated in the space's order."""
+    from gymnasium import spaces as S
+    if isinstance(space, S.Box):
+        dim = int(np.prod(space.shape))
+        return dim, lambda x: np.asarray(x, np.float32).reshape(len(x), dim)
+    if isinstance(space, S.MultiBinary):
+        dim = int(np.prod(space.shape))
+        return dim, lambda x: np.asarray(x, np.float32).reshape(len(x), dim)
+    if isinstance(space, S.Discrete):
+        n, start = int(space.n), int(space.start)
+        eye = np.eye(n, dtype=np.float32)
+        return n, lambda x: eye[np.asarray(x, np.int64).reshape(-1) - start]
+    if isinstance(space, S.MultiDiscrete):
+        nvec = space.nvec.reshape(-1).astype(np.int64)
+        start = np.broadcast_to(space.start, space.nvec.shape).reshape(-1).astype(np.int64)
+        offs = np.concatenate([[0], np.cumsum(nvec)[:-1]])
+        dim = int(nvec.sum())
+
+        def enc(x):
+            x = np.asarray(x, np.int64).reshape(-1, len(nvec)) - start + offs
+            out = np.zeros((len(x), dim), np.float32)
+            np.put_along_axis(out, x, 1.0, axis=1)
+            return out
+        return dim, enc
+    if isinstance(space, (S.Tuple, S.Dict)):
+        keys = list(space.spaces.keys()) if isinstance(space, S.Dict) else list(range(len(space.spaces)))
+        parts = [obs_encoder(space.spaces[k], f"{path}[{k!r}]") for k in keys]
+        dim = sum(d for d, _ in parts)
+        return dim, lambda x: np.concatenate([fn(x[k]) for k, (_, fn) in zip(keys, parts)], axis=1)
+    raise ConfigError("env_id", path, f"has unsupported observation space {space}; supported: Box, Discrete, "
+                                      "MultiDiscrete, MultiBinary and Tuple/Dict of these")
+
+
+def _batch1(space, x):
+    """One observation -> a batch of one, for obs_encoder (used for final observations)."""
+    from gymnasium import spaces as S
+    if isinstance(space, S.Tuple):
+        return tuple(_batch1(s, xi) for s, xi in zip(space.spaces, x))
+    if isinstance(space, S.Dict):
+        return {k: _batch1(s, x[k]) for k, s in space.spaces.items()}
+    return np.asarray(x)[None]
+
+
+@dataclass
+class ActSpec:
+    """How the actor's flat output maps to an action space."""
+    kind: str  # "discrete" (Discrete / MultiDiscrete: one categorical per component) or "box" (diagonal Gaussian)
+    n_out: int  # actor output size
+    nvec: tuple = ()  # categories per component (discrete)
+    start: tuple = ()  # first category of each component (discrete)
+    multi: bool = False  # MultiDiscrete (env expects an array) rather than Discrete (env expects an int)
+    low: Optional[np.ndarray] = None  # bounds (box)
+    high: Optional[np.ndarray] = None
+    shape: tuple = ()  # action shape the env expects (box)
+
+    @property
+    def enc_dim(self) -> int:  # size of the previous-action encoding
+        return sum(self.nvec) if self.kind == "discrete" else self.n_out
+
+
+def action_spec(space) -> ActSpec:
+    from gymnasium import spaces as S
+    if isinstance(space, S.Discrete):
+        return ActSpec("discrete", int(space.n), (int(space.n),), (int(space.start),))
+    if isinstance(space, S.MultiDiscrete) and space.nvec.ndim == 1:
+        nvec = tuple(int(n) for n in space.nvec)
+        start = tuple(int(s) for s in np.broadcast_to(space.start, space.nvec.shape))
+        return ActSpec("discrete", sum(nvec), nvec, start, multi=True)
+    if isinstance(space, S.Box) and np.issubdtype(space.dtype, np.floating):
+        dim = int(np.prod(space.shape))
+        return ActSpec("box", dim, low=space.low.reshape(-1).astype(np.float32),
+                       high=space.high.reshape(-1).astype(np.float32), shape=tuple(space.shape))
+    raise ConfigError("env_id", str(space), "has an unsupported action space; supported: Discrete, "
+                                            "MultiDiscrete (1-D) and float Box")
+
+
+def _make_one(env_id: str):
+    return _gym().make(env_id, disable_env_checker=True)  # the checker only warns about popgym infos
+
+
+def make_envs(cfg: Cfg, n: int, async_envs: bool = False):
+    """A gymnasium vector env with SAME_STEP autoreset: when an episode ends, step() returns the new
+    episode's first observation and puts the real last one in info["final_obs"], so every stored
+    transition is one the env really made (no dummy reset step enters the buffer)."""
+    import functools
+    gym = _gym()
+    from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+    fns = [functools.partial(_make_one, cfg.env_id) for _ in range(n)]
+    cls = AsyncVectorEnv if async_envs else SyncVectorEnv
+    return cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def list_envs() -> str:
+    gym = _gym()
+    lines = []
+    for env_id in sorted(k for k in gym.registry if k.startswith("popgym-")):
+        env = gym.make(env_id)
+        lines.append(f"{env_id:45s} obs {env.observation_space}  act {env.action_space}".replace("\n", ""))
+        env.close()
+    return "\n".join(lines)
+
+
+# ============================================================================ model
+def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, std)  # CleanRL's PPO init
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+class Agent(nn.Module):
+    """Encoder -> router (gate c) -> gated GRU memory h -> actor and critic heads.
+
+    The GRU and the router's first layer are split into an h-independent part (`inputs`, one batched
+    matmul for a whole sequence) and an h-dependent part (`cell`, one matmul per step). Their rows:
+      W_x: (3H+R, E) = [GRU W_ih ; router W_z],  W_h: (3H+R, H) = [GRU W_hh ; router W_h].
+    GRU(c*z, h) = GRUCell with input projection c*(W_ih z) + b_ih, so W_ih z is computed once."""
+
+    def __init__(self, obs_dim: int, act: ActSpec, cfg: Cfg):
+        super().__init__()
+        E, H, R = cfg.enc_dim, cfg.hid_dim, (cfg.router_hid if cfg.use_router_residual else 0)
+        self.cfg, self.act, self.E, self.H, self.R = cfg, act, E, H, R
+        self.G = H if cfg.gate == "vector" else 1
+        self.enc = nn.Sequential(layer_init(nn.Linear(obs_dim, E)), nn.Tanh(), layer_init(nn.Linear(E, E)), nn.Tanh())
+        k = 1 / math.sqrt(H)  # PyTorch's GRUCell init for the GRU rows
+        self.W_x = nn.Parameter(torch.empty(3 * H + R, E).uniform_(-k, k))
+        self.W_h = nn.Parameter(torch.empty(3 * H + R, H).uniform_(-k, k))
+        self.b_ih = nn.Parameter(torch.empty(3 * H).uniform_(-k, k))
+        self.b_hh = nn.Parameter(torch.empty(3 * H).uniform_(-k, k))
+        if R:
+            kr = 1 / math.sqrt(E + H)  # nn.Linear's init for a layer over [z, h]
+            with torch.no_grad():
+                self.W_x[3 * H:].uniform_(-kr, kr)
+                self.W_h[3 * H:].uniform_(-kr, kr)
+            self.b_r = nn.Parameter(torch.empty(R).uniform_(-kr, kr))
+            self.r_out = nn.Linear(R, self.G)
+            nn.init.zeros_(self.r_out.weight)  # residual starts at 0: the TD prior rules at initialization
+            nn.init.zeros_(self.r_out.bias)
+        self.register_buffer("zeros3h", torch.zeros(3 * H), persistent=False)
+        self.bias = nn.Parameter(torch.tensor(float(cfg.bias_init)))
+        hh = cfg.head_hid
+        self.actor = nn.Sequential(layer_init(nn.Linear(H, hh)), nn.Tanh(), layer_init(nn.Linear(hh, act.n_out), 0.01))
+        self.critic = nn.Sequential(layer_init(nn.Linear(H, hh)), nn.Tanh(), layer_init(nn.Linear(hh, 1), 1.0))
+        self.log_std = nn.Parameter(torch.zeros(act.n_out)) if act.kind == "box" else None
+        self._cell = self.cell
+
+    def gru_params(self):
+        """(w_ih, w_hh, b_ih, b_hh) in nn.GRUCell's layout (r, z, n rows)."""
+        H = self.H
+        return self.W_x[:3 * H], self.W_h[:3 * H], self.b_ih, self.b_hh
+
+    def inputs(self, obs: torch.Tensor) -> torch.Tensor:
+        """h-independent part of a step: (..., obs_dim) -> (..., 3H+R) = [W_ih z ; W_z z + b_r]."""
+        z = self.enc(obs)
+        b = torch.cat([self.zeros3h, self.b_r]) if self.R else None
+        return F.linear(z, self.W_x, b)
+
+    def cell(self, x, h_prev, td_prev, episode_start):
+        """The recurrent step. x (B, 3H+R) from inputs(); h_prev (B, H); td_prev, episode_start (B,).
+        At an episode start h_prev and td_prev are zeroed before use. Returns c (B, G), h (B, H)."""
+        H, cfg = self.H, self.cfg
+        keep = 1.0 - episode_start
+        td_prev = td_prev * keep
+        h_prev = h_prev * (0.0 if cfg.memoryless else keep.unsqueeze(-1))
+        hh = F.linear(h_prev, self.W_h)  # (B, 3H+R)
+        if cfg.force_c is not None:
+            c = torch.full((h_prev.shape[0], self.G), cfg.force_c, device=h_prev.device, dtype=h_prev.dtype)
+        else:
+            logit = (cfg.td_scale * td_prev.abs() + cfg.base_logit + self.bias).unsqueeze(-1)  # (B, 1)
+            if self.R:
+                logit = logit + self.r_out(torch.tanh(x[:, 3 * H:] + hh[:, 3 * H:]))  # (B, G)
+            c = torch.sigmoid(logit)
+        c_in = c if self.G == 1 else c.mean(-1, keepdim=True)  # a vector gate scales the input by its mean
+        i_r, i_z, i_n = (c_in * x[:, :3 * H] + self.b_ih).chunk(3, -1)
+        h_r, h_z, h_n = (hh[:, :3 * H] + self.b_hh).chunk(3, -1)
+        r = torch.sigmoid(i_r + h_r)
+        u = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        h_prop = n + u * (h_prev - n)  # = GRUCell(c*z, h_prev)
+        return c, h_prev + c * (h_prop - h_prev)  # residual gating: c=0 keeps h_prev exactly
+
+    def heads(self, h: torch.Tensor):
+        return self.actor(h), self.critic(h).squeeze(-1)
+
+    def step(self, obs, h_prev, td_prev, episode_start):
+        """(obs, h_prev, td_prev, episode_start) -> logits, value, c, h: the step the rollout takes."""
+        c, h = self._cell(self.inputs(obs), h_prev, td_prev, episode_start)
+        logits, value = self.heads(h)
+        return logits, value, c, h
+
+    def unroll(self, obs, h0, td_prev, episode_start):
+        """The same step over sequences: obs (L, B, D), h0 (B, H), td_prev/episode_start (L, B).
+        inputs() and heads() run batched over all L*B steps; only cell() is in the time loop."""
+        x = self.inputs(obs)  # (L, B, 3H+R)
+        h, cs, hs = h0, [], []
+        for t in range(obs.shape[0]):
+            c, h = self._cell(x[t], h, td_prev[t], episode_start[t])
+            cs.append(c)
+            hs.append(h)
+        hs = torch.stack(hs)  # (L, B, H)
+        logits, value = self.heads(hs)
+        return logits, value, torch.stack(cs), hs
+
+
+# --- action distributions (plain tensor code: torch.distributions costs per-step overhead)
+def _cat_logits(act: ActSpec, logits: torch.Tensor) -> torch.Tensor:
+    """(..., sum nvec) -> (..., K, max n) log-probs; padded categories get -1e9 (probability 0)."""
+    K, m = len(act.nvec), max(act.nvec)
+    if len(set(act.nvec)) == 1:
+        return F.log_softmax(logits.view(*logits.shape[:-1], K, m), -1)
+    parts = [F.pad(p, (0, m - p.shape[-1]), value=-1e9) for p in logits.split(list(act.nvec), -1)]
+    return F.log_softmax(torch.stack(parts, -2), -1)
+
+
+def sample_action(agent: Agent, logits: torch.Tensor, greedy: bool):
+    """-> action (B, K) long or (B, dim) float, log-prob (B,)."""
+    act = agent.act
+    if act.kind == "discrete":
+        logp = _cat_logits(act, logits)  # (B, K, m)
+        if greedy:
+            a = logp.argmax(-1)
+        else:  # Gumbel-max sampling
+            a = (logp - torch.empty_like(logp).exponential_().log()).argmax(-1)
+        return a, logp.gather(-1, a.unsqueeze(-1)).squeeze(-1).sum(-1)
+    std = agent.log_std.exp()
+    a = logits if greedy else logits + std * torch.randn_like(logits)
+    return a, _gauss_logp(a, logits, agent.log_std)
+
+
+def _gauss_logp(a, mean, log_std):
+    return (-0.5 * ((a - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def logp_entropy(agent: Agent, logits: torch.Tensor, a: torch.Tensor):
+    """Log-prob and entropy of stored actions under new logits; components summed."""
+    act = agent.act
+    if act.kind == "discrete":
+        logp = _cat_logits(act, logits)
+        ent = -(logp.exp() * logp).sum(-1).sum(-1)
+        return logp.gather(-1, a.unsqueeze(-1)).squeeze(-1).sum(-1), ent
+    ent = (0.5 + 0.5 * math.log(2 * math.pi) + agent.log_std).sum(-1).expand(logits.shape[:-1])
+    return _gauss_logp(a, logits, agent.log_std), ent
+
+
+# ============================================================================ TD normalizer
+class TDNormalizer:
+    """Online normalization of TD errors, td_norm = clip((delta - mu) / s, -td_norm_clip, td_norm_clip).
+
+    Updated once per vector step with the batch d of N TD errors (first batch: direct estimates).
+      "ema":          mu <- a*mu + (1-a)*mean(d);  v <- a*v + (1-a)*mean((d-mu)^2);  s = sqrt(v)
+      "ema_quantile": mu <- a*mu + (1-a)*median(d);  s <- a2*s + (1-a2)*quantile_q(|d-mu|)
+      "quantile":     over a sliding window W of the last td_window errors:
+                      mu = median(W);  s = quantile_q(|W-mu|)
+    with a = td_ema, a2 = td_scale_ema2, q = td_quantile; s is clamped to [td_std_min, td_std_max].
+    The quantile modes use medians and quantiles so one huge outlier cannot blow up mu or s; "ema" is
+    the plain mean/variance. Everything stays on the device: no host sync per step."""
+
+    def __init__(self, cfg: Cfg, device: torch.device):
+        self.cfg, self.mode = cfg, cfg.td_scale_mode
+        self.mean = torch.zeros((), device=device)
+        self.var = torch.ones((), device=device)
+        self.scale = torch.ones((), device=device)
+        self.count = 0
+        self.window = torch.zeros(cfg.td_window, device=device)
+        self.wpos = self.wfill = 0
+
+    def update(self, d: torch.Tensor) -> None:
+        cfg, a, first = self.cfg, self.cfg.td_ema, self.count == 0
+        d = d.detach().float().reshape(-1)
+        if self.mode == "ema":
+            m = d.mean()
+            self.mean = m if first else a * self.mean + (1 - a) * m
+            v = ((d - self.mean) ** 2).mean()
+            self.var = v if first else a * self.var + (1 - a) * v
+            self.var = self.var.clamp(cfg.td_std_min ** 2, cfg.td_std_max ** 2)
+            self.scale = self.var.sqrt()
+        elif self.mode == "ema_quantile":
+            m = d.median()
+            self.mean = m if first else a * self.mean + (1 - a) * m
+            q = torch.quantile((d - self.mean).abs(), cfg.td_quantile)
+            a2 = cfg.td_scale_ema2
+            self.scale = (q if first else a2 * self.scale + (1 - a2) * q).clamp(cfg.td_std_min, cfg.td_std_max)
+        else:  # quantile over a sliding window
+            n, W = d.numel(), self.window.numel()
+            idx = (self.wpos + torch.arange(n, device=d.device)) % W
+            self.window[idx] = d
+            self.wpos, self.wfill = (self.wpos + n) % W, min(W, self.wfill + n)
+            w = self.window[:self.wfill]
+            self.mean = w.median()
+            self.scale = torch.quantile((w - self.mean).abs(), cfg.td_quantile).clamp(cfg.td_std_min, cfg.td_std_max)
+        self.count += d.numel()
+
+    def normalize(self, d: torch.Tensor) -> torch.Tensor:
+        clip = self.cfg.td_norm_clip
+        return ((d - self.mean) / self.scale).clamp(-clip, clip)
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("mean", "var", "scale", "count", "window", "wpos", "wfill")}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k, v in sd.items():
+            setattr(self, k, v.to(self.mean.device) if torch.is_tensor(v) else v)
+
+
+# ============================================================================ rollout
+class Collector:
+    """Steps a vector env with the agent, carrying the recurrent state (h, td_prev, episode_start)
+    between steps. One `step()` serves training rollouts and greedy evaluation alike.
+
+    Episode boundaries: `start[i] = 1` marks the first observation of an episode (the env reset in
+    the same step that ended the last one); cell() zeroes h_prev and td_prev there. Terminated steps
+    are not bootstrapped; truncated ones (time limits) are bootstrapped from the value of the real
+    final observation, computed like every TD target here with td_prev = 0 ("clean")."""
+
+    def __init__(self, cfg: Cfg, envs, agent: Agent, norm: TDNormalizer, device: torch.device):
+        self.cfg, self.envs, self.agent, self.norm, self.dev = cfg, envs, agent, norm, device
+        self.space = envs.single_observation_space
+        self.obs_dim_raw, self.obs_fn = obs_encoder(self.space)
+        self.N = envs.num_envs
+        self.act = agent.act
+
+    def reset(self, seed: Optional[int]) -> None:
+        raw, _ = self.envs.reset(seed=seed)
+        N, H = self.N, self.agent.H
+        self.prev_a = np.zeros((N, self.act.enc_dim), np.float32)
+        self.obs = self._obs(self.obs_fn(raw), self.prev_a)
+        self.h = torch.zeros(N, H, device=self.dev)
+        self.td_prev = torch.zeros(N, device=self.dev)
+        self.start = torch.ones(N, device=self.dev)
+        self.ep_ret, self.ep_len = np.zeros(N), np.zeros(N, np.int64)
+
+    def _obs(self, flat: np.ndarray, prev_a: np.ndarray) -> torch.Tensor:
+        if self.cfg.prev_action:
+            flat = np.concatenate([flat, prev_a], 1)
+        return torch.from_numpy(flat).to(self.dev, non_blocking=True)
+
+    def _encode_action(self, a: np.ndarray) -> np.ndarray:
+        """Previous-action features: one-hot per component (discrete) or the clipped action (box)."""
+        act = self.act
+        if act.kind == "box":
+            return a.astype(np.float32)
+        out = np.zeros((len(a), act.enc_dim), np.float32)
+        offs = np.concatenate([[0], np.cumsum(act.nvec)[:-1]])
+        np.put_along_axis(out, a + offs, 1.0, axis=1)
+        return out
+
+    def _to_env(self, a: np.ndarray):
+        act = self.act
+        if act.kind == "box":
+            return np.clip(a, act.low, act.high).reshape(len(a), *act.shape)  # clip only what the env sees
+        a = a + np.asarray(act.start)
+        return a if act.multi else a[:, 0]
+
+    def state_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("obs", "h", "td_prev", "start", "prev_a", "ep_ret", "ep_len")}
+        try:  # env state, for a bit-identical resume (in-process envs that pickle)
+            d["envs"] = pickle.dumps(self.envs.envs)
+        except Exception:
+            d["envs"] = None
+        return d
+
+    def load_state_dict(self, d: dict) -> bool:
+        for k in ("obs", "h", "td_prev", "start"):
+            setattr(self, k, d[k].to(self.dev))
+        self.prev_a, self.ep_ret, self.ep_len = d["prev_a"], d["ep_ret"], d["ep_len"]
+        if d.get("envs") is not None and hasattr(self.envs, "envs"):
+            self.envs.envs = pickle.loads(d["envs"])
+            return True
+        return False
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, greedy: bool, update_norm: bool):
+        """One vector step from the current state. x = agent.inputs(self.obs), computed by the caller
+        (it is shared with the previous step's bootstrap). Returns (record, x_next, finished) where
+        record holds this step's tensors for the buffer and finished lists (env, return, length)."""
+        ag, cfg = self.agent, self.cfg
+        h0, td_prev, start, obs = self.h, self.td_prev * (1 - self.start), self.start, self.obs
+        c, h = ag._cell(x, h0, td_prev, start)
+        logits, value = ag.heads(h)
+        a, logp = sample_action(ag, logits, greedy)
+        a_np = a.cpu().numpy()  # the one device->host copy per step
+        env_a = self._to_env(a_np)
+        raw, r, term, trunc, info = self.envs.step(env_a)
+        done = term | trunc
+        a_enc = self._encode_action(env_a.reshape(self.N, -1) if self.act.kind == "box" else a_np)
+        self.prev_a = a_enc * (~done)[:, None]  # a new episode starts with no previous action
+        next_obs = self._obs(self.obs_fn(raw), self.prev_a)
+        x_next = ag.inputs(next_obs)
+        # clean bootstrap V(o_{t+1}, h_t, td_prev=0); at a truncation o_{t+1} is the real final obs
+        x_boot = x_next
+        trunc_only = trunc & ~term
+        if trunc_only.any():
+            idx = np.flatnonzero(trunc_only)
+            fin = np.concatenate([self.obs_fn(_batch1(self.space, info["final_obs"][i])) for i in idx])
+            fin_obs = self._obs(fin, a_enc[idx])
+            x_boot = x_next.clone()
+            x_boot[torch.as_tensor(idx, device=self.dev)] = ag.inputs(fin_obs)
+        zeros = torch.zeros_like(td_prev)
+        _, h_boot = ag._cell(x_boot, h, zeros, zeros)
+        v_boot = ag.critic(h_boot).squeeze(-1)
+        rtd = torch.from_numpy(np.stack([r, term, trunc]).astype(np.float32)).to(self.dev, non_blocking=True)
+        r_t, term_t, trunc_t = rtd
+        delta = r_t + cfg.gamma * (1 - term_t) * v_boot - value
+        if update_norm:
+            self.norm.update(delta)
+        done_t = torch.maximum(term_t, trunc_t)
+        self.td_prev = self.norm.normalize(delta) * (1 - done_t)
+        self.h, self.start, self.obs = h, done_t, next_obs
+        # episode bookkeeping on the host
+        self.ep_ret += r
+        self.ep_len += 1
+        finished = [(int(i), float(self.ep_ret[i]), int(self.ep_len[i])) for i in np.flatnonzero(done)]
+        self.ep_ret[done], self.ep_len[done] = 0.0, 0
+        rec = dict(obs=obs, h0=h0, td_prev=td_prev, start=start, act=a, logp=logp, value=value, reward=r_t,
+                   term=term_t, trunc=trunc_t, c=c.mean(-1), td=delta, v_boot=v_boot)
+        return rec, x_next, finished
+
+
+class Buffer:
+    """(T, N, ...) tensors for one rollout, on the device."""
+    KEYS = ("obs", "h0", "td_prev", "start", "act", "logp", "value", "reward", "term", "trunc", "c", "td", "v_boot")
+
+    def __init__(self):
+        self.rows: dict[str, list] = {k: [] for k in self.KEYS}
+
+    def add(self, rec: dict) -> None:
+        for k in self.KEYS:
+            self.rows[k].append(rec[k])
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        return {k: torch.stack(v) for k, v in self.rows.items()}
+
+
+def gae(b: dict, last_value: torch.Tensor, gamma: float, lam: float):
+    """GAE(gamma, lambda) over (T, N). The value after step t is values[t+1] within an episode,
+    0 after termination, and v_boot[t] (value of the real final obs) after truncation."""
+    T = b["reward"].shape[0]
+    adv = torch.zeros_like(b["reward"])
+    last = torch.zeros_like(last_value)
+    for t in reversed(range(T)):
+        nv = last_value if t == T - 1 else b["value"][t + 1]
+        done = torch.maximum(b["term"][t], b["trunc"][t])
+        nv = nv * (1 - done) + b["v_boot"][t] * b["trunc"][t] * (1 - b["term"][t])
+        delta = b["reward"][t] + gamma * nv - b["value"][t]
+        last = delta + gamma * lam * (1 - done) * last
+        adv[t] = last
+    return adv, adv + b["value"]
+
+
+# ============================================================================ PPO + IB update
+def ib_weight(cfg: Cfg, update: int, num_updates: int) -> float:
+    """lambda_c at update `update` (0-based): linear warm-up from 0, optional linear schedule."""
+    lam = cfg.lambda_c
+    if cfg.lambda_c_end is not None:
+        lam += (cfg.lambda_c_end - cfg.lambda_c) * update / max(1, num_updates - 1)
+    warm = 1.0 if cfg.budget_warmup_updates == 0 else min(1.0, update / cfg.budget_warmup_updates)
+    return lam * warm
+
+
+def ib_loss(c_seq: torch.Tensor, cfg: Cfg) -> torch.Tensor:
+    """c_seq: (L, B, G) gates of B sequences. "sq": mean over sequences of (mean_t c - target)^2."""
+    if cfg.ib_loss == "sq":
+        return ((c_seq.mean(dim=(0, 2)) - cfg.target_c) ** 2).mean()
+    c, p = c_seq.clamp(1e-6, 1 - 1e-6), cfg.target_c
+    return (c * torch.log(c / p) + (1 - c) * torch.log((1 - c) / (1 - p))).mean()
+
+
+def to_sequences(b: dict, L: int) -> dict:
+    """(T, N, ...) -> (L, S, ...) with S = (T/L)*N sequences; h0 -> (S, H) state at each sequence start."""
+    out = {}
+    for k, v in b.items():
+        T, N = v.shape[:2]
+        v = v.reshape(T // L, L, N, *v.shape[2:]).transpose(0, 1)  # (L, T/L, N, ...)
+        out[k] = v.reshape(L, (T // L) * N, *v.shape[3:])
+    out["h0"] = out["h0"][0]  # (S, H): the hidden state stored before each sequence's first step
+    return out
+
+
+class NonFinite(RuntimeError):
+    pass
+
+
+def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Tensor, ret: torch.Tensor,
+               cfg: Cfg, lam_c: float, update: int) -> dict:
+    """Recurrent PPO + IB over shuffled sequences; returns metrics averaged over every minibatch."""
+    seq = to_sequences({**b, "adv": adv, "ret": ret}, cfg.seq_len)
+    S = seq["h0"].shape[0]
+    params = [p for p in agent.parameters()]
+    sums = torch.zeros(8, device=adv.device)
+    n_mb, ratio0 = 0, float("nan")
+    for epoch in range(cfg.epochs):
+        for mb in torch.randperm(S, device=adv.device).chunk(cfg.minibatches):
+            logits, value, c, _ = agent.unroll(seq["obs"][:, mb], seq["h0"][mb], seq["td_prev"][:, mb],
+                                               seq["start"][:, mb])
+            newlogp, ent = logp_entropy(agent, logits, seq["act"][:, mb])
+            logratio = newlogp - seq["logp"][:, mb]
+            ratio = logratio.exp()
+            if n_mb == 0:  # first minibatch: the recomputation must reproduce the rollout exactly
+                ratio0 = (ratio - 1).abs().max().item()
+            a = seq["adv"][:, mb]
+            if cfg.norm_adv:
+                a = (a - a.mean()) / (a.std() + 1e-8)
+            pg = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)).mean()
+            vl = 0.5 * ((value - seq["ret"][:, mb]) ** 2).mean()
+            en = ent.mean()
+            ib = ib_loss(c, cfg)
+            loss = pg + cfg.vf_coef * vl - cfg.ent_coef * en + lam_c * ib
+            if not torch.isfinite(loss):
+                raise NonFinite(f"update {update}: loss is {loss.item()} (pg {pg.item()}, value {vl.item()}, "
+                                f"entropy {en.item()}, ib {ib.item()})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not torch.isfinite(gn):
+                raise NonFinite(f"update {update}: gradient norm is {gn.item()}")
+            opt.step()
+            with torch.no_grad():
+                agent.bias.clamp_(cfg.bias_clamp_min, cfg.bias_clamp_max)
+                kl = ((ratio - 1) - logratio).mean()
+                clipfrac = ((ratio - 1).abs() > cfg.clip_eps).float().mean()
+                sums += torch.stack([pg, vl, en, ib, kl, clipfrac, gn, loss]).detach()
+            n_mb += 1
+    m = (sums / n_mb).tolist()
+    return dict(zip(["pg_loss", "v_loss", "entropy", "ib_loss", "approx_kl", "clipfrac", "grad_norm", "loss"], m),
+                ratio0_maxdev=ratio0)
+
+
+def explained_variance(v: torch.Tensor, ret: torch.Tensor) -> float:
+    var = ret.var()
+    return float("nan") if var == 0 else (1 - (ret - v).var() / var).item()
+
+
+# ============================================================================ GateCheck
+def _corr(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def gatecheck(td_abs: np.ndarray, c: np.ndarray, dc: np.ndarray, dc_ok: np.ndarray, td_std: float,
+              evals: list, cfg: Cfg) -> dict:
+    """Does the gate track surprise, and did the agent learn?
+    td_abs, c: |td_prev| fed to the router and the gate it produced, per step of the final rollouts;
+    dc = c_t - c_{t-1}, valid where dc_ok (not at an episode start). rho = Pearson correlation;
+    the tail versions use the steps whose |td| is in the top 20%. eval_ok compares the mean of the
+    first k evaluations (the first is before any training) with the mean of the last k,
+    k = max(1, min(3, n_evals // 4))."""
+    tail = td_abs >= np.quantile(td_abs, 0.8) if len(td_abs) else np.zeros(0, bool)
+    tdd, dcc = td_abs[dc_ok], dc[dc_ok]
+    taild = tdd >= np.quantile(tdd, 0.8) if len(tdd) else np.zeros(0, bool)
+    vals = [e for _, e in evals]
+    k = max(1, min(3, len(vals) // 4))
+    early = float(np.mean(vals[:k])) if vals else float("nan")
+    late = float(np.mean(vals[-k:])) if vals else float("nan")
+    std_ok = bool(td_std > 5 * cfg.td_std_min)
+    eval_ok = bool(len(vals) >= 2 and late > early + cfg.eval_ok_margin)
+    return dict(rho_td_c=_corr(td_abs, c), rho_tail=_corr(td_abs[tail], c[tail]), rho_td_dc=_corr(tdd, dcc),
+                rho_tail_dc=_corr(tdd[taild], dcc[taild]), td_std=float(td_std), std_ok=std_ok,
+                early_eval=early, late_eval=late, eval_k=k, eval_ok=eval_ok,
+                verdict="PASS" if (std_ok and eval_ok) else "FAIL")
+
+
+def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float) -> str:
+    return (f"GATECHECK\n"
+            f"rho(td,c)={g['rho_td_c']:.3f}  rho_tail={g['rho_tail']:.3f} | "
+            f"rho(td,Δc)={g['rho_td_dc']:.3f} rho_tailΔ={g['rho_tail_dc']:.3f}\n"
+            f"td_std={g['td_std']:.6f} (std_ok={g['std_ok']}) | eval_ok={g['eval_ok']} "
+            f"(early {g['early_eval']:.3f} -> late {g['late_eval']:.3f}) -> {g['verdict']}\n"
+            f"mean_c={mean_c:.4f}  EV={ev:.4f}  ep100={ep100:.2f}")
+
+
+# ============================================================================ run management
+def new_run_dir(cfg: Cfg) -> Path:
+    name = cfg.run_name or f"{cfg.env_id.replace('/', '_')}__s{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path(cfg.out_dir) / name
+    d, i = base, 1
+    while d.exists():  # never overwrite an earlier run
+        i += 1
+        d = base.with_name(f"{base.name}-{i}")
+    d.mkdir(parents=True)
+    return d
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill during the write never corrupts the last good file
+
+
+def write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class StopFlag:
+    """First Ctrl-C/SIGTERM: finish the current update, then save and exit. Second: abandon it now."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n[{signal.Signals(signum).name}] stopping after this update (again to abandon it)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def plot_training(run_dir: Path, cfg: Cfg) -> None:
+    """training.png: returns, gate use vs budget, TD scale and explained variance over env steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    if not rows:
+        return
+    x = [r["env_steps"] for r in rows]
+    fig, ax = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    ax[0, 0].plot(x, [r["ep100"] for r in rows], label="ep100 (train, stochastic)")
+    ev = [(r["env_steps"], r["eval"]) for r in rows if r.get("eval_fresh")]
+    if ev:
+        ax[0, 0].plot(*zip(*ev), "o-", label="eval (greedy)")
+    ax[0, 0].set_title("return")
+    ax[0, 0].legend(fontsize=8)
+    ax[0, 1].plot(x, [r["mean_c"] for r in rows], label="mean c")
+    ax[0, 1].axhline(cfg.target_c, ls="--", c="k", label="target_c")
+    ax[0, 1].set_title("gate use")
+    ax[0, 1].legend(fontsize=8)
+    ax[1, 0].plot(x, [r["td_std"] for r in rows])
+    ax[1, 0].axhline(cfg.td_std_min * 5, ls=":", c="r", label="5 x td_std_min")
+    ax[1, 0].set_yscale("log")
+    ax[1, 0].set_title("TD scale")
+    ax[1, 0].legend(fontsize=8)
+    ax[1, 1].plot(x, [r["ev"] for r in rows])
+    ax[1, 1].set_title("explained variance")
+    for a in ax[1]:
+        a.set_xlabel("env steps")
+    fig.suptitle(f"{run_dir.name}")
+    fig.tight_layout()
+    fig.savefig(run_dir / "training.png", dpi=90)
+    plt.close(fig)
+
+
+# ============================================================================ train
+@torch.no_grad()
+def evaluate(ev: Collector, cfg: Cfg, trace: bool = False):
+    """Mean greedy return of one episode in each eval env (fixed seeds, frozen TD normalizer).
+    With trace, also env 0's first episode as lists of c, |td_norm| fed to the router, reward."""
+    ev.reset(seed=cfg.seed + 1_000_003)
+    rets = [None] * ev.N
+    tr = {"c": [], "td_abs": [], "reward": []}
+    x = ev.agent.inputs(ev.obs)
+    steps = 0
+    while any(r is None for r in rets) and steps < 100_000:
+        rec, x, fin = ev.step(x, greedy=True, update_norm=False)
+        if trace and rets[0] is None:
+            tr["c"].append(rec["c"][0].item())
+            tr["td_abs"].append(rec["td_prev"][0].abs().item())
+            tr["reward"].append(rec["reward"][0].item())
+        for i, R, _ in fin:
+            rets[i] = R if rets[i] is None else rets[i]
+        steps += 1
+    done = [r for r in rets if r is not None]
+    return float(np.mean(done)) if done else float("nan"), tr
+
+
+def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
+    """Train GWT-IB with `cfg`; returns the summary (also written to <run_dir>/summary.json).
+    summary["status"] is "completed", "halted" (halt_after), "interrupted" or "diverged"."""
+    validate(cfg)
+    check_env_id(cfg.env_id)
+    seed_everything(cfg.seed)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    dev = resolve_device(cfg)
+    envs = make_envs(cfg, cfg.num_envs, cfg.async_envs)
+    eval_envs = make_envs(cfg, cfg.eval_episodes)
+    obs_dim, _ = obs_encoder(envs.single_observation_space)
+    act = action_spec(envs.single_action_space)
+    obs_dim += act.enc_dim if cfg.prev_action else 0
+    agent = Agent(obs_dim, act, cfg).to(dev)
+    if cfg.compile:
+        try:
+            agent._cell = torch.compile(agent.cell, dynamic=False)
+        except Exception as e:  # pragma: no cover - depends on the platform's compiler
+            print(f"torch.compile unavailable ({e}); using eager mode", file=sys.stderr)
+    opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
+    norm = TDNormalizer(cfg, dev)
+    col = Collector(cfg, envs, agent, norm, dev)
+    evc = Collector(cfg, eval_envs, agent, norm, dev)
+    batch = cfg.num_envs * cfg.rollout_steps
+    num_updates = cfg.total_timesteps // batch
+
+    # state that a checkpoint carries
+    start_update, env_steps, wall_before = 0, 0, 0.0
+    ep_hist: deque = deque(maxlen=100)
+    evals: list = []  # (update, eval return)
+    gc_hist: deque = deque(maxlen=cfg.gatecheck_rollouts)  # per rollout: (td_abs, c, dc, dc_ok)
+    if resume:
+        run_dir = Path(resume)
+        ck = torch.load(run_dir / "checkpoint.pt", map_location=dev, weights_only=False)
+        agent.load_state_dict(ck["agent"])
+        opt.load_state_dict(ck["opt"])
+        norm.load_state_dict(ck["norm"])
+        envs.reset(seed=cfg.seed)
+        if not col.load_state_dict(ck["collector"]):
+            print("note: env state could not be restored; envs restart from fresh episodes", file=sys.stderr)
+        start_update, env_steps, wall_before = ck["update"], ck["env_steps"], ck["wall_s"]
+        ep_hist.extend(ck["ep_hist"])
+        evals, gc_hist = ck["evals"], deque(ck["gc_hist"], maxlen=cfg.gatecheck_rollouts)
+        random.setstate(ck["rng"]["python"])
+        np.random.set_state(ck["rng"]["numpy"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if torch.cuda.is_available() and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()  # drop updates after the checkpoint
+        (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["update"] <= start_update))
+    else:
+        run_dir = new_run_dir(cfg)
+        col.reset(seed=cfg.seed)
+    write_json(dataclasses.asdict(cfg), run_dir / "config.json")
+    metrics_f = open(run_dir / "metrics.jsonl", "a")
+
+    def checkpoint(update: int) -> None:
+        atomic_save(dict(agent=agent.state_dict(), opt=opt.state_dict(), norm=norm.state_dict(),
+                         collector=col.state_dict(), update=update, env_steps=env_steps,
+                         wall_s=wall_before + time.perf_counter() - t0, ep_hist=list(ep_hist), evals=evals,
+                         gc_hist=list(gc_hist), cfg=dataclasses.asdict(cfg),
+                         rng=dict(python=random.getstate(), numpy=np.random.get_state(),
+                                  torch=torch.get_rng_state(),
+                                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)),
+                    run_dir / "checkpoint.pt")
+
+    status, message, last = "completed", "", {}
+    t0 = time.perf_counter()
+    steps0 = env_steps
+    from tqdm import tqdm
+    bar = tqdm(total=num_updates, initial=start_update, disable=not cfg.progress, dynamic_ncols=True,
+               desc=cfg.env_id, unit="upd", file=sys.stderr)
+    update = start_update
+    last_eval = evals[-1][1] if evals else float("nan")
+    with StopFlag() as stop:
+        try:
+            if not evals:  # before any training: GateCheck's early baseline
+                last_eval = evaluate(evc, cfg)[0]
+                evals.append((0, last_eval))
+            for update in range(start_update, num_updates):
+                if cfg.anneal_lr:
+                    opt.param_groups[0]["lr"] = cfg.lr * (1 - update / num_updates)
+                # --- rollout
+                tr0 = time.perf_counter()
+                buf = Buffer()
+                with torch.no_grad():
+                    x = agent.inputs(col.obs)  # recomputed: the parameters changed in the last update
+                    for _ in range(cfg.rollout_steps):
+                        rec, x, fin = col.step(x, greedy=False, update_norm=True)
+                        buf.add(rec)
+                        ep_hist.extend(R for _, R, _ in fin)
+                    last_value = agent.heads(agent._cell(x, col.h, col.td_prev * (1 - col.start), col.start)[1])[1]
+                    b = buf.finish()
+                    adv, ret = gae(b, last_value, cfg.gamma, cfg.gae_lambda)
+                env_steps += batch
+                t_roll = time.perf_counter() - tr0
+                for name, t in (("TD mean", norm.mean), ("TD scale", norm.scale), ("value", b["value"])):
+                    if not torch.isfinite(t).all():
+                        raise NonFinite(f"update {update}: {name} is not finite during the rollout")
+                # --- update
+                tu0 = time.perf_counter()
+                lam_c = ib_weight(cfg, update, num_updates)
+                m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c, update)
+                t_upd = time.perf_counter() - tu0
+                bad = [n for n, p in agent.named_parameters() if not torch.isfinite(p).all()]
+                if bad:
+                    raise NonFinite(f"update {update}: parameter {bad[0]} is not finite")
+                # --- GateCheck samples from the latest rollouts
+                with torch.no_grad():
+                    c_cpu, td_cpu, st = b["c"].cpu().numpy(), b["td_prev"].abs().cpu().numpy(), b["start"].cpu().numpy()
+                    dc = np.diff(c_cpu, axis=0, prepend=c_cpu[:1])
+                    dc_ok = (st == 0) & (np.arange(len(st))[:, None] > 0)
+                    gc_hist.append((td_cpu.ravel(), c_cpu.ravel(), dc.ravel(), dc_ok.ravel()))
+                done_updates = update + 1
+                fresh = done_updates % cfg.eval_every == 0 if cfg.eval_every else False
+                if fresh or done_updates == num_updates:
+                    last_eval = evaluate(evc, cfg)[0]
+                    evals.append((done_updates, last_eval))
+                    fresh = True
+                wall = wall_before + time.perf_counter() - t0
+                last = dict(update=done_updates, env_steps=env_steps, **m, lambda_c=lam_c,
+                            mean_c=b["c"].mean().item(), c_std=b["c"].std().item(),
+                            td_mean=norm.mean.item(), td_std=norm.scale.item(),
+                            td_raw_std=b["td"].std().item(), ev=explained_variance(b["value"], ret),
+                            ep100=float(np.mean(ep_hist)) if ep_hist else float("nan"), episodes=len(ep_hist),
+                            bias=agent.bias.item(), eval=last_eval, eval_fresh=fresh,
+                            lr=opt.param_groups[0]["lr"], rollout_s=t_roll, update_s=t_upd,
+                            steps_per_s=(env_steps - steps0) / (time.perf_counter() - t0), wall_s=wall)
+                metrics_f.write(json.dumps(last) + "\n")
+                metrics_f.flush()
+                bar.update(1)
+                if done_updates % cfg.log_every == 0 or done_updates == num_updates:
+                    bar.write(log_line(last, num_updates, cfg), file=sys.stdout)
+                if done_updates % cfg.checkpoint_every == 0 or done_updates == num_updates:
+                    checkpoint(done_updates)
+                if stop.signum:
+                    status = "interrupted"
+                    checkpoint(done_updates)
+                    break
+                if cfg.halt_after and done_updates - start_update >= cfg.halt_after and done_updates < num_updates:
+                    status = "halted"
+                    checkpoint(done_updates)
+                    break
+        except KeyboardInterrupt:
+            status = "interrupted"
+            message = "update abandoned; the last checkpoint is the one written before it"
+        except NonFinite as e:
+            status, message = "diverged", str(e)
+            print(f"\nDIVERGED: {e}. Kept: the last good checkpoint, metrics so far and summary.json "
+                  f"in {run_dir}", file=sys.stderr)
+        finally:
+            bar.close()
+            metrics_f.close()
+    wall = wall_before + time.perf_counter() - t0
+    torch.save(agent.state_dict(), run_dir / "model.pt")
+    try:
+        return finish_run(cfg, run_dir, status, message, last, evals, gc_hist, norm, env_steps, steps0, wall,
+                          time.perf_counter() - t0, ep_hist, evc)
+    finally:
+        envs.close()
+        eval_envs.close()
+
+
+def log_line(m: dict, num_updates: int, cfg: Cfg) -> str:
+    return (f"upd {m['update']:4d}/{num_updates} | td_mean {m['td_mean']:+.3f} td_std {m['td_std']:.4f} | "
+            f"mean_c {m['mean_c']:.3f} (tgt {cfg.target_c:.2f}) | EV {m['ev']:.3f} | ep100 {m['ep100']:.2f} | "
+            f"bias {m['bias']:+.3f} | {m['steps_per_s']:,.0f} steps/s | eval {m['eval']:.2f}")
+
+
+def finish_run(cfg, run_dir, status, message, last, evals, gc_hist, norm, env_steps, steps0, wall, wall_here,
+               ep_hist, evc) -> dict:
+    """GateCheck on whatever exists, summary.json, training.png; prints the GateCheck block."""
+    if gc_hist:
+        td_abs, c, dc, dc_ok = (np.concatenate(z) for z in zip(*gc_hist))
+    else:
+        td_abs = c = dc = np.zeros(0)
+        dc_ok = np.zeros(0, bool)
+    g = gatecheck(td_abs, c, dc, dc_ok, norm.scale.item(), evals, cfg)
+    mean_c = float(c.mean()) if len(c) else float("nan")
+    ev, ep100 = last.get("ev", float("nan")), float(np.mean(ep_hist)) if ep_hist else float("nan")
+    if status == "completed":  # one greedy episode's gate/TD/reward timeline, for plots
+        with torch.no_grad():
+            write_json(evaluate(evc, cfg, trace=True)[1], run_dir / "eval_trace.json")
+    summary = dict(status=status, message=message, run_dir=str(run_dir), env_id=cfg.env_id, seed=cfg.seed,
+                   updates=last.get("update", 0), gatecheck=g, final_eval=evals[-1][1] if evals else float("nan"),
+                   evals=evals, mean_c=mean_c, ev=ev, ep100=ep100,
+                   steps_per_s=(env_steps - steps0) / wall_here if wall_here > 0 else float("nan"),
+                   env_steps=env_steps, wall_s=wall)
+    write_json(summary, run_dir / "summary.json")
+    if cfg.save_plot:
+        try:
+            plot_training(run_dir, cfg)
+        except Exception as e:
+            print(f"note: training.png not written ({e})", file=sys.stderr)
+    print("\n" + format_gatecheck(g, mean_c, ev, ep100), flush=True)
+    print(f"run: {run_dir}  ({status}, {env_steps:,} env steps, {wall:.1f} s)", flush=True)
+    if status in ("interrupted", "halted"):
+        print(f"resume with: python gwt_ib.py --resume {run_dir}", flush=True)
+    return summary
+
+
+# ============================================================================ main
+EXIT = {"completed": 0, "halted": 0, "interrupted": 130, "diverged": 3}
+
+
+def main(argv: Optional[list] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.list_envs:
+            print(list_envs())
+            return 0
+        base = Cfg()
+        if ns.resume:
+            p = Path(ns.resume)
+            if not (p / "checkpoint.pt").exists() or not (p / "config.json").exists():
+                raise ConfigError("resume", ns.resume, "must be a run directory with config.json and checkpoint.pt")
+            saved = json.loads((p / "config.json").read_text())
+            base = Cfg(**{f.name: saved[f.name] for f in dataclasses.fields(Cfg) if f.name in saved})
+        cfg = parse_overrides(ns, base)
+        validate(cfg)
+        check_env_id(cfg.env_id)
+        summary = train(cfg, resume=ns.resume)
+    except ConfigError as e:
+        print(f"gwt_ib.py: error: {e}", file=sys.stderr)
+        return 2
+    return EXIT[summary["status"]]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
