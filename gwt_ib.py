@@ -403,10 +403,12 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
 class Agent(nn.Module):
     """Encoder -> router (gate c) -> gated GRU memory h -> actor and critic heads.
 
-    The GRU and the router's first layer are split into an h-independent part (`inputs`, one batched
-    matmul for a whole sequence) and an h-dependent part (`cell`, one matmul per step). Their rows:
-      W_x: (3H+R, E) = [GRU W_ih ; router W_z],  W_h: (3H+R, H) = [GRU W_hh ; router W_h].
-    GRU(c*z, h) = GRUCell with input projection c*(W_ih z) + b_ih, so W_ih z is computed once."""
+    For speed the GRU and the router's first layer are split into an h-independent part
+    (`features`, `gate_prior`: batched over a whole sequence) and the h-dependent `cell` (one matmul
+    per step, the only thing inside the time loop). Parameter layout, H = hid_dim, R = router_hid:
+      W_x (3H+R, E) = [GRU W_ih ; router W_z]    W_h (3H+R, H) = [GRU W_hh ; router W_h]
+      b_h (3H+R)    = [GRU b_hh ; router b]      b_ih (3H) = GRU b_ih
+    GRU(c*z, h) is nn.GRUCell with input projection c*(W_ih z) + b_ih, so W_ih z is computed once."""
 
     def __init__(self, obs_dim: int, act: ActSpec, cfg: Cfg):
         super().__init__()
@@ -414,79 +416,76 @@ class Agent(nn.Module):
         self.cfg, self.act, self.E, self.H, self.R = cfg, act, E, H, R
         self.G = H if cfg.gate == "vector" else 1
         self.enc = nn.Sequential(layer_init(nn.Linear(obs_dim, E)), nn.Tanh(), layer_init(nn.Linear(E, E)), nn.Tanh())
-        k = 1 / math.sqrt(H)  # PyTorch's GRUCell init for the GRU rows
-        self.W_x = nn.Parameter(torch.empty(3 * H + R, E).uniform_(-k, k))
-        self.W_h = nn.Parameter(torch.empty(3 * H + R, H).uniform_(-k, k))
+        k, kr = 1 / math.sqrt(H), 1 / math.sqrt(E + H)  # nn.GRUCell's init; nn.Linear's over [z, h]
+        self.W_x = nn.Parameter(torch.cat([torch.empty(3 * H, E).uniform_(-k, k), torch.empty(R, E).uniform_(-kr, kr)]))
+        self.W_h = nn.Parameter(torch.cat([torch.empty(3 * H, H).uniform_(-k, k), torch.empty(R, H).uniform_(-kr, kr)]))
+        self.b_h = nn.Parameter(torch.cat([torch.empty(3 * H).uniform_(-k, k), torch.empty(R).uniform_(-kr, kr)]))
         self.b_ih = nn.Parameter(torch.empty(3 * H).uniform_(-k, k))
-        self.b_hh = nn.Parameter(torch.empty(3 * H).uniform_(-k, k))
         if R:
-            kr = 1 / math.sqrt(E + H)  # nn.Linear's init for a layer over [z, h]
-            with torch.no_grad():
-                self.W_x[3 * H:].uniform_(-kr, kr)
-                self.W_h[3 * H:].uniform_(-kr, kr)
-            self.b_r = nn.Parameter(torch.empty(R).uniform_(-kr, kr))
             self.r_out = nn.Linear(R, self.G)
             nn.init.zeros_(self.r_out.weight)  # residual starts at 0: the TD prior rules at initialization
             nn.init.zeros_(self.r_out.bias)
-        self.register_buffer("zeros3h", torch.zeros(3 * H), persistent=False)
         self.bias = nn.Parameter(torch.tensor(float(cfg.bias_init)))
         hh = cfg.head_hid
         self.actor = nn.Sequential(layer_init(nn.Linear(H, hh)), nn.Tanh(), layer_init(nn.Linear(hh, act.n_out), 0.01))
         self.critic = nn.Sequential(layer_init(nn.Linear(H, hh)), nn.Tanh(), layer_init(nn.Linear(hh, 1), 1.0))
         self.log_std = nn.Parameter(torch.zeros(act.n_out)) if act.kind == "box" else None
-        self._cell = self.cell
+        self._cell = self.cell  # replaced by a compiled version with cfg.compile
 
     def gru_params(self):
-        """(w_ih, w_hh, b_ih, b_hh) in nn.GRUCell's layout (r, z, n rows)."""
+        """(w_ih, w_hh, b_ih, b_hh) in nn.GRUCell's layout (rows r, z, n)."""
         H = self.H
-        return self.W_x[:3 * H], self.W_h[:3 * H], self.b_ih, self.b_hh
+        return self.W_x[:3 * H], self.W_h[:3 * H], self.b_ih, self.b_h[:3 * H]
 
-    def inputs(self, obs: torch.Tensor) -> torch.Tensor:
-        """h-independent part of a step: (..., obs_dim) -> (..., 3H+R) = [W_ih z ; W_z z + b_r]."""
-        z = self.enc(obs)
-        b = torch.cat([self.zeros3h, self.b_r]) if self.R else None
-        return F.linear(z, self.W_x, b)
+    def features(self, obs: torch.Tensor) -> torch.Tensor:
+        """h-independent projections of the observation: (..., obs_dim) -> (..., 3H+R) = [W_ih z ; W_z z]."""
+        return F.linear(self.enc(obs), self.W_x)
 
-    def cell(self, x, h_prev, td_prev, episode_start):
-        """The recurrent step. x (B, 3H+R) from inputs(); h_prev (B, H); td_prev, episode_start (B,).
-        At an episode start h_prev and td_prev are zeroed before use. Returns c (B, G), h (B, H)."""
-        H, cfg = self.H, self.cfg
-        keep = 1.0 - episode_start
-        td_prev = td_prev * keep
-        h_prev = h_prev * (0.0 if cfg.memoryless else keep.unsqueeze(-1))
-        hh = F.linear(h_prev, self.W_h)  # (B, 3H+R)
-        if cfg.force_c is not None:
-            c = torch.full((h_prev.shape[0], self.G), cfg.force_c, device=h_prev.device, dtype=h_prev.dtype)
+    def gate_prior(self, td_prev: torch.Tensor, episode_start: torch.Tensor):
+        """-> prior gate logit (..., 1) and the mask applied to h_prev (..., 1). At an episode start
+        td_prev and h_prev are zeroed before use. With force_c the 'logit' is the fixed gate itself."""
+        keep = (1.0 - episode_start).unsqueeze(-1)
+        keep_h = torch.zeros_like(keep) if self.cfg.memoryless else keep
+        if self.cfg.force_c is not None:
+            return torch.full_like(keep, self.cfg.force_c), keep_h
+        return self.cfg.td_scale * (td_prev.unsqueeze(-1) * keep).abs() + self.cfg.base_logit + self.bias, keep_h
+
+    def cell(self, x, prior, keep, h_prev):
+        """The h-dependent recurrent step. x (B, 3H+R), prior/keep (B, 1), h_prev (B, H) -> c (B, G), h (B, H)."""
+        # split(), not slicing: a slice's backward zero-fills a full-size gradient, split's is one cat
+        H = self.H
+        h_prev = h_prev * keep
+        hh_ru, hh_n, hh_r = F.linear(h_prev, self.W_h, self.b_h).split([2 * H, H, self.R], -1)
+        x_g, x_r = x.split([3 * H, self.R], -1)
+        if self.cfg.force_c is not None:
+            c = prior
         else:
-            logit = (cfg.td_scale * td_prev.abs() + cfg.base_logit + self.bias).unsqueeze(-1)  # (B, 1)
-            if self.R:
-                logit = logit + self.r_out(torch.tanh(x[:, 3 * H:] + hh[:, 3 * H:]))  # (B, G)
-            c = torch.sigmoid(logit)
+            logit = prior + self.r_out(torch.tanh(x_r + hh_r)) if self.R else prior
+            c = torch.sigmoid(logit)  # (B, G)
         c_in = c if self.G == 1 else c.mean(-1, keepdim=True)  # a vector gate scales the input by its mean
-        i_r, i_z, i_n = (c_in * x[:, :3 * H] + self.b_ih).chunk(3, -1)
-        h_r, h_z, h_n = (hh[:, :3 * H] + self.b_hh).chunk(3, -1)
-        r = torch.sigmoid(i_r + h_r)
-        u = torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
-        h_prop = n + u * (h_prev - n)  # = GRUCell(c*z, h_prev)
-        return c, h_prev + c * (h_prop - h_prev)  # residual gating: c=0 keeps h_prev exactly
+        gi_ru, gi_n = torch.addcmul(self.b_ih, c_in, x_g).split([2 * H, H], -1)  # input projection of c*z
+        r, u = torch.sigmoid(gi_ru + hh_ru).chunk(2, -1)
+        n = torch.tanh(torch.addcmul(gi_n, r, hh_n))
+        h_prop = torch.lerp(n, h_prev, u)  # = (1-u)*n + u*h_prev = GRUCell(c*z, h_prev)
+        return c, torch.lerp(h_prev, h_prop, c)  # h_prev + c*(h_prop - h_prev): c=0 keeps h_prev exactly
 
     def heads(self, h: torch.Tensor):
         return self.actor(h), self.critic(h).squeeze(-1)
 
     def step(self, obs, h_prev, td_prev, episode_start):
-        """(obs, h_prev, td_prev, episode_start) -> logits, value, c, h: the step the rollout takes."""
-        c, h = self._cell(self.inputs(obs), h_prev, td_prev, episode_start)
+        """(obs, h_prev, td_prev, episode_start) -> logits, value, c, h: one step, as the rollout takes it."""
+        c, h = self._cell(self.features(obs), *self.gate_prior(td_prev, episode_start), h_prev)
         logits, value = self.heads(h)
         return logits, value, c, h
 
     def unroll(self, obs, h0, td_prev, episode_start):
         """The same step over sequences: obs (L, B, D), h0 (B, H), td_prev/episode_start (L, B).
-        inputs() and heads() run batched over all L*B steps; only cell() is in the time loop."""
-        x = self.inputs(obs)  # (L, B, 3H+R)
+        Everything but cell() runs batched over all L*B steps."""
+        x = self.features(obs)  # (L, B, 3H+R)
+        prior, keep = self.gate_prior(td_prev, episode_start)  # (L, B, 1) each
         h, cs, hs = h0, [], []
-        for t in range(obs.shape[0]):
-            c, h = self._cell(x[t], h, td_prev[t], episode_start[t])
+        for xt, pt, kt in zip(x.unbind(0), prior.unbind(0), keep.unbind(0)):  # unbind: one backward for all t
+            c, h = self._cell(xt, pt, kt, h)
             cs.append(c)
             hs.append(h)
         hs = torch.stack(hs)  # (L, B, H)
@@ -662,12 +661,12 @@ class Collector:
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, greedy: bool, update_norm: bool):
-        """One vector step from the current state. x = agent.inputs(self.obs), computed by the caller
+        """One vector step from the current state. x = agent.features(self.obs), computed by the caller
         (it is shared with the previous step's bootstrap). Returns (record, x_next, finished) where
         record holds this step's tensors for the buffer and finished lists (env, return, length)."""
         ag, cfg = self.agent, self.cfg
         h0, td_prev, start, obs = self.h, self.td_prev * (1 - self.start), self.start, self.obs
-        c, h = ag._cell(x, h0, td_prev, start)
+        c, h = ag._cell(x, *ag.gate_prior(td_prev, start), h0)
         logits, value = ag.heads(h)
         a, logp = sample_action(ag, logits, greedy)
         a_np = a.cpu().numpy()  # the one device->host copy per step
@@ -677,7 +676,7 @@ class Collector:
         a_enc = self._encode_action(env_a.reshape(self.N, -1) if self.act.kind == "box" else a_np)
         self.prev_a = a_enc * (~done)[:, None]  # a new episode starts with no previous action
         next_obs = self._obs(self.obs_fn(raw), self.prev_a)
-        x_next = ag.inputs(next_obs)
+        x_next = ag.features(next_obs)
         # clean bootstrap V(o_{t+1}, h_t, td_prev=0); at a truncation o_{t+1} is the real final obs
         x_boot = x_next
         trunc_only = trunc & ~term
@@ -686,9 +685,9 @@ class Collector:
             fin = np.concatenate([self.obs_fn(_batch1(self.space, info["final_obs"][i])) for i in idx])
             fin_obs = self._obs(fin, a_enc[idx])
             x_boot = x_next.clone()
-            x_boot[torch.as_tensor(idx, device=self.dev)] = ag.inputs(fin_obs)
+            x_boot[torch.as_tensor(idx, device=self.dev)] = ag.features(fin_obs)
         zeros = torch.zeros_like(td_prev)
-        _, h_boot = ag._cell(x_boot, h, zeros, zeros)
+        _, h_boot = ag._cell(x_boot, *ag.gate_prior(zeros, zeros), h)
         v_boot = ag.critic(h_boot).squeeze(-1)
         rtd = torch.from_numpy(np.stack([r, term, trunc]).astype(np.float32)).to(self.dev, non_blocking=True)
         r_t, term_t, trunc_t = rtd
@@ -955,7 +954,7 @@ def evaluate(ev: Collector, cfg: Cfg, trace: bool = False):
     ev.reset(seed=cfg.seed + 1_000_003)
     rets = [None] * ev.N
     tr = {"c": [], "td_abs": [], "reward": []}
-    x = ev.agent.inputs(ev.obs)
+    x = ev.agent.features(ev.obs)
     steps = 0
     while any(r is None for r in rets) and steps < 100_000:
         rec, x, fin = ev.step(x, greedy=True, update_norm=False)
@@ -970,9 +969,22 @@ def evaluate(ev: Collector, cfg: Cfg, trace: bool = False):
     return float(np.mean(done)) if done else float("nan"), tr
 
 
-def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
-    """Train GWT-IB with `cfg`; returns the summary (also written to <run_dir>/summary.json).
-    summary["status"] is "completed", "halted" (halt_after), "interrupted" or "diverged"."""
+@dataclass
+class Setup:
+    """Everything a run is made of, built from a Cfg (tests build one to poke at the pieces)."""
+    cfg: Cfg
+    dev: torch.device
+    envs: Any
+    eval_envs: Any
+    agent: Agent
+    opt: torch.optim.Optimizer
+    norm: TDNormalizer
+    col: Collector
+    evc: Collector
+
+
+def build(cfg: Cfg) -> Setup:
+    """Validate, seed, make envs and model. Every check that can fail does so here, before any output."""
     validate(cfg)
     check_env_id(cfg.env_id)
     seed_everything(cfg.seed)
@@ -992,8 +1004,30 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
             print(f"torch.compile unavailable ({e}); using eager mode", file=sys.stderr)
     opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
     norm = TDNormalizer(cfg, dev)
-    col = Collector(cfg, envs, agent, norm, dev)
-    evc = Collector(cfg, eval_envs, agent, norm, dev)
+    return Setup(cfg, dev, envs, eval_envs, agent, opt, norm, Collector(cfg, envs, agent, norm, dev),
+                 Collector(cfg, eval_envs, agent, norm, dev))
+
+
+@torch.no_grad()
+def rollout(col: Collector, steps: int):
+    """`steps` vector steps with the sampling policy -> (buffer dict of (T, N, ...) tensors,
+    last_value (N,) for GAE, finished episodes [(env, return, length)])."""
+    agent, buf, finished = col.agent, Buffer(), []
+    x = agent.features(col.obs)  # recomputed: the parameters changed in the last update
+    for _ in range(steps):
+        rec, x, fin = col.step(x, greedy=False, update_norm=True)
+        buf.add(rec)
+        finished += fin
+    last_value = agent.heads(agent._cell(x, *agent.gate_prior(col.td_prev, col.start), col.h)[1])[1]
+    return buf.finish(), last_value, finished
+
+
+def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
+    """Train GWT-IB with `cfg`; returns the summary (also written to <run_dir>/summary.json).
+    summary["status"] is "completed", "halted" (halt_after), "interrupted" or "diverged"."""
+    su = build(cfg)
+    dev, envs, eval_envs, agent, opt, norm, col, evc = (su.dev, su.envs, su.eval_envs, su.agent, su.opt,
+                                                         su.norm, su.col, su.evc)
     batch = cfg.num_envs * cfg.rollout_steps
     num_updates = cfg.total_timesteps // batch
 
@@ -1055,16 +1089,9 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
                     opt.param_groups[0]["lr"] = cfg.lr * (1 - update / num_updates)
                 # --- rollout
                 tr0 = time.perf_counter()
-                buf = Buffer()
-                with torch.no_grad():
-                    x = agent.inputs(col.obs)  # recomputed: the parameters changed in the last update
-                    for _ in range(cfg.rollout_steps):
-                        rec, x, fin = col.step(x, greedy=False, update_norm=True)
-                        buf.add(rec)
-                        ep_hist.extend(R for _, R, _ in fin)
-                    last_value = agent.heads(agent._cell(x, col.h, col.td_prev * (1 - col.start), col.start)[1])[1]
-                    b = buf.finish()
-                    adv, ret = gae(b, last_value, cfg.gamma, cfg.gae_lambda)
+                b, last_value, fin = rollout(col, cfg.rollout_steps)
+                ep_hist.extend(R for _, R, _ in fin)
+                adv, ret = gae(b, last_value, cfg.gamma, cfg.gae_lambda)
                 env_steps += batch
                 t_roll = time.perf_counter() - tr0
                 for name, t in (("TD mean", norm.mean), ("TD scale", norm.scale), ("value", b["value"])):
