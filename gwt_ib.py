@@ -735,7 +735,7 @@ class Collector:
         if d.get("envs") is not None and hasattr(self.envs, "envs"):
             self.envs.envs = pickle.loads(d["envs"])
             return True
-        return False
+        return False  # the caller must reset(): h and obs above belong to episodes that are gone
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, greedy: bool, update_norm: bool):
@@ -1120,10 +1120,11 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
         agent.load_state_dict(ck["agent"])
         opt.load_state_dict(ck["opt"])
         norm.load_state_dict(ck["norm"])
-        envs.reset(seed=cfg.seed)
-        if not col.load_state_dict(ck["collector"]):
-            print("note: env state could not be restored; envs restart from fresh episodes", file=sys.stderr)
         start_update, env_steps, wall_before = ck["update"], ck["env_steps"], ck["wall_s"]
+        envs.reset(seed=cfg.seed)
+        if not col.load_state_dict(ck["collector"]):  # e.g. async envs: their state lives in subprocesses
+            print("note: env state could not be restored; all envs start fresh episodes", file=sys.stderr)
+            col.reset(seed=cfg.seed + 7919 * start_update)
         ep_hist.extend(ck["ep_hist"])
         evals, gc_hist = ck["evals"], deque(ck["gc_hist"], maxlen=cfg.gatecheck_rollouts)
         random.setstate(ck["rng"]["python"])
@@ -1209,10 +1210,11 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
                 bar.update(1)
                 if done_updates % cfg.log_every == 0 or done_updates == num_updates:
                     bar.write(log_line(last, num_updates, cfg), file=sys.stdout)
+                    sys.stdout.flush()  # tqdm.write does not flush: keep `| tee log` and nohup logs live
                 if done_updates % cfg.checkpoint_every == 0 or done_updates == num_updates:
                     checkpoint(done_updates)
                 if stop.signum:
-                    status = "interrupted"
+                    status, message = "interrupted", f"stopped by {signal.Signals(stop.signum).name}"
                     checkpoint(done_updates)
                     break
                 if cfg.halt_after and done_updates - start_update >= cfg.halt_after and done_updates < num_updates:
@@ -1222,6 +1224,7 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
         except KeyboardInterrupt:
             status = "interrupted"
             message = "update abandoned; the last checkpoint is the one written before it"
+            stop.signum = stop.signum or signal.SIGINT
         except NonFinite as e:
             status, message = "diverged", str(e)
             print(f"\nDIVERGED: {e}. Kept: the last good checkpoint, metrics so far and summary.json "
@@ -1230,10 +1233,12 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
             bar.close()
             metrics_f.close()
     wall = wall_before + time.perf_counter() - t0
-    torch.save(agent.state_dict(), run_dir / "model.pt")
+    if status != "diverged":  # a diverged model is not worth keeping; checkpoint.pt holds the last good one
+        torch.save(agent.state_dict(), run_dir / "model.pt")
     try:
+        code = {"completed": 0, "halted": 0, "diverged": 3}.get(status, 128 + int(stop.signum or signal.SIGINT))
         return finish_run(cfg, run_dir, status, message, last, evals, gc_hist, norm, env_steps, steps0, wall,
-                          time.perf_counter() - t0, ep_hist, evc)
+                          time.perf_counter() - t0, ep_hist, evc, code)
     finally:
         envs.close()
         eval_envs.close()
@@ -1246,7 +1251,7 @@ def log_line(m: dict, num_updates: int, cfg: Cfg) -> str:
 
 
 def finish_run(cfg, run_dir, status, message, last, evals, gc_hist, norm, env_steps, steps0, wall, wall_here,
-               ep_hist, evc) -> dict:
+               ep_hist, evc, exit_code) -> dict:
     """GateCheck on whatever exists, summary.json, training.png; prints the GateCheck block."""
     if gc_hist:
         td_abs, c, dc, dc_ok = (np.concatenate(z) for z in zip(*gc_hist))
@@ -1254,12 +1259,13 @@ def finish_run(cfg, run_dir, status, message, last, evals, gc_hist, norm, env_st
         td_abs = c = dc = np.zeros(0)
         dc_ok = np.zeros(0, bool)
     g = gatecheck(td_abs, c, dc, dc_ok, norm.scale.item(), evals, cfg)
+    np.savez_compressed(run_dir / "gate_samples.npz", td_abs=td_abs, c=c, dc=dc, dc_ok=dc_ok)  # for plots
     mean_c = float(c.mean()) if len(c) else float("nan")
     ev, ep100 = last.get("ev", float("nan")), float(np.mean(ep_hist)) if ep_hist else float("nan")
     if status == "completed":  # one greedy episode's gate/TD/reward timeline, for plots
         with torch.no_grad():
             write_json(evaluate(evc, cfg, trace=True)[1], run_dir / "eval_trace.json")
-    summary = dict(status=status, message=message, run_dir=str(run_dir), env_id=cfg.env_id, seed=cfg.seed,
+    summary = dict(status=status, message=message, exit_code=exit_code, run_dir=str(run_dir), env_id=cfg.env_id, seed=cfg.seed,
                    updates=last.get("update", 0), gatecheck=g, final_eval=evals[-1][1] if evals else float("nan"),
                    evals=evals, mean_c=mean_c, ev=ev, ep100=ep100,
                    steps_per_s=(env_steps - steps0) / wall_here if wall_here > 0 else float("nan"),
@@ -1278,9 +1284,6 @@ def finish_run(cfg, run_dir, status, message, last, evals, gc_hist, norm, env_st
 
 
 # ============================================================================ main
-EXIT = {"completed": 0, "halted": 0, "interrupted": 130, "diverged": 3}
-
-
 def main(argv: Optional[list] = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
@@ -1301,7 +1304,7 @@ def main(argv: Optional[list] = None) -> int:
     except ConfigError as e:
         print(f"gwt_ib.py: error: {e}", file=sys.stderr)
         return 2
-    return EXIT[summary["status"]]
+    return summary["exit_code"]  # 0 completed/halted, 3 diverged, 128+signal interrupted
 
 
 if __name__ == "__main__":

@@ -1,0 +1,871 @@
+"""Ablation sweep for gwt_ib.py: run (variants x seeds x envs), report (results.csv/.md), figures (PNGs).
+
+    python plots/sweep.py run --envs popgym-CountRecallEasy-v0,popgym-RepeatPreviousEasy-v0 \
+        --variants all --seeds 0,1,2 --total-timesteps 500000 --out plots/sweep [--jobs N] [--extra "..."]
+    python plots/sweep.py report  --out plots/sweep      # -> plots/results.csv, plots/results.md
+    python plots/sweep.py figures --out plots/sweep      # -> plots/*.png
+
+Every run is one `python gwt_ib.py` subprocess named {env}__{variant}__s{seed} under --out. Outputs of
+report/figures go to --dest, which defaults to the parent folder of --out (plots/ for plots/sweep).
+Only gwt_ib.py's command line and output files are used (config.json, metrics.jsonl, summary.json,
+eval_trace.json); nothing is imported from it. Needs numpy and matplotlib, not scipy.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TRAINER = HERE.parent / "gwt_ib.py"
+
+# name -> CLI overrides of gwt_ib.py; the order here is the order of tables and legends
+VARIANTS: dict[str, list[str]] = {
+    "gwt_ib": [],
+    "no_gate": ["--force-c", "1.0"],
+    "fixed_half": ["--force-c", "0.5"],
+    "no_ib": ["--lambda-c", "0"],
+    "prior_only": ["--use-router-residual", "false"],
+    "memoryless": ["--memoryless", "true"],
+    "sec": ["--gate", "vector", "--ib-loss", "kl", "--lambda-c", "0.1", "--lambda-c-end", "0.01"],
+}
+VARIANT_DOC = {
+    "gwt_ib": "the full method (defaults)",
+    "no_gate": "gate fixed at 1: a plain GRU agent",
+    "fixed_half": "gate fixed at 0.5",
+    "no_ib": "learned gate, no information-bottleneck penalty",
+    "prior_only": "gate = TD prior only (no router MLP over [z, h])",
+    "memoryless": "h reset to zero every step (no memory)",
+    "sec": "GWT-IB-SEC: per-unit gate, KL bottleneck, lambda_c 0.1 -> 0.01",
+}
+RUN_RE = re.compile(r"^(?P<env>.+)__(?P<variant>[A-Za-z0-9_]+?)__s(?P<seed>\d+)$")
+# config fields that do not change what a run computes: ignored when checking an old run against the request
+NON_SEMANTIC = {"out_dir", "run_name", "progress", "torch_threads", "device", "log_every", "checkpoint_every",
+                "save_plot", "compile", "halt_after", "async_envs"}
+FINAL_K = 3  # "final eval" = mean of the last FINAL_K evaluations of a run
+
+
+# ============================================================================ small helpers
+def run_name(env: str, variant: str, seed: int) -> str:
+    return f"{env.replace('/', '_')}__{variant}__s{seed}"
+
+
+def parse_seeds(s: str) -> list[int]:
+    """"0,1,2" or "0-4" or a mix ("0-2,7")."""
+    out = []
+    for part in s.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if re.fullmatch(r"\d+-\d+", part):
+            a, b = map(int, part.split("-"))
+            out += list(range(a, b + 1))
+        else:
+            out.append(int(part))
+    return list(dict.fromkeys(out))
+
+
+def parse_variants(s: str) -> list[str]:
+    if s.strip() == "all":
+        return list(VARIANTS)
+    names = [v.strip() for v in s.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        sys.exit(f"sweep.py: unknown variant(s) {', '.join(bad)}; known: {', '.join(VARIANTS)}")
+    return names
+
+
+def flags_to_fields(argv: list[str]) -> dict[str, str]:
+    """['--lambda-c', '0', '--x', 'y'] -> {'lambda_c': '0', 'x': 'y'} (a bare bool flag means true)."""
+    out, i = {}, 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("--"):
+            sys.exit(f"sweep.py: cannot read override {a!r} in {argv}")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            k, v = a[2:], argv[i + 1]
+            i += 2
+        else:
+            k, v = a[2:], "true"
+            i += 1
+        out[k.replace("-", "_")] = v
+    return out
+
+
+def same_value(saved, raw: str) -> bool:
+    """Does a config.json value equal a command-line string (as gwt_ib.py would convert it)?"""
+    r = raw.strip().lower()
+    if saved is None:
+        return r in ("none", "null", "")
+    if isinstance(saved, bool):
+        return (r in ("1", "true", "yes", "on")) == saved and r in ("1", "true", "yes", "on", "0", "false", "no", "off")
+    if isinstance(saved, (int, float)):
+        try:
+            return math.isclose(float(raw.replace("_", "")), float(saved), rel_tol=1e-9, abs_tol=1e-12)
+        except ValueError:
+            return False
+    return str(saved) == raw
+
+
+def read_json(p: Path):
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fmt_time(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# 97.5% quantiles of Student's t (two-sided 95% CI), df = 1..30
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    if df < 1:
+        return float("nan")
+    if df <= 30:
+        return _T975[df - 1]
+    z = 1.959964  # Cornish-Fisher expansion around the normal quantile: < 1e-3 off for df > 30
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def mean_ci(xs) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% t-interval, n) over the finite values; half-width nan for n < 2."""
+    import numpy as np
+    x = np.asarray([v for v in xs if v is not None and math.isfinite(v)], float)
+    n = len(x)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    if n == 1:
+        return float(x[0]), float("nan"), 1
+    return float(x.mean()), float(t975(n - 1) * x.std(ddof=1) / math.sqrt(n)), n
+
+
+# ============================================================================ run
+class Job:
+    def __init__(self, name, env, variant, seed, argv, resume):
+        self.name, self.env, self.variant, self.seed, self.argv, self.resume = name, env, variant, seed, argv, resume
+        self.proc = None
+        self.log_f = None
+        self.log_path = None
+        self.t0 = 0.0
+
+
+def trainer_defaults() -> dict[str, str]:
+    """Every Cfg field's default as gwt_ib.py --help prints it ('(default: X)'), as strings by field name.
+    Also a preflight: exits if the trainer cannot even print its help."""
+    p = subprocess.run([sys.executable, str(TRAINER), "--help"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "100000"}, cwd=str(TRAINER.parent))  # no line wrapping
+    if p.returncode != 0:
+        sys.exit(f"sweep.py: `{TRAINER.name} --help` failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
+    text = " ".join(p.stdout.split())
+    return {m[1].replace("-", "_"): m[2] for m in
+            re.finditer(r"--([a-z0-9-]+) (?:\[BOOL\]|BOOL|INT|FLOAT|STR) .*?\(default: ([^)]*)\)", text)}
+
+
+def check_existing(run_dir: Path, want: dict[str, str]) -> tuple[str, list[str]]:
+    """State of an existing run dir: 'completed', 'diverged', 'resumable', 'redo' and, when its config
+    contradicts the requested overrides, the differing fields."""
+    cfg = read_json(run_dir / "config.json")
+    summ = read_json(run_dir / "summary.json")
+    diff = []
+    if cfg is not None:
+        diff = [f"{k}: run has {cfg[k]!r}, requested {v!r}" for k, v in want.items()
+                if k not in NON_SEMANTIC and k in cfg and not same_value(cfg[k], v)]
+    if summ and summ.get("status") in ("completed", "diverged"):
+        return summ["status"], diff
+    if cfg is not None and (run_dir / "checkpoint.pt").exists():
+        return "resumable", diff
+    return "redo", diff
+
+
+def last_progress(run_dir: Path) -> str:
+    """'env_steps/total' from the last line of a running run's metrics.jsonl."""
+    try:
+        with open(run_dir / "metrics.jsonl", "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            line = f.read().decode(errors="ignore").strip().splitlines()[-1]
+        return f"{json.loads(line)['env_steps']:,}"
+    except Exception:
+        return "starting"
+
+
+def acquire_lock(out: Path) -> Path:
+    lock = out / ".sweep.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text().strip())
+            os.kill(pid, 0)
+            sys.exit(f"sweep.py: another sweep (pid {pid}) is running into {out}; remove {lock} if it is not")
+        except (ValueError, ProcessLookupError, PermissionError):
+            lock.unlink(missing_ok=True)  # stale lock of a dead sweep
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return lock
+
+
+def cmd_run(a) -> int:
+    out = Path(a.out)
+    envs = [e.strip() for e in a.envs.split(",") if e.strip()]
+    variants = parse_variants(a.variants)
+    seeds = parse_seeds(a.seeds)
+    extra = shlex.split(a.extra) if a.extra else []
+    extra_fields = flags_to_fields(extra)
+    for f in ("env_id", "seed", "out_dir", "run_name", "resume"):
+        if f in extra_fields:
+            sys.exit(f"sweep.py: --extra must not set --{f.replace('_', '-')} (the sweep sets it)")
+    for v in variants:
+        clash = set(flags_to_fields(VARIANTS[v])) & set(extra_fields)
+        if clash:
+            print(f"warning: --extra sets {', '.join(sorted(clash))}, which variant {v} defines; "
+                  f"the variant's value wins", file=sys.stderr)
+    if not TRAINER.exists():
+        sys.exit(f"sweep.py: trainer not found at {TRAINER}")
+    out.mkdir(parents=True, exist_ok=True)
+    jobs_n = a.jobs or os.cpu_count() or 1
+    defaults = trainer_defaults()  # old runs are checked against every setting, not only the flags given
+    if "env_id" not in defaults or "total_timesteps" not in defaults:
+        print("warning: could not read the trainer's defaults from its --help; existing runs are checked only "
+              "against the flags this sweep passes", file=sys.stderr)
+        defaults = {}
+
+    # seed-major order: a sweep cut short still has every variant on the first seeds
+    plan = [(e, v, s) for s in seeds for e in envs for v in variants]
+    todo, skipped, mismatched = [], 0, []
+    for env, var, seed in plan:
+        name = run_name(env, var, seed)
+        # variant flags come after --extra so that a variant always is what its name says
+        over = ["--env-id", env, "--seed", str(seed), "--total-timesteps", str(a.total_timesteps)] + extra + VARIANTS[var]
+        want = {**defaults, **flags_to_fields(over)}
+        d = out / name
+        resume = False
+        if d.exists():
+            state, diff = check_existing(d, want)
+            if diff:
+                mismatched.append((name, diff))
+                continue
+            if state == "completed" or (state == "diverged" and not a.redo_diverged):
+                skipped += 1
+                continue
+            if state == "resumable" and not a.no_resume:
+                resume = True
+            elif not a.dry_run:
+                shutil.rmtree(d)
+        todo.append(Job(name, env, var, seed, over, resume))
+    if mismatched:
+        for name, diff in mismatched:
+            print(f"{name}: existing run differs from this request: {'; '.join(diff)}", file=sys.stderr)
+        if not a.force:
+            print(f"sweep.py: {len(mismatched)} existing run(s) in {out} were made with other settings; use another "
+                  f"--out, or --force to delete and redo them", file=sys.stderr)
+            return 2
+        for name, _ in mismatched:
+            env, var, seed = next((e, v, s) for e, v, s in plan if run_name(e, v, s) == name)
+            over = ["--env-id", env, "--seed", str(seed), "--total-timesteps", str(a.total_timesteps)] + extra + VARIANTS[var]
+            if not a.dry_run:
+                shutil.rmtree(out / name)
+            todo.append(Job(name, env, var, seed, over, False))
+
+    manifest = dict(envs=envs, variants={v: VARIANTS[v] for v in variants}, seeds=seeds,
+                    total_timesteps=a.total_timesteps, extra=extra, trainer=str(TRAINER), python=sys.executable,
+                    updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+    old = read_json(out / "sweep.json") or {}
+    for k in ("envs", "seeds"):  # several invocations into one --out: keep the union
+        manifest[k] = list(dict.fromkeys(list(old.get(k, [])) + manifest[k]))
+    manifest["variants"] = {**old.get("variants", {}), **manifest["variants"]}
+
+    total = len(plan)
+    print(f"sweep: {total} runs ({len(envs)} envs x {len(variants)} variants x {len(seeds)} seeds) into {out}; "
+          f"{skipped} already finished, {sum(j.resume for j in todo)} to resume, "
+          f"{sum(not j.resume for j in todo)} to start; {jobs_n} parallel jobs", flush=True)
+
+    def command(j: Job) -> list[str]:
+        sysflags = ["--torch-threads", "1", "--progress", "false", "--device", a.device]
+        if j.resume:
+            return [sys.executable, str(TRAINER), "--resume", str(out / j.name)] + j.argv + sysflags
+        return [sys.executable, str(TRAINER)] + j.argv + ["--out-dir", str(out), "--run-name", j.name] + sysflags
+
+    if a.dry_run:
+        for j in todo:
+            print(shlex.join(command(j)))
+        return 0
+    if not todo:
+        print("nothing to do")
+        return 0
+
+    lock = acquire_lock(out)
+    (out / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    logdir = out / ".logs"
+    logdir.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    pending, running, failed = list(todo), [], []
+    done = skipped
+    t_start = time.monotonic()
+    last_beat = t_start
+    stopping = [0]
+
+    def on_signal(signum, frame):
+        stopping[0] += 1
+        sig = signal.SIGTERM if stopping[0] == 1 else signal.SIGKILL
+        print(f"\n[{signal.Signals(signum).name}] stopping: {'asking' if sig == signal.SIGTERM else 'killing'} "
+              f"{len(running)} running run(s) (they checkpoint and can be resumed by running this again)"
+              + ("; again to kill them" if sig == signal.SIGTERM else ""), file=sys.stderr, flush=True)
+        for j in running:
+            try:
+                os.kill(j.proc.pid, sig)  # each child is its own session: only these pids, one by one
+            except ProcessLookupError:
+                pass
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while pending or running:
+            if len(failed) >= a.max_failures and done == skipped and pending:
+                print(f"sweep: {len(failed)} runs failed and none finished: not starting the other {len(pending)} "
+                      f"(--max-failures {a.max_failures}); look at the logs above", file=sys.stderr, flush=True)
+                pending.clear()
+            while pending and len(running) < jobs_n and not stopping[0]:
+                j = pending.pop(0)
+                j.log_path = (out / j.name / "sweep_log.txt") if j.resume else (logdir / f"{j.name}.txt")
+                j.log_f = open(j.log_path, "a")
+                j.log_f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command(j))}\n")
+                j.log_f.flush()
+                j.proc = subprocess.Popen(command(j), stdout=j.log_f, stderr=subprocess.STDOUT, env=env,
+                                          cwd=str(TRAINER.parent), start_new_session=True)
+                j.t0 = time.monotonic()
+                running.append(j)
+            if stopping[0] and not running:
+                break
+            time.sleep(0.5)
+            for j in list(running):
+                rc = j.proc.poll()
+                if rc is None:
+                    continue
+                running.remove(j)
+                j.log_f.close()
+                d = out / j.name
+                if not j.resume and d.is_dir():  # the trainer made the dir: move the log into it
+                    shutil.move(str(j.log_path), d / "sweep_log.txt")
+                    j.log_path = d / "sweep_log.txt"
+                summ = read_json(d / "summary.json") or {}
+                status = summ.get("status", f"crashed (exit {rc})")
+                if status == "completed" and not a.keep_checkpoints:
+                    (d / "checkpoint.pt").unlink(missing_ok=True)  # 6 MB each; model.pt stays
+                elapsed = time.monotonic() - t_start
+                if status in ("completed", "diverged"):
+                    done += 1
+                    ge = summ.get("gatecheck", {})
+                    info = (f"final_eval {summ.get('final_eval', float('nan')):.3f} mean_c {summ.get('mean_c', float('nan')):.3f} "
+                            f"{ge.get('verdict', '?')}")
+                elif stopping[0]:
+                    info = f"stopped; resumable: {(d / 'checkpoint.pt').exists()}"
+                else:
+                    failed.append(j)
+                    info = f"see {j.log_path}"
+                    tail = j.log_path.read_text(errors="ignore").strip().splitlines()[-3:] if j.log_path.exists() else []
+                    info += "".join(f"\n      | {l}" for l in tail)
+                started_here = done - skipped
+                eta = ""
+                if started_here and (pending or running):
+                    eta = f", ETA ~{fmt_time(elapsed / started_here * (len(pending) + len(running)))}"
+                print(f"[{done}/{total}] {j.name}: {status} in {fmt_time(time.monotonic() - j.t0)} | {info} "
+                      f"| elapsed {fmt_time(elapsed)}{eta}", flush=True)
+            if a.heartbeat and time.monotonic() - last_beat >= a.heartbeat and running:
+                last_beat = time.monotonic()
+                print(f"  ... {fmt_time(last_beat - t_start)} running: "
+                      + ", ".join(f"{j.name} @ {last_progress(out / j.name)}" for j in running), flush=True)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        lock.unlink(missing_ok=True)
+    el = time.monotonic() - t_start
+    print(f"sweep: {done}/{total} finished, {len(failed)} failed, {total - done - len(failed)} not finished "
+          f"(stopped or not started), in {fmt_time(el)}", flush=True)
+    if failed:
+        print("failed: " + ", ".join(j.name for j in failed) + " (run again to retry/resume them)", file=sys.stderr)
+    return 1 if (failed or pending or stopping[0]) else 0
+
+
+# ============================================================================ collect
+def collect(out: Path, include_all: bool = False) -> list[dict]:
+    """One dict per run dir under `out` named {env}__{variant}__s{seed} that has a summary.json
+    (only completed runs unless include_all)."""
+    runs = []
+    for d in sorted(out.iterdir()) if out.is_dir() else []:
+        m = RUN_RE.match(d.name)
+        if not (d.is_dir() and m):
+            continue
+        summ, cfg = read_json(d / "summary.json"), read_json(d / "config.json")
+        if summ is None or cfg is None:
+            continue
+        if summ.get("status") != "completed" and not include_all:
+            continue
+        runs.append(dict(dir=d, env=cfg.get("env_id", m["env"]), variant=m["variant"], seed=int(m["seed"]),
+                         summary=summ, cfg=cfg))
+    return runs
+
+
+def final_eval(summ: dict) -> float:
+    """Mean of the last FINAL_K greedy evaluations (fewer if the run has fewer)."""
+    ev = [e for _, e in summ.get("evals", []) if e is not None and math.isfinite(e)]
+    return float(sum(ev[-FINAL_K:]) / len(ev[-FINAL_K:])) if ev else float("nan")
+
+
+def order_variants(names) -> list[str]:
+    known = [v for v in VARIANTS if v in names]
+    return known + sorted(set(names) - set(known))
+
+
+def order_envs(out: Path, names) -> list[str]:
+    man = read_json(out / "sweep.json") or {}
+    first = [e for e in man.get("envs", []) if e in names]
+    return first + sorted(set(names) - set(first))
+
+
+def default_dest(a) -> Path:
+    return Path(a.dest) if a.dest else Path(a.out).resolve().parent
+
+
+# ============================================================================ report
+def cmd_report(a) -> int:
+    out, dest = Path(a.out), default_dest(a)
+    runs = collect(out, include_all=True)
+    if not runs:
+        print(f"report: no finished runs under {out}", file=sys.stderr)
+        return 1
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in runs:
+        s, g = r["summary"], r["summary"].get("gatecheck", {})
+        sps = s.get("steps_per_s", float("nan"))
+        if r["summary"].get("env_steps") and s.get("wall_s"):  # over the whole run, resumed parts included
+            sps = s["env_steps"] / s["wall_s"]
+        rows.append(dict(env=r["env"], variant=r["variant"], seed=r["seed"], final_eval=final_eval(s),
+                         ev=s.get("ev"), mean_c=s.get("mean_c"), verdict=g.get("verdict", ""),
+                         td_std=g.get("td_std"), wall_s=s.get("wall_s"), steps_per_s=sps,
+                         status=s.get("status"), last_eval=s.get("final_eval"), rho_td_c=g.get("rho_td_c"),
+                         eval_ok=g.get("eval_ok"), std_ok=g.get("std_ok"), env_steps=s.get("env_steps"),
+                         learned_gate=r["cfg"].get("force_c") is None, run_dir=str(r["dir"])))
+    envs = order_envs(out, {r["env"] for r in rows})
+    vorder = order_variants({r["variant"] for r in rows})
+    rows.sort(key=lambda r: (envs.index(r["env"]), vorder.index(r["variant"]), r["seed"]))
+    cols = list(rows[0])
+    with open(dest / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+    def f3(x):
+        return "—" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+    man = read_json(out / "sweep.json") or {}
+    steps = sorted({r["env_steps"] for r in rows if r["status"] == "completed" and r["env_steps"]})
+    md = ["# GWT-IB ablation results", "",
+          f"Source: `{out}` ({sum(r['status'] == 'completed' for r in rows)} completed runs"
+          + (f", {len(steps) == 1 and f'{steps[0]:,}' or ', '.join(f'{s:,}' for s in steps)} env steps each" if steps else "")
+          + (f"; extra flags `{' '.join(man['extra'])}`" if man.get("extra") else "") + ").",
+          "",
+          f"- **final eval**: per run, the mean of its last {FINAL_K} greedy evaluations "
+          f"(each the mean return of `eval_episodes` episodes; evaluations every `eval_every` updates and at the "
+          f"end), which is less noisy than the last evaluation alone. The table gives its mean over seeds "
+          f"± the half-width of a 95% Student-t confidence interval (t quantile for n-1 degrees of freedom; "
+          f"no interval for n = 1).",
+          "- **EV**: explained variance of the value function at the last update; **mean c**: mean gate over "
+          "GateCheck's final rollouts (for `sec`, the mean over memory units); **rho(td,c)**: GateCheck's Pearson "
+          "correlation of |td_norm| and c over those rollouts (only for learned gates).",
+          "- **GateCheck**: runs whose verdict is PASS (TD scale not collapsed and late eval > early eval + margin).",
+          "- Only completed runs enter the statistics; other statuses are counted in the last column.", ""]
+    for env in envs:
+        md += [f"## {env}", "",
+               "| variant | n | final eval (mean ± 95% CI) | EV | mean c | rho(td,c) | GateCheck PASS | not completed |",
+               "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for v in vorder:
+            rs = [r for r in rows if r["env"] == env and r["variant"] == v]
+            if not rs:
+                continue
+            ok = [r for r in rs if r["status"] == "completed"]
+            m, h, n = mean_ci([r["final_eval"] for r in ok])
+            ci = f"{f3(m)} ± {f3(h)}" if math.isfinite(h) else f3(m)
+            rho = f3(mean_ci([r["rho_td_c"] for r in ok])[0]) if ok and ok[0]["learned_gate"] else "—"
+            other = {}
+            for r in rs:
+                if r["status"] != "completed":
+                    other[r["status"]] = other.get(r["status"], 0) + 1
+            md.append(f"| {v} | {n} | {ci} | {f3(mean_ci([r['ev'] for r in ok])[0])} | "
+                      f"{f3(mean_ci([r['mean_c'] for r in ok])[0])} | {rho} | "
+                      f"{sum(r['verdict'] == 'PASS' for r in ok)}/{len(ok)} | "
+                      f"{', '.join(f'{k} {c}' for k, c in other.items()) or ''} |")
+        md.append("")
+    flags = {**VARIANTS, **man.get("variants", {})}  # the flags the sweep really used, where it recorded them
+    md += ["Variants:", ""] + [f"- `{v}`: {VARIANT_DOC.get(v, '')} — `{' '.join(flags.get(v, [])) or '(defaults)'}`"
+                                for v in vorder] + [""]
+    (dest / "results.md").write_text("\n".join(md))
+    print(f"report: {len(rows)} runs -> {dest / 'results.csv'}, {dest / 'results.md'}")
+    print("\n".join(md[md.index(next(l for l in md if l.startswith('## '))):]))
+    return 0
+
+
+# ============================================================================ figures
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9, "figure.dpi": 110,
+                         "axes.grid": True, "grid.alpha": 0.3})
+    return plt
+
+
+def _colors(variants):
+    import matplotlib
+    cmap = matplotlib.colormaps["tab10"]
+    fixed = {v: cmap(i) for i, v in enumerate(VARIANTS)}
+    extra = [v for v in variants if v not in fixed]
+    return {**fixed, **{v: cmap((len(VARIANTS) + i) % 10) for i, v in enumerate(extra)}}
+
+
+def _style(v):
+    return dict(lw=2.4, zorder=5) if v == "gwt_ib" else dict(lw=1.4, zorder=3)
+
+
+def _align(curves):
+    """[(x, y)] of several seeds -> (x_grid, Y (n, len(x_grid))): the common x if every seed has the same,
+    else interpolation onto the x of the first seed cut to the range that every seed covers."""
+    import numpy as np
+    xs = [np.asarray(c[0], float) for c in curves]
+    ys = [np.asarray(c[1], float) for c in curves]
+    if all(len(x) == len(xs[0]) and np.allclose(x, xs[0]) for x in xs):
+        return xs[0], np.stack(ys)
+    hi = min(x[-1] for x in xs)
+    grid = xs[0][xs[0] <= hi]
+    return grid, np.stack([np.interp(grid, x, y) for x, y in zip(xs, ys)])
+
+
+def _band(ax, x, Y, color, label, style, kind="ci"):
+    """Mean over seeds with a band: kind "ci" = 95% t-interval of the mean, "range" = min..max of the seeds."""
+    import numpy as np
+    m = np.nanmean(Y, 0)
+    ax.plot(x, m, color=color, label=f"{label} (n={len(Y)})", **style)
+    if len(Y) > 1:
+        if kind == "ci":
+            h = t975(len(Y) - 1) * np.nanstd(Y, 0, ddof=1) / math.sqrt(len(Y))
+            lo, hi = m - h, m + h
+        else:
+            lo, hi = np.nanmin(Y, 0), np.nanmax(Y, 0)
+        ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+
+
+def _smooth(y, k):
+    import numpy as np
+    if k <= 1 or len(y) < k:
+        return np.asarray(y, float)
+    y = np.asarray(y, float)
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    out = np.empty_like(y)
+    for i in range(len(y)):  # trailing window, shorter at the start
+        lo = max(0, i - k + 1)
+        out[i] = (c[i + 1] - c[lo]) / (i + 1 - lo)
+    return out
+
+
+def _metrics(d: Path) -> list[dict]:
+    try:
+        return [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    except OSError:
+        return []
+
+
+def _panels(plt, n, w=6.0, h=4.3, rows=1, sharey=False):
+    fig, ax = plt.subplots(rows, n, figsize=(max(7.0, w * n), h * rows), squeeze=False, sharey=sharey)
+    return fig, ax
+
+
+def _legend_below(fig, ax_list, ncol=None):
+    handles, labels = {}, {}
+    for ax in ax_list:
+        for hd, lb in zip(*ax.get_legend_handles_labels()):
+            key = lb.split(" (")[0]
+            if key not in handles:
+                handles[key], labels[key] = hd, lb
+    if handles:
+        fig.legend(list(handles.values()), list(labels.values()), loc="lower center",
+                   ncol=ncol or min(len(handles), 7), frameon=False, bbox_to_anchor=(0.5, 0.0))
+
+
+def fig_learning_curves(plt, runs, envs, variants, colors, path):
+    import numpy as np
+    fig, ax = _panels(plt, len(envs))
+    for i, env in enumerate(envs):
+        a = ax[0, i]
+        for v in variants:
+            rs = [r for r in runs if r["env"] == env and r["variant"] == v]
+            curves = []
+            for r in rs:
+                batch = r["cfg"]["num_envs"] * r["cfg"]["rollout_steps"]
+                ev = [(u * batch, e) for u, e in r["summary"].get("evals", []) if e is not None]
+                if ev:
+                    curves.append(tuple(zip(*ev)))
+            if curves:
+                x, Y = _align(curves)
+                _band(a, x, Y, colors[v], f"{v}", _style(v))
+        a.set_title(env)
+        a.set_xlabel("env steps")
+        a.set_ylabel("greedy eval return")
+        a.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
+    _legend_below(fig, ax[0], ncol=4)
+    fig.suptitle("Learning curves: greedy eval return, mean over seeds, band = 95% t-CI of the mean", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1 if len(variants) > 4 else 0.06, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def fig_gate_budget(plt, runs, envs, variants, colors, path, smooth):
+    fig, ax = plt.subplots(2, len(envs), figsize=(max(7.0, 6.0 * len(envs)), 7.2), squeeze=False, sharex="col",
+                           gridspec_kw=dict(height_ratios=[2.2, 1]))
+    for i, env in enumerate(envs):
+        targets = set()
+        for v in variants:
+            rs = [r for r in runs if r["env"] == env and r["variant"] == v]
+            if not rs:
+                continue
+            learned = rs[0]["cfg"].get("force_c") is None
+            cur_c, cur_l = [], []
+            for r in rs:
+                m = _metrics(r["dir"])
+                if not m:
+                    continue
+                x = [row["env_steps"] for row in m]
+                cur_c.append((x, _smooth([row["mean_c"] for row in m], smooth)))
+                cur_l.append((x, [row.get("lambda_c", float("nan")) for row in m]))
+                targets.add(r["cfg"].get("target_c"))
+            if not cur_c:
+                continue
+            st = _style(v) if learned else dict(lw=1.0, ls="--", zorder=2)
+            x, Y = _align(cur_c)
+            _band(ax[0, i], x, Y, colors[v], v + ("" if learned else " (fixed)"), st, kind="range")
+            if learned:
+                x, Y = _align(cur_l)
+                ax[1, i].plot(x, Y.mean(0), color=colors[v], label=v, **st)
+        for t in sorted(t for t in targets if t is not None):
+            ax[0, i].axhline(t, color="k", ls=":", lw=1.5, label=f"target_c = {t:g}", zorder=6)
+        ax[0, i].set_title(env)
+        ax[0, i].set_ylabel("mean gate c (per rollout)" + (f", {smooth}-update mean" if smooth > 1 else ""))
+        ax[0, i].set_ylim(-0.02, 1.02)
+        ax[1, i].set_ylabel("IB weight lambda_c")
+        ax[1, i].set_xlabel("env steps")
+        ax[1, i].ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
+    _legend_below(fig, list(ax[0]) + list(ax[1]), ncol=4)
+    fig.suptitle("Top: mean gate c per rollout (mean over seeds, band = seed min..max; dashed = fixed gate)\n"
+                 "Bottom: IB weight lambda_c (warm-up, schedule)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1 if len(variants) > 4 else 0.06, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _binned(td, c, nbins, min_count=5):
+    """Equal-count bins of |td| (it piles up near 0) with finer bins in the upper tail:
+    -> (bin mean |td|, mean c, 10% c, 90% c) per bin, at least min_count steps per bin."""
+    import numpy as np
+    k = max(1, min(nbins, len(td) // min_count))
+    q = list(np.linspace(0, 0.9, k)) + [0.95, 1.0] if k >= 4 and len(td) >= 20 * min_count else list(np.linspace(0, 1, k + 1))
+    edges = np.unique(np.quantile(td, q))
+    if len(edges) < 2:
+        return [td.mean()], [c.mean()], [np.quantile(c, 0.1)], [np.quantile(c, 0.9)]
+    idx = np.clip(np.searchsorted(edges, td, side="right") - 1, 0, len(edges) - 2)
+    out = ([], [], [], [])
+    for b in range(len(edges) - 1):
+        sel = idx == b
+        if sel.sum() == 0:
+            continue
+        for lst, val in zip(out, (td[sel].mean(), c[sel].mean(), np.quantile(c[sel], 0.1), np.quantile(c[sel], 0.9))):
+            lst.append(val)
+    return out
+
+
+def fig_gate_vs_td(plt, runs, envs, variants, colors, path, nbins):
+    """Small multiples: one row per env, one column per variant with a learned gate."""
+    import numpy as np
+    learned = [v for v in variants if any(r["variant"] == v and r["cfg"].get("force_c") is None for r in runs)]
+    cols = max(1, len(learned))
+    fig, ax = plt.subplots(len(envs), cols, figsize=(max(7.0, 3.4 * cols), 3.3 * len(envs) + 0.8), squeeze=False,
+                           sharey=True, sharex="row")
+    for i, env in enumerate(envs):
+        for j, v in enumerate(learned):
+            a = ax[i, j]
+            rs = [r for r in runs if r["env"] == env and r["variant"] == v and r["cfg"].get("force_c") is None]
+            td, c = [], []
+            for r in rs:
+                tr = read_json(r["dir"] / "eval_trace.json")
+                if tr and tr.get("c"):
+                    td += tr["td_abs"]
+                    c += tr["c"]
+            a.set_title(f"{v}" if i == 0 else "", fontsize=10, color=colors[v])
+            if j == 0:
+                a.set_ylabel(f"{env}\ngate c", fontsize=9)
+            if i == len(envs) - 1:
+                a.set_xlabel("|td_norm| (previous step)", fontsize=9)
+            a.set_ylim(-0.03, 1.03)
+            if len(td) < 2:
+                a.text(0.5, 0.5, "no trace", ha="center", va="center", transform=a.transAxes, color="0.5")
+                continue
+            td, c = np.asarray(td, float), np.asarray(c, float)
+            xs, mu, lo, hi = _binned(td, c, nbins)
+            rho = float(np.corrcoef(td, c)[0, 1]) if td.std() > 0 and c.std() > 0 else float("nan")
+            a.scatter(td, c, s=9, color="0.35", alpha=0.35, lw=0, zorder=2)
+            a.fill_between(xs, lo, hi, color=colors[v], alpha=0.25, lw=0, zorder=3)
+            a.plot(xs, mu, "o-", color=colors[v], ms=3.5, lw=2, zorder=4)
+            a.text(0.97, 0.04, f"{len(rs)} runs, {len(td)} steps\nrho = {rho:.2f}", ha="right", va="bottom",
+                   transform=a.transAxes, fontsize=8, bbox=dict(fc="white", ec="none", alpha=0.8))
+    fig.suptitle("Gate vs surprise: one greedy eval episode per run (eval_trace.json), seeds pooled\n"
+                 "line = mean c per |td| bin (equal counts), band = 10-90% of c in the bin\n"
+                 "dots = steps; sec: c = mean over memory units", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def fig_timeline(plt, runs, envs, variant, path, seed):
+    import numpy as np
+    fig, ax = plt.subplots(3, len(envs), figsize=(max(7.0, 6.5 * len(envs)), 6.4), squeeze=False, sharex="col")
+    for i, env in enumerate(envs):
+        rs = sorted([r for r in runs if r["env"] == env and r["variant"] == variant], key=lambda r: r["seed"])
+        if seed is not None:
+            rs = [r for r in rs if r["seed"] == seed]
+        tr, r = None, None
+        for r in rs:
+            tr = read_json(r["dir"] / "eval_trace.json")
+            if tr and tr.get("c"):
+                break
+            tr = None
+        ax[0, i].set_title(f"{env}\n{variant}, seed {r['seed']}" if tr else f"{env}\n(no {variant} trace)")
+        if not tr:
+            continue
+        t = np.arange(len(tr["c"]))
+        ax[0, i].step(t, tr["c"], where="mid", color="C0")
+        ax[0, i].axhline(r["cfg"].get("target_c", float("nan")), color="k", ls=":", lw=1)
+        ax[0, i].set_ylim(-0.03, 1.03)
+        ax[0, i].set_ylabel("gate c_t\n(dotted: target_c)")
+        ax[1, i].bar(t, tr["td_abs"], width=0.9, color="C1")
+        ax[1, i].set_ylabel("|td_norm| (t-1)")
+        ax[2, i].bar(t, tr["reward"], width=0.9, color=["C2" if x >= 0 else "C3" for x in tr["reward"]])
+        ax[2, i].axhline(0, color="k", lw=0.6)
+        ax[2, i].set_ylabel("reward r_t")
+        ax[2, i].set_xlabel(f"step of the episode (return {sum(tr['reward']):.2f}, {len(t)} steps)")
+    fig.suptitle("One greedy evaluation episode at the end of training (eval_trace.json)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def fig_final_eval(plt, runs, envs, variants, colors, path):
+    import numpy as np
+    fig, ax = _panels(plt, len(envs), w=5.0, h=4.2)
+    for i, env in enumerate(envs):
+        a = ax[0, i]
+        for j, v in enumerate(variants):
+            vals = [x for x in (final_eval(r["summary"]) for r in runs if r["env"] == env and r["variant"] == v)
+                    if math.isfinite(x)]
+            m, h, n = mean_ci(vals)
+            if n == 0:
+                continue
+            a.errorbar(j, m, yerr=h if math.isfinite(h) else None, fmt="D", ms=7, color=colors[v], capsize=5,
+                       elinewidth=2, zorder=4)
+            a.scatter(j + np.linspace(-0.18, 0.18, n) if n > 1 else [j + 0.18], vals, color="k", s=12, zorder=5,
+                      alpha=0.7)
+        a.set_xticks(range(len(variants)))
+        a.set_xticklabels(variants, rotation=30, ha="right")
+        a.set_xlim(-0.6, len(variants) - 0.4)
+        a.set_title(env)
+        a.set_ylabel(f"final eval (mean of last {FINAL_K} evals)")
+    fig.suptitle("Final eval return per variant: diamond = mean over seeds, bar = 95% t-CI, dots = seeds",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cmd_figures(a) -> int:
+    out, dest = Path(a.out), default_dest(a)
+    runs = collect(out)
+    if not runs:
+        print(f"figures: no completed runs under {out}", file=sys.stderr)
+        return 1
+    dest.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    envs = order_envs(out, {r["env"] for r in runs})
+    variants = order_variants({r["variant"] for r in runs})
+    colors = _colors(variants)
+    written = []
+    for name, fn in [
+        ("learning_curves.png", lambda p: fig_learning_curves(plt, runs, envs, variants, colors, p)),
+        ("gate_budget.png", lambda p: fig_gate_budget(plt, runs, envs, variants, colors, p, a.smooth)),
+        ("gate_vs_td.png", lambda p: fig_gate_vs_td(plt, runs, envs, variants, colors, p, a.bins)),
+        ("eval_timeline.png", lambda p: fig_timeline(plt, runs, envs, a.timeline_variant, p, a.timeline_seed)),
+        ("final_eval.png", lambda p: fig_final_eval(plt, runs, envs, variants, colors, p)),
+    ]:
+        fn(dest / name)
+        written.append(dest / name)
+    print(f"figures: {len(runs)} completed runs -> " + ", ".join(str(p) for p in written))
+    return 0
+
+
+# ============================================================================ main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 1)[1])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run variants x seeds x envs as parallel gwt_ib.py subprocesses")
+    r.add_argument("--envs", default="popgym-CountRecallEasy-v0,popgym-RepeatPreviousEasy-v0", help="comma-separated env ids")
+    r.add_argument("--variants", default="all", help=f"'all' or a comma-separated subset of: {', '.join(VARIANTS)}")
+    r.add_argument("--seeds", default="0,1,2", help="e.g. 0,1,2 or 0-4")
+    r.add_argument("--total-timesteps", type=int, default=500_000)
+    r.add_argument("--out", default=str(HERE / "sweep"), help="parent folder of the run dirs")
+    r.add_argument("--jobs", type=int, default=0, help="parallel runs (default: os.cpu_count())")
+    r.add_argument("--extra", default="", help='more gwt_ib.py flags for every run, e.g. "--num-envs 32 --eval-every 5"')
+    r.add_argument("--device", default="cpu", help="gwt_ib.py --device for every run (default cpu: one torch "
+                   "thread per run, many runs in parallel; 'auto' lets each run take a GPU if there is one)")
+    r.add_argument("--max-failures", type=int, default=3, help="stop starting runs after this many failures "
+                   "while none has finished (a broken trainer should not burn the whole sweep)")
+    r.add_argument("--heartbeat", type=float, default=300, help="seconds between 'still running' lines (0: none)")
+    r.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint.pt of completed runs (deleted by default)")
+    r.add_argument("--no-resume", action="store_true", help="redo unfinished runs from scratch instead of resuming their checkpoint")
+    r.add_argument("--redo-diverged", action="store_true", help="redo runs whose status is diverged (kept as results by default)")
+    r.add_argument("--force", action="store_true", help="delete and redo existing runs made with other settings")
+    r.add_argument("--dry-run", action="store_true", help="print the commands; change nothing")
+    for name, h in (("report", "results.csv and results.md from the run dirs"), ("figures", "PNG figures from the run dirs")):
+        s = sub.add_parser(name, help=h)
+        s.add_argument("--out", default=str(HERE / "sweep"), help="the sweep folder given to run")
+        s.add_argument("--dest", default="", help="where to write (default: the parent folder of --out)")
+        if name == "figures":
+            s.add_argument("--smooth", type=int, default=5, help="trailing moving mean (updates) for mean_c curves")
+            s.add_argument("--bins", type=int, default=10, help="|td| bins (equal counts) of gate_vs_td.png")
+            s.add_argument("--timeline-variant", default="gwt_ib")
+            s.add_argument("--timeline-seed", type=int, default=None, help="default: the lowest seed with a trace")
+    a = p.parse_args(argv)
+    return {"run": cmd_run, "report": cmd_report, "figures": cmd_figures}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

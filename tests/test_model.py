@@ -1,0 +1,303 @@
+"""Model and gating: the gated GRU memory, episode resets, the TD prior, vector gates and action distributions."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+import gwt_ib
+from conftest import tiny_cfg
+
+OBS_DIM, B = 7, 5
+
+
+def make_agent(act_space=spaces.Discrete(4), obs_dim=OBS_DIM, seed=0, **kw) -> gwt_ib.Agent:
+    torch.manual_seed(seed)
+    kw = {"enc_dim": 12, "hid_dim": 10, "router_hid": 6, "head_hid": 8, **kw}
+    return gwt_ib.Agent(obs_dim, gwt_ib.action_spec(act_space), tiny_cfg(**kw))
+
+
+def inputs(seed=1, b=B, h_dim=10):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(b, OBS_DIM, generator=g)
+    h_prev = torch.randn(b, h_dim, generator=g).tanh()
+    td_prev = torch.randn(b, generator=g) * 0.5
+    return obs, h_prev, td_prev, torch.zeros(b)
+
+
+def gru_cell(agent) -> torch.nn.GRUCell:
+    """A plain nn.GRUCell carrying the agent's GRU weights."""
+    w_ih, w_hh, b_ih, b_hh = (p.detach() for p in agent.gru_params())
+    cell = torch.nn.GRUCell(w_ih.shape[1], w_hh.shape[1])
+    with torch.no_grad():
+        for dst, src in zip((cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh), (w_ih, w_hh, b_ih, b_hh)):
+            dst.copy_(src)
+    return cell
+
+
+def prior_gate(agent, td_prev):
+    cfg = agent.cfg
+    return torch.sigmoid(cfg.td_scale * td_prev.abs() + cfg.base_logit + agent.bias.detach())
+
+
+# ----------------------------------------------------------------------------- gated GRU update
+@torch.no_grad()
+def test_gate_zero_freezes_memory_exactly():
+    """With c = 0 (force_c=0) the memory is not written at all: h == h_prev bit for bit."""
+    agent = make_agent(force_c=0.0)
+    obs, h_prev, td_prev, start = inputs()
+    _, _, c, h = agent.step(obs, h_prev, td_prev, start)
+    assert torch.all(c == 0)
+    assert torch.equal(h, h_prev)
+
+
+@torch.no_grad()
+def test_gate_one_is_a_plain_gru_step():
+    """With c = 1 (force_c=1) the update is exactly nn.GRUCell(z, h_prev) with the weights of gru_params()."""
+    agent = make_agent(force_c=1.0)
+    obs, h_prev, td_prev, start = inputs()
+    _, _, c, h = agent.step(obs, h_prev, td_prev, start)
+    assert torch.all(c == 1)
+    z = agent.enc(obs)
+    torch.testing.assert_close(h, gru_cell(agent)(z, h_prev), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@torch.no_grad()
+def test_learned_gate_interpolates_between_h_prev_and_gru_of_gated_input(residual):
+    """With the learned gate, h = h_prev + c*(GRUCell(c*z, h_prev) - h_prev) for the c that step() reports."""
+    agent = make_agent(use_router_residual=residual)
+    if residual:  # make the residual MLP non-trivial so c is not just the prior
+        for p in agent.r_out.parameters():
+            p.normal_(0, 1.0)
+    obs, h_prev, td_prev, start = inputs()
+    _, _, c, h = agent.step(obs, h_prev, td_prev, start)
+    assert c.shape == (B, 1)
+    assert ((c > 0.01) & (c < 0.99)).all()
+    assert c.std() > 1e-3  # the per-sample gate differs, so the check below sees different c's
+    z = agent.enc(obs)
+    expected = h_prev + c * (gru_cell(agent)(c * z, h_prev) - h_prev)
+    torch.testing.assert_close(h, expected, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_heads_read_the_new_memory():
+    """logits and value are the actor/critic heads applied to the new h."""
+    agent = make_agent()
+    logits, value, _, h = agent.step(*inputs())
+    l2, v2 = agent.heads(h)
+    torch.testing.assert_close(logits, l2, atol=0, rtol=0)
+    torch.testing.assert_close(value, v2, atol=0, rtol=0)
+    assert value.shape == (B,)
+
+
+# ----------------------------------------------------------------------------- episode starts and unroll
+@pytest.mark.parametrize("force_c", [None, 1.0])
+@torch.no_grad()
+def test_episode_start_zeroes_h_prev_and_td_prev(force_c):
+    """episode_start=1 makes the step identical to a step from h_prev = 0 and td_prev = 0."""
+    agent = make_agent(force_c=force_c)
+    obs, h_prev, td_prev, _ = inputs()
+    start = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    out = agent.step(obs, h_prev, td_prev, start)
+    keep = (1 - start)
+    ref = agent.step(obs, h_prev * keep[:, None], td_prev * keep, torch.zeros(B))
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+    # and the reset really matters: without it the started rows would differ
+    free = agent.step(obs, h_prev, td_prev, torch.zeros(B))
+    assert not torch.allclose(out[3][start == 1], free[3][start == 1])
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+@torch.no_grad()
+def test_unroll_equals_a_loop_of_steps_with_mid_sequence_resets(gate):
+    """unroll() over (L, B) gives the same logits, values, gates and memories as calling step() L times."""
+    agent = make_agent(gate=gate)
+    for p in agent.r_out.parameters():
+        p.normal_(0, 0.5)
+    L = 9
+    g = torch.Generator().manual_seed(3)
+    obs = torch.randn(L, B, OBS_DIM, generator=g)
+    td_prev = torch.randn(L, B, generator=g)
+    start = torch.zeros(L, B)
+    start[0, 1] = start[4, 0] = start[4, 2] = start[7, 3] = 1.0  # resets mid-sequence
+    h0 = torch.randn(B, agent.H, generator=g).tanh()
+    logits, value, cs, hs = agent.unroll(obs, h0, td_prev, start)
+    h = h0
+    for t in range(L):
+        lt, vt, ct, h = agent.step(obs[t], h, td_prev[t], start[t])
+        torch.testing.assert_close(logits[t], lt, atol=1e-5, rtol=0)
+        torch.testing.assert_close(value[t], vt, atol=1e-5, rtol=0)
+        torch.testing.assert_close(cs[t], ct, atol=1e-5, rtol=0)
+        torch.testing.assert_close(hs[t], h, atol=1e-5, rtol=0)
+
+
+def test_unroll_gradients_reach_gate_and_gru():
+    """The training forward pass is differentiable w.r.t. the gate bias and the GRU weights."""
+    agent = make_agent()
+    L = 4
+    obs, td = torch.randn(L, B, OBS_DIM), torch.randn(L, B)
+    logits, value, cs, hs = agent.unroll(obs, torch.zeros(B, agent.H), td, torch.zeros(L, B))
+    (value.sum() + cs.sum() + logits.sum()).backward()
+    assert agent.bias.grad is not None and agent.bias.grad.abs() > 0
+    missing = [n for n, p in agent.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+# ----------------------------------------------------------------------------- TD prior and router
+@torch.no_grad()
+def test_router_residual_is_zero_at_init_so_gate_equals_td_prior():
+    """At initialization c = sigmoid(td_scale*|td_prev| + base_logit + bias) exactly (residual MLP outputs 0)."""
+    agent = make_agent()
+    obs, h_prev, td_prev, start = inputs()
+    _, _, c, _ = agent.step(obs, h_prev, td_prev, start)
+    torch.testing.assert_close(c.squeeze(-1), prior_gate(agent, td_prev), atol=1e-7, rtol=0)
+    # the residual does not depend on h_prev or obs at init either
+    _, _, c2, _ = agent.step(torch.randn(B, OBS_DIM), -h_prev, td_prev, start)
+    torch.testing.assert_close(c, c2, atol=1e-7, rtol=0)
+
+
+@torch.no_grad()
+def test_td_prior_increases_with_surprise_and_is_sign_symmetric():
+    """The gate opens monotonically with |td_prev| and treats positive and negative surprise alike."""
+    agent = make_agent()
+    td = torch.linspace(0, 4, 21)
+    obs = torch.zeros(len(td), OBS_DIM)
+    h = torch.zeros(len(td), agent.H)
+    start = torch.zeros(len(td))
+    c_pos = agent.step(obs, h, td, start)[2].squeeze(-1)
+    c_neg = agent.step(obs, h, -td, start)[2].squeeze(-1)
+    assert torch.all(c_pos[1:] > c_pos[:-1])
+    torch.testing.assert_close(c_pos, c_neg, atol=0, rtol=0)
+    cfg = agent.cfg
+    assert c_pos[0].item() == pytest.approx(1 / (1 + math.exp(-(cfg.base_logit + cfg.bias_init))), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- vector gate, memoryless
+@torch.no_grad()
+def test_vector_gate_has_one_gate_per_unit_and_zero_freezes():
+    """gate="vector": c is (B, hid_dim) with differing entries; driving every gate to 0 leaves h == h_prev."""
+    agent = make_agent(gate="vector")
+    for p in agent.r_out.parameters():
+        p.normal_(0, 1.0)
+    obs, h_prev, td_prev, start = inputs()
+    _, _, c, h = agent.step(obs, h_prev, td_prev, start)
+    assert c.shape == (B, agent.H)
+    assert c.std(-1).max() > 0.05  # gates differ across units
+    # unit j moves c_j of the way to the GRU proposal made from the input scaled by the mean gate
+    z, c_in = agent.enc(obs), c.mean(-1, keepdim=True)
+    torch.testing.assert_close(h, h_prev + c * (gru_cell(agent)(c_in * z, h_prev) - h_prev), atol=1e-6, rtol=0)
+    agent.bias.fill_(-1e4)  # logit -> -1e4: sigmoid is exactly 0 in float32
+    _, _, c0, h0 = agent.step(obs, h_prev, td_prev, start)
+    assert torch.all(c0 == 0)
+    assert torch.equal(h0, h_prev)
+
+
+@torch.no_grad()
+def test_scalar_learned_gate_at_zero_freezes_memory():
+    """The learned scalar gate driven to exactly 0 also leaves h == h_prev bit for bit."""
+    agent = make_agent()
+    agent.bias.fill_(-1e4)
+    obs, h_prev, td_prev, start = inputs()
+    _, _, c, h = agent.step(obs, h_prev, td_prev, start)
+    assert torch.all(c == 0)
+    assert torch.equal(h, h_prev)
+
+
+@pytest.mark.parametrize("force_c", [None, 1.0])
+@torch.no_grad()
+def test_memoryless_ignores_h_prev(force_c):
+    """memoryless=True: the new h (and so logits, value) does not depend on h_prev at all."""
+    agent = make_agent(memoryless=True, force_c=force_c)
+    obs, h_prev, td_prev, start = inputs()
+    a = agent.step(obs, h_prev, td_prev, start)
+    b = agent.step(obs, torch.randn_like(h_prev) * 3, td_prev, start)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    # ... and it still writes memory from the current observation
+    assert not torch.allclose(a[3], torch.zeros_like(a[3]))
+
+
+# ----------------------------------------------------------------------------- action distributions
+ACT_SPACES = {
+    "discrete": spaces.Discrete(4),
+    "discrete_start": spaces.Discrete(3, start=-1),
+    "multidiscrete": spaces.MultiDiscrete([3, 5]),
+    "box": spaces.Box(-1.0, 1.0, (2,), np.float32),
+}
+
+
+@pytest.mark.parametrize("name", list(ACT_SPACES))
+def test_sampled_logp_matches_recomputed_logp(name):
+    """sample_action's log-prob equals logp_entropy's log-prob of the same action under the same logits."""
+    agent = make_agent(ACT_SPACES[name])
+    torch.manual_seed(0)
+    logits = torch.randn(64, agent.act.n_out) * 2
+    a, logp = gwt_ib.sample_action(agent, logits, greedy=False)
+    logp2, ent = gwt_ib.logp_entropy(agent, logits, a)
+    torch.testing.assert_close(logp, logp2, atol=1e-6, rtol=0)
+    assert logp.shape == ent.shape == (64,)
+    assert torch.all(logp <= 1e-6) or agent.act.kind == "box"
+
+
+@pytest.mark.parametrize("name,expected", [("discrete", math.log(4)), ("discrete_start", math.log(3)),
+                                           ("multidiscrete", math.log(3) + math.log(5))])
+def test_entropy_of_uniform_logits_is_sum_of_log_n(name, expected):
+    """Uniform logits have entropy sum_k log(n_k) (padding of unequal MultiDiscrete sizes adds nothing)."""
+    agent = make_agent(ACT_SPACES[name])
+    logits = torch.zeros(3, agent.act.n_out)
+    a, logp = gwt_ib.sample_action(agent, logits, greedy=False)
+    _, ent = gwt_ib.logp_entropy(agent, logits, a)
+    torch.testing.assert_close(ent, torch.full((3,), expected), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logp, torch.full((3,), -expected), atol=1e-6, rtol=0)
+
+
+def test_multidiscrete_unequal_sizes_samples_in_range_with_correct_frequencies():
+    """MultiDiscrete([3, 5]): each component is sampled from its own softmax and never from padding."""
+    agent = make_agent(ACT_SPACES["multidiscrete"])
+    torch.manual_seed(0)
+    base = torch.tensor([0.5, -1.0, 1.0, 0.2, 0.0, -0.5, 1.5, -2.0])
+    logits = base.expand(20000, 8)
+    a, _ = gwt_ib.sample_action(agent, logits, greedy=False)
+    assert a.shape == (20000, 2)
+    assert a[:, 0].max() <= 2 and a[:, 1].max() <= 4 and a.min() >= 0
+    for k, sl in ((0, slice(0, 3)), (1, slice(3, 8))):
+        p = torch.softmax(base[sl], 0)
+        freq = torch.bincount(a[:, k], minlength=len(p)).float() / len(a)
+        torch.testing.assert_close(freq, p, atol=0.015, rtol=0)
+    greedy, _ = gwt_ib.sample_action(agent, logits[:2], greedy=True)
+    assert greedy.tolist() == [[2, 3]] * 2
+
+
+def test_gaussian_entropy_and_logp_formula():
+    """Box: logp is the diagonal Gaussian density with std = exp(log_std); entropy is the Gaussian's."""
+    agent = make_agent(ACT_SPACES["box"])
+    with torch.no_grad():
+        agent.log_std.copy_(torch.tensor([0.3, -0.7]))
+    mean = torch.randn(10, 2)
+    a = torch.randn(10, 2) * 3
+    logp, ent = gwt_ib.logp_entropy(agent, mean, a)
+    dist = torch.distributions.Normal(mean, agent.log_std.exp())
+    torch.testing.assert_close(logp, dist.log_prob(a).sum(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, dist.entropy().sum(-1), atol=1e-5, rtol=0)
+
+
+def test_box_logp_is_of_the_unclipped_sample():
+    """Box actions are returned unclipped (clipping happens only for the env) and logp is of that sample."""
+    agent = make_agent(ACT_SPACES["box"])
+    with torch.no_grad():
+        agent.log_std.fill_(math.log(3.0))  # std 3 >> bounds [-1, 1]: most samples are outside
+    torch.manual_seed(0)
+    mean = torch.zeros(200, 2)
+    a, logp = gwt_ib.sample_action(agent, mean, greedy=False)
+    assert (a.abs() > 1).any()
+    ref = torch.distributions.Normal(mean, 3.0).log_prob(a).sum(-1)
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=0)
+    clipped = torch.distributions.Normal(mean, 3.0).log_prob(a.clamp(-1, 1)).sum(-1)
+    assert not torch.allclose(logp, clipped)
+    greedy, _ = gwt_ib.sample_action(agent, mean + 5, greedy=True)
+    assert torch.all(greedy == 5)  # the mean itself, not clipped to the bounds

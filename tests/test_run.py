@@ -1,0 +1,247 @@
+"""Whole runs: CLI output and run directory, GateCheck, determinism, halt/resume, Ctrl-C."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gwt_ib
+from conftest import ROOT, read_metrics, tiny_cfg
+
+TINY_ARGS = ["--num-envs", "2", "--rollout-steps", "32", "--seq-len", "16", "--minibatches", "2", "--epochs", "1",
+             "--eval-episodes", "2", "--eval-every", "1", "--log-every", "1", "--enc-dim", "16", "--hid-dim", "16",
+             "--router-hid", "8", "--head-hid", "16", "--progress", "false", "--save-plot", "false",
+             "--device", "cpu", "--torch-threads", "1", "--seed", "0"]
+PROGRESS = re.compile(r"^upd\s+\d+/\d+ \| td_mean [-+]\d.*\| .*steps/s", re.M)
+GATE_KEYS = {"rho_td_c", "rho_tail", "rho_td_dc", "rho_tail_dc", "td_std", "std_ok", "eval_ok", "verdict"}
+SUMMARY_KEYS = {"gatecheck", "final_eval", "mean_c", "ev", "ep100", "steps_per_s", "env_steps", "wall_s"}
+
+
+def cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "gwt_ib.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240, env=env, **kw)
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- CLI run
+def test_cli_run_prints_progress_and_gatecheck_and_writes_run_dir(tmp_path):
+    """A CLI run prints progress lines and the GateCheck block, exits 0 and leaves a complete run directory."""
+    out = tmp_path / "runs"
+    p = cli(*TINY_ARGS, "--total-timesteps", "192", "--out-dir", str(out), "--run-name", "cli")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    assert len(PROGRESS.findall(p.stdout)) == 3, p.stdout
+    assert re.search(r"^GATECHECK$", p.stdout, re.M)
+    assert re.search(r"rho\(td,c\)=.*-> (PASS|FAIL)$", p.stdout, re.M | re.S)
+    run = out / "cli"
+    for name in ("config.json", "metrics.jsonl", "model.pt", "checkpoint.pt", "summary.json"):
+        assert (run / name).is_file(), name
+    s = json.loads((run / "summary.json").read_text())
+    assert SUMMARY_KEYS <= s.keys()
+    assert GATE_KEYS <= s["gatecheck"].keys()
+    assert s["gatecheck"]["verdict"] in ("PASS", "FAIL")
+    assert s["gatecheck"]["verdict"] in p.stdout
+    assert s["status"] == "completed" and s["env_steps"] == 192
+    assert s["wall_s"] > 0 and s["steps_per_s"] > 0 and 0 <= s["mean_c"] <= 1
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["hid_dim"] == 16 and cfg["total_timesteps"] == 192
+    assert set(cfg) == {f.name for f in dataclasses.fields(gwt_ib.Cfg)}
+    rows = read_metrics(run, drop=())
+    assert [r["update"] for r in rows] == [1, 2, 3]
+    assert {"loss", "mean_c", "td_std", "ev", "eval", "bias", "steps_per_s", "wall_s", "env_steps"} <= rows[0].keys()
+    sd = torch.load(run / "model.pt", weights_only=True)
+    assert any(v.ndim == 2 and v.shape[1] == 16 for v in sd.values())
+
+
+def test_same_run_name_never_overwrites(tmp_path):
+    """A second run with the same out_dir and run_name gets its own directory; the first is left untouched."""
+    cfg = tiny_cfg(tmp_path, run_name="same", total_timesteps=64)
+    s1 = gwt_ib.train(cfg)
+    first = {p.name: p.read_bytes() for p in Path(s1["run_dir"]).iterdir()}
+    s2 = gwt_ib.train(cfg)
+    s3 = gwt_ib.train(cfg)
+    dirs = {s1["run_dir"], s2["run_dir"], s3["run_dir"]}
+    assert len(dirs) == 3 and all(Path(d).parent == tmp_path / "runs" for d in dirs)
+    assert Path(s1["run_dir"]).name == "same"
+    assert {p.name: p.read_bytes() for p in Path(s1["run_dir"]).iterdir()} == first
+
+
+def test_list_envs_prints_every_popgym_id(capsys):
+    """--list-envs prints one line per POPGym id with its spaces and exits 0."""
+    assert gwt_ib.main(["--list-envs"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("popgym-")]
+    assert len(lines) == 42 and all(" obs " in l and " act " in l for l in lines)
+
+
+# ----------------------------------------------------------------------------- GateCheck
+def test_gatecheck_fails_when_nothing_can_be_learned(tmp_path):
+    """With lr=0 the weights never change, so evaluation does not improve and GateCheck says FAIL."""
+    cfg = tiny_cfg(tmp_path, lr=0.0, total_timesteps=256, eval_every=1)
+    s = gwt_ib.train(cfg)
+    g = s["gatecheck"]
+    assert g["eval_ok"] is False and g["verdict"] == "FAIL"
+    su = gwt_ib.build(cfg)  # same seed: the initial weights
+    assert state_equal(su.agent.state_dict(), torch.load(Path(s["run_dir"]) / "model.pt"))
+    su.envs.close()
+    su.eval_envs.close()
+
+
+def test_gatecheck_verdict_logic():
+    """PASS needs td_std > 5*td_std_min AND late eval > early eval + margin; correlations are Pearson's."""
+    cfg = tiny_cfg()
+    rng = np.random.default_rng(0)
+    td = np.abs(rng.normal(size=2000))
+    c = 1 / (1 + np.exp(-(5 * td - 2.5)))
+    dc = np.diff(c, prepend=c[:1])
+    ok = np.ones(2000, bool)
+    ok[0] = False
+    rising = [(i, float(i)) for i in range(8)]
+    g = gwt_ib.gatecheck(td, c, dc, ok, 0.5, rising, cfg)
+    assert g["verdict"] == "PASS" and g["std_ok"] and g["eval_ok"]
+    assert g["rho_td_c"] == pytest.approx(np.corrcoef(td, c)[0, 1])
+    assert g["rho_td_c"] > 0.8 and g["rho_tail"] > 0
+    pinned = gwt_ib.gatecheck(td, c, dc, ok, cfg.td_std_min, rising, cfg)  # TD scale stuck at its floor
+    assert pinned["std_ok"] is False and pinned["verdict"] == "FAIL"
+    flat = gwt_ib.gatecheck(td, c, dc, ok, 0.5, [(i, 1.0) for i in range(8)], cfg)
+    assert flat["eval_ok"] is False and flat["verdict"] == "FAIL"
+    small = gwt_ib.gatecheck(td, c, dc, ok, 0.5, [(0, 0.0), (1, 0.05)], cfg)  # below eval_ok_margin
+    assert small["eval_ok"] is False
+    empty = gwt_ib.gatecheck(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, bool), 0.5, [], cfg)
+    assert empty["verdict"] == "FAIL" and math.isnan(empty["rho_td_c"])
+
+
+# ----------------------------------------------------------------------------- determinism and resume
+def test_same_seed_same_metrics(tmp_path):
+    """The same seed and Cfg on CPU give identical metrics.jsonl (wall-clock keys aside) and identical models."""
+    cfg = tiny_cfg(tmp_path, total_timesteps=192, epochs=2, eval_every=2)
+    a, b = gwt_ib.train(cfg), gwt_ib.train(cfg)
+    assert read_metrics(a["run_dir"]) == read_metrics(b["run_dir"])
+    assert state_equal(torch.load(Path(a["run_dir"]) / "model.pt"), torch.load(Path(b["run_dir"]) / "model.pt"))
+    c = gwt_ib.train(dataclasses.replace(cfg, seed=1))
+    assert read_metrics(c["run_dir"]) != read_metrics(a["run_dir"])  # and the seed does matter
+
+
+@pytest.mark.parametrize("env_id", ["popgym-CountRecallEasy-v0", "CartPole-v1"])
+def test_halt_and_resume_reproduce_an_uninterrupted_run(tmp_path, env_id):
+    """Halting after k updates and resuming (twice) gives the same metrics rows and final model as one run."""
+    cfg = tiny_cfg(tmp_path, env_id=env_id, total_timesteps=5 * 64, eval_every=2, checkpoint_every=100)
+    full = gwt_ib.train(dataclasses.replace(cfg, run_name="full"))
+    assert full["status"] == "completed"
+    part_cfg = dataclasses.replace(cfg, run_name="part", halt_after=2)
+    s = gwt_ib.train(part_cfg)
+    assert s["status"] == "halted" and s["updates"] == 2
+    run = s["run_dir"]
+    assert len(read_metrics(run)) == 2
+    s = gwt_ib.train(part_cfg, resume=run)
+    assert s["status"] == "halted" and s["updates"] == 4 and s["run_dir"] == run
+    s = gwt_ib.train(part_cfg, resume=run)
+    assert s["status"] == "completed" and s["updates"] == 5
+    full_rows, part_rows = read_metrics(full["run_dir"]), read_metrics(run)
+    assert [r["update"] for r in part_rows] == [1, 2, 3, 4, 5]
+    for r_full, r_part in zip(full_rows, part_rows):
+        assert r_full == r_part, r_full["update"]
+    assert state_equal(torch.load(Path(full["run_dir"]) / "model.pt"), torch.load(Path(run) / "model.pt"))
+    assert s["final_eval"] == full["final_eval"] and s["env_steps"] == full["env_steps"]
+    assert s["evals"] == full["evals"]
+
+
+def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
+    """Rows logged after the last checkpoint (a crash between them) are dropped on resume: no update twice."""
+    import shutil
+    cfg = tiny_cfg(tmp_path, total_timesteps=4 * 64, checkpoint_every=100, eval_every=100, halt_after=2)
+    run = Path(gwt_ib.train(cfg)["run_dir"])
+    shutil.copy(run / "checkpoint.pt", tmp_path / "ck2.pt")
+    gwt_ib.train(dataclasses.replace(cfg, halt_after=1), resume=str(run))  # logs update 3, checkpoints at 3
+    rows = read_metrics(run)
+    assert [r["update"] for r in rows] == [1, 2, 3]
+    shutil.copy(tmp_path / "ck2.pt", run / "checkpoint.pt")  # as if it crashed after logging 3, before its checkpoint
+    s = gwt_ib.train(dataclasses.replace(cfg, halt_after=0), resume=str(run))
+    assert s["status"] == "completed"
+    again = read_metrics(run)
+    assert [r["update"] for r in again] == [1, 2, 3, 4]
+    assert again[:3] == rows  # update 3 redone from the update-2 checkpoint, identically
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and pipes
+def test_sigint_stops_cleanly_with_summary_and_resume_hint(tmp_path):
+    """SIGINT during training: finish the update, checkpoint, print GateCheck and a --resume hint, exit 130."""
+    out = tmp_path / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "gwt_ib.py", *TINY_ARGS, "--total-timesteps", "10000000",
+                          "--eval-every", "1000", "--out-dir", str(out), "--run-name", "sig"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen = []
+        for line in p.stdout:
+            seen.append(line)
+            if PROGRESS.search(line):
+                break
+        assert any(PROGRESS.search(l) for l in seen), "".join(seen) + p.stderr.read()[-3000:]
+        p.send_signal(signal.SIGINT)
+        rest, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    stdout = "".join(seen) + rest
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert "GATECHECK" in stdout and re.search(r"-> (PASS|FAIL)", stdout)
+    run = out / "sig"
+    assert f"--resume {run}" in stdout
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "interrupted"
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["update"] == s["updates"] >= 1
+    assert len(read_metrics(run)) == s["updates"]
+    # the hint works: resuming continues from the checkpoint
+    r = cli("--resume", str(run), "--halt-after", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s2 = json.loads((run / "summary.json").read_text())
+    assert s2["status"] == "halted" and s2["updates"] == s["updates"] + 1
+
+
+def test_progress_lines_reach_a_pipe_while_training(tmp_path):
+    """Progress lines are flushed as printed, so `python gwt_ib.py | tee log` shows them during training."""
+    out = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    p = subprocess.Popen([sys.executable, "gwt_ib.py", *TINY_ARGS, "--total-timesteps", "10000000",
+                          "--eval-every", "1000", "--out-dir", str(out), "--run-name", "pipe"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    metrics = out / "pipe" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while p.poll() is None and time.monotonic() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break  # updates 1 and 2 are done: their progress lines have been printed
+            time.sleep(0.2)
+        assert p.poll() is None, "training ended early"
+        p.kill()  # no chance to flush at exit: only what was flushed while training gets through
+        stdout, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert PROGRESS.search(stdout), f"nothing reached the pipe: {stdout!r}"
+
+
+def test_async_envs_give_the_same_run_as_in_process_envs(tmp_path):
+    """async_envs=True (subprocess envs) is only a speed choice: same seed, same metrics as in-process envs."""
+    a = gwt_ib.train(tiny_cfg(tmp_path, async_envs=True, total_timesteps=128))
+    b = gwt_ib.train(tiny_cfg(tmp_path, async_envs=False, total_timesteps=128))
+    assert a["status"] == b["status"] == "completed"
+    assert read_metrics(a["run_dir"]) == read_metrics(b["run_dir"])
