@@ -528,10 +528,8 @@ class FusedUnroll(torch.autograd.Function):
         H, R, G = ag.H, ag.R, ag.G
         L, B = x.shape[:2]
         learned = ag.cfg.force_c is None
-        dx = torch.zeros_like(x)  # (L, B, 3H+R)
-        dgi_all = x.new_empty(L, B, 3 * H)
-        dhh_all = x.new_zeros(L, B, 3 * H + R)
-        dprior = x.new_zeros(L, B, 1)
+        dgi_all = x.new_empty(L, B, 3 * H)  # d(input projection of c*z), per step
+        dhh_all = x.new_zeros(L, B, 3 * H + R)  # d(h_prev @ W_h^T + b_h), per step
         dlogit_all = x.new_zeros(L, B, G)
         W_o = ag.r_out.weight if R else None
         dh = torch.zeros_like(d_hs[0])
@@ -541,34 +539,32 @@ class FusedUnroll(torch.autograd.Function):
             dc = d_cs[t] + (dh * (hprop - hp) if G > 1 else (dh * (hprop - hp)).sum(-1, keepdim=True))
             dhprop = dh * c  # h = hp + c*(hprop - hp)
             dhp = dh - dhprop + dhprop * u  # hprop = n + u*(hp - n)
-            du = dhprop * (hp - n)
             dpre_n = (dhprop - dhprop * u) * (1 - n * n)  # n = tanh(gi_n + r*hh_n)
             dpre_r = dpre_n * hh_n * r * (1 - r)  # r, u = sigmoid(gi_ru + hh_ru)
-            dpre_u = du * u * (1 - u)
-            dgi = dgi_all[t]
-            dgi[:, :H], dgi[:, H:2 * H], dgi[:, 2 * H:] = dpre_r, dpre_u, dpre_n
-            dx[t, :, :3 * H] = dgi * ci  # gi = b_ih + c_in * x_g
-            dci = (dgi * x[t, :, :3 * H]).sum(-1, keepdim=True)
+            dpre_u = dhprop * (hp - n) * u * (1 - u)
+            dgi = torch.cat([dpre_r, dpre_u, dpre_n], -1, out=dgi_all[t])
+            dci = (dgi * x[t, :, :3 * H]).sum(-1, keepdim=True)  # gi = b_ih + c_in * x_g
             dc = dc + (dci / G if G > 1 else dci)
-            dhh = dhh_all[t]
-            dhh[:, :2 * H], dhh[:, 2 * H:3 * H] = dgi[:, :2 * H], dpre_n * r
+            parts = [dpre_r, dpre_u, dpre_n * r]
             if learned:
-                dlogit = dc * c * (1 - c)  # c = sigmoid(prior + r_out(a))
-                dlogit_all[t] = dlogit
-                dprior[t] = dlogit.sum(-1, keepdim=True)
+                dlogit = torch.mul(dc, c * (1 - c), out=dlogit_all[t])  # c = sigmoid(prior + r_out(a))
                 if R:
-                    dpre_a = (dlogit @ W_o) * (1 - a * a)  # a = tanh(x_r + hh_r)
-                    dx[t, :, 3 * H:] = dpre_a
-                    dhh[:, 3 * H:] = dpre_a
-            dhp = dhp + dhh @ ag.W_h  # hh = hp @ W_h^T + b_h
+                    parts.append((dlogit @ W_o) * (1 - a * a))  # a = tanh(x_r + hh_r)
+            k = 3 * H + (R if len(parts) == 4 else 0)  # with a fixed gate the router rows get no gradient
+            dhh = torch.cat(parts, -1, out=dhh_all[t, :, :k])
+            dhp = dhp + dhh @ ag.W_h[:k]  # hh = hp @ W_h^T + b_h
             dh = dhp * keep[t]  # hp = h_prev * keep
+        # everything that does not feed the recurrence, batched over all L*B steps
+        ci_all = torch.stack([tp[3] for tp in tape])
+        dx = torch.cat([dgi_all * ci_all, dhh_all[..., 3 * H:]], -1)  # router rows: d x_r = d hh_r
         hp_all = torch.stack([tp[0] for tp in tape]).reshape(L * B, H)
         grads = [dhh_all.reshape(L * B, -1).T @ hp_all, dhh_all.sum((0, 1)), dgi_all.sum((0, 1))]
         if R:
             a_all = torch.stack([tp[1] for tp in tape]).reshape(L * B, R) if learned else x.new_zeros(L * B, R)
             grads += [dlogit_all.reshape(L * B, G).T @ a_all, dlogit_all.sum((0, 1))]
         ctx.agent = ctx.tape = None
-        return (None, dx, dprior if learned else None, None, dh, *grads)
+        dprior = dlogit_all.sum(-1, keepdim=True) if learned else None
+        return (None, dx, dprior, None, dh, *grads)
 
 
 # --- action distributions (plain tensor code: torch.distributions costs per-step overhead)
