@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium
 import numpy as np
 import pytest
 import torch
@@ -245,3 +246,36 @@ def test_async_envs_give_the_same_run_as_in_process_envs(tmp_path):
     b = gwt_ib.train(tiny_cfg(tmp_path, async_envs=False, total_timesteps=128))
     assert a["status"] == b["status"] == "completed"
     assert read_metrics(a["run_dir"]) == read_metrics(b["run_dir"])
+
+
+class NanRewardEnv(gymnasium.Env):
+    """Returns a NaN reward from its 40th step on: a stand-in for a diverging run."""
+
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gymnasium.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.n = getattr(self, "n", 0)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.n += 1
+        return np.zeros(2, np.float32), (float("nan") if self.n >= 40 else 0.1), self.n % 10 == 0, False, {}
+
+
+def test_non_finite_td_stops_the_run_and_keeps_the_last_good_state(tmp_path):
+    """A NaN reaching the TD statistics stops training: status diverged (exit code 3), a message naming the
+    update and the quantity; the last good checkpoint, the metrics so far and summary.json stay on disk."""
+    if "gwtib-test-NanReward-v0" not in gymnasium.registry:
+        gymnasium.register("gwtib-test-NanReward-v0", entry_point=NanRewardEnv)
+    cfg = tiny_cfg(tmp_path, env_id="gwtib-test-NanReward-v0", total_timesteps=64 * 4)  # 32 steps per rollout
+    s = gwt_ib.train(cfg)
+    run = Path(s["run_dir"])
+    assert s["status"] == "diverged" and s["exit_code"] == 3
+    assert "update 1" in s["message"] and "TD" in s["message"]
+    assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
+    assert len(read_metrics(run)) == 1  # the one good update
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["update"] == 1 and all(torch.isfinite(v).all() for v in ck["agent"].values())
+    assert not (run / "model.pt").exists()  # no diverged weights saved as the final model
