@@ -168,6 +168,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                allow_abbrev=False,  # a typo such as --num-env must not silently set --num-envs
                 epilog="Examples:\n  python gwt_ib.py\n  python gwt_ib.py --env-id popgym-BattleshipEasy-v0 "
                        "--total-timesteps 100000 --force-c 1.0\n  python gwt_ib.py --resume runs/<run>")
     docs = field_docs()

@@ -185,6 +185,7 @@ def test_unknown_env_suggests_close_ids(capsys, no_training):
 @pytest.mark.parametrize("argv,needle", [
     (["--learning-rate", "0.1"], "--learning-rate"),
     (["--num-envz", "4"], "--num-envs"),  # suggestion for a near miss
+    (["--num-env", "4"], "--num-envs"),  # a prefix is not silently taken for the full flag
     (["--seed", "1", "extra"], "extra"),
     (["--lr"], "--lr"),
 ])
