@@ -41,7 +41,8 @@ class Cfg:
     num_envs: int = 16  # environments stepped in parallel during the rollout
     seed: int = 42  # seeds python, numpy, torch and the environments
     prev_action: bool = False  # append the previous action (one-hot; raw for Box) to the observation, as POPGym's benchmark does
-    async_envs: bool = False  # step environments in subprocesses (gymnasium AsyncVectorEnv) instead of in this process
+    async_envs: bool = False  # step each environment in its own subprocess (gymnasium AsyncVectorEnv)
+    env_workers: int = 0  # step the envs in this many subprocesses, num_envs/env_workers each; 0 = in this process
     # --- budget
     total_timesteps: int = 500_000  # environment steps over the whole run (all envs together)
     rollout_steps: int = 256  # steps per environment per rollout
@@ -219,7 +220,7 @@ def validate(cfg: Cfg) -> None:
     for name in ("num_envs", "rollout_steps", "seq_len", "epochs", "minibatches", "enc_dim", "hid_dim",
                  "router_hid", "head_hid", "eval_episodes", "log_every", "checkpoint_every", "gatecheck_rollouts"):
         need(name, getattr(c, name) >= 1, "must be an integer >= 1")
-    for name in ("seed", "budget_warmup_updates", "eval_every", "torch_threads", "halt_after"):
+    for name in ("seed", "budget_warmup_updates", "eval_every", "torch_threads", "halt_after", "env_workers"):
         need(name, getattr(c, name) >= 0, "must be an integer >= 0")
     need("seq_len", c.rollout_steps % c.seq_len == 0, f"must divide rollout_steps ({c.rollout_steps})")
     n_seq = c.num_envs * c.rollout_steps // c.seq_len
@@ -246,6 +247,8 @@ def validate(cfg: Cfg) -> None:
         need(name, getattr(c, name) in choices, f"must be one of {', '.join(choices)}")
     need("gate", c.gate == "scalar" or c.use_router_residual,
          "vector gates need use_router_residual=true (the prior alone is one number per step)")
+    need("env_workers", c.env_workers <= c.num_envs, f"must be <= num_envs ({c.num_envs})")
+    need("env_workers", not (c.env_workers and c.async_envs), "cannot be combined with async_envs=true")
     need("out_dir", c.out_dir.strip() != "", "must be a directory path")
     need("run_name", "/" not in c.run_name and c.run_name not in (".", ".."), "must be a plain directory name")
     m = re.fullmatch(r"(auto|cpu|cuda)(:(\d+))?", c.device)
@@ -372,16 +375,87 @@ def _make_one(env_id: str):
     return _gym().make(env_id, disable_env_checker=True)  # the checker only warns about popgym infos
 
 
-def make_envs(cfg: Cfg, n: int, async_envs: bool = False):
+def make_envs(cfg: Cfg, n: int, async_envs: bool = False, workers: int = 0):
     """A gymnasium vector env with SAME_STEP autoreset: when an episode ends, step() returns the new
     episode's first observation and puts the real last one in info["final_obs"], so every stored
     transition is one the env really made (no dummy reset step enters the buffer)."""
     import functools
-    gym = _gym()
     from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+    if workers:
+        return ShardedVectorEnv(cfg.env_id, n, workers)
     fns = [functools.partial(_make_one, cfg.env_id) for _ in range(n)]
     cls = AsyncVectorEnv if async_envs else SyncVectorEnv
     return cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def _shard_worker(pipe, env_id: str, n: int) -> None:
+    envs = make_envs(Cfg(env_id=env_id), n)
+    try:
+        while True:
+            cmd, arg = pipe.recv()
+            if cmd == "step":
+                obs, r, term, trunc, info = envs.step(arg)
+                pipe.send((obs, r, term, trunc, info.get("final_obs")))
+            elif cmd == "reset":
+                pipe.send(envs.reset(seed=arg)[0])
+            else:
+                break
+    finally:
+        envs.close()
+
+
+class ShardedVectorEnv:
+    """num_envs envs stepped by `workers` subprocesses, each a SAME_STEP SyncVectorEnv over its share.
+    gymnasium's AsyncVectorEnv gives every env its own process, which costs more in messages than a
+    POPGym env costs to step; many envs per process make the step parallel and the messages few.
+    Env i gets seed `seed + i` at reset, as in SyncVectorEnv, so a run is the same as in-process."""
+
+    def __init__(self, env_id: str, n: int, workers: int):
+        import multiprocessing as mp
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        probe = _make_one(env_id)
+        self.single_observation_space, self.single_action_space = probe.observation_space, probe.action_space
+        probe.close()
+        self.num_envs, self.sizes = n, [len(a) for a in np.array_split(np.arange(n), workers)]
+        self.pipes, self.procs = [], []
+        for k in self.sizes:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_shard_worker, args=(child, env_id, k), daemon=True)
+            p.start()
+            self.pipes.append(parent)
+            self.procs.append(p)
+
+    def _cat(self, space, parts):
+        from gymnasium import spaces as S
+        if isinstance(space, S.Tuple):
+            return tuple(self._cat(s, [p[i] for p in parts]) for i, s in enumerate(space.spaces))
+        if isinstance(space, S.Dict):
+            return {k: self._cat(s, [p[k] for p in parts]) for k, s in space.spaces.items()}
+        return np.concatenate(parts)
+
+    def reset(self, seed: Optional[int] = None):
+        offs = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        for pipe, o in zip(self.pipes, offs):
+            pipe.send(("reset", None if seed is None else seed + int(o)))
+        return self._cat(self.single_observation_space, [p.recv() for p in self.pipes]), {}
+
+    def step(self, actions):
+        for pipe, a in zip(self.pipes, np.split(actions, np.cumsum(self.sizes)[:-1])):
+            pipe.send(("step", a))
+        res = [p.recv() for p in self.pipes]
+        fin = np.empty(self.num_envs, object)
+        fin[:] = [f for (_, _, _, _, fo), k in zip(res, self.sizes) for f in (fo if fo is not None else [None] * k)]
+        return (self._cat(self.single_observation_space, [r[0] for r in res]),
+                *(np.concatenate([r[i] for r in res]) for i in (1, 2, 3)), {"final_obs": fin})
+
+    def close(self):
+        for pipe in self.pipes:
+            try:
+                pipe.send(("close", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for p in self.procs:
+            p.join(timeout=5)
 
 
 def list_envs() -> str:
@@ -1066,7 +1140,7 @@ def build(cfg: Cfg) -> Setup:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     dev = resolve_device(cfg)
-    envs = make_envs(cfg, cfg.num_envs, cfg.async_envs)
+    envs = make_envs(cfg, cfg.num_envs, cfg.async_envs, cfg.env_workers)
     eval_envs = make_envs(cfg, cfg.eval_episodes)
     obs_dim, _ = obs_encoder(envs.single_observation_space)
     act = action_spec(envs.single_action_space)

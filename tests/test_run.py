@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import gwt_ib
-from conftest import ROOT, read_metrics, tiny_cfg
+from conftest import COUNTER_ID, ROOT, read_metrics, tiny_cfg
 
 TINY_ARGS = ["--num-envs", "2", "--rollout-steps", "32", "--seq-len", "16", "--minibatches", "2", "--epochs", "1",
              "--eval-episodes", "2", "--eval-every", "1", "--log-every", "1", "--enc-dim", "16", "--hid-dim", "16",
@@ -244,6 +244,19 @@ def test_async_envs_give_the_same_run_as_in_process_envs(tmp_path):
     """async_envs=True (subprocess envs) is only a speed choice: same seed, same metrics as in-process envs."""
     a = gwt_ib.train(tiny_cfg(tmp_path, async_envs=True, total_timesteps=128))
     b = gwt_ib.train(tiny_cfg(tmp_path, async_envs=False, total_timesteps=128))
+    assert a["status"] == b["status"] == "completed"
+    assert read_metrics(a["run_dir"]) == read_metrics(b["run_dir"])
+
+
+@pytest.mark.parametrize("env_id", ["popgym-AutoencodeEasy-v0", COUNTER_ID])
+def test_env_workers_give_the_same_run_as_in_process_envs(tmp_path, env_id):
+    """env_workers (envs sharded over subprocesses) is only a speed choice: same seed, same metrics.
+    3 envs over 2 workers: uneven shards, a Tuple observation space, and time-limit truncations whose
+    real final observations must come back from the workers."""
+    kw = dict(env_id=env_id, num_envs=3, rollout_steps=32, seq_len=16, minibatches=2,
+              total_timesteps=96 * 2)
+    a = gwt_ib.train(tiny_cfg(tmp_path, env_workers=2, **kw))
+    b = gwt_ib.train(tiny_cfg(tmp_path, **kw))
     assert a["status"] == b["status"] == "completed"
     assert read_metrics(a["run_dir"]) == read_metrics(b["run_dir"])
 
