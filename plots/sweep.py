@@ -51,7 +51,7 @@ VARIANT_DOC = {
 RUN_RE = re.compile(r"^(?P<env>.+)__(?P<variant>[A-Za-z0-9_]+?)__s(?P<seed>\d+)$")
 # config fields that do not change what a run computes: ignored when checking an old run against the request
 NON_SEMANTIC = {"out_dir", "run_name", "progress", "torch_threads", "device", "log_every", "checkpoint_every",
-                "save_plot", "compile", "halt_after", "async_envs"}
+                "save_plot", "compile", "halt_after", "async_envs", "env_workers"}
 FINAL_K = 3  # "final eval" = mean of the last FINAL_K evaluations of a run
 
 
