@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -1118,6 +1118,23 @@ def evaluate(ev: Collector, cfg: Cfg, trace: bool = False):
     return float(np.mean(done)) if done else float("nan"), tr
 
 
+def compiled_cell(agent: Agent):
+    """agent.cell through torch.compile, falling back to eager (with a note) if compiling fails, which
+    happens at the first call, not when torch.compile() returns. The training unroll then uses the
+    autograd path through the compiled cell instead of FusedUnroll."""
+    fast = torch.compile(agent.cell, dynamic=False)
+
+    def cell(*args):
+        try:
+            return fast(*args)
+        except Exception as e:  # no C++ compiler, unsupported platform, ...
+            print(f"note: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); using eager mode",
+                  file=sys.stderr)
+            agent._cell = agent.cell
+            return agent.cell(*args)
+    return cell
+
+
 @dataclass
 class Setup:
     """Everything a run is made of, built from a Cfg (tests build one to poke at the pieces)."""
@@ -1147,10 +1164,7 @@ def build(cfg: Cfg) -> Setup:
     obs_dim += act.enc_dim if cfg.prev_action else 0
     agent = Agent(obs_dim, act, cfg).to(dev)
     if cfg.compile:
-        try:
-            agent._cell = torch.compile(agent.cell, dynamic=False)
-        except Exception as e:  # pragma: no cover - depends on the platform's compiler
-            print(f"torch.compile unavailable ({e}); using eager mode", file=sys.stderr)
+        agent._cell = compiled_cell(agent)
     opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
     norm = TDNormalizer(cfg, dev)
     return Setup(cfg, dev, envs, eval_envs, agent, opt, norm, Collector(cfg, envs, agent, norm, dev),

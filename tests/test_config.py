@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
+
 import re
 import subprocess
 import sys
