@@ -814,7 +814,7 @@ class Collector:
         (it is shared with the previous step's bootstrap). Returns (record, x_next, finished) where
         record holds this step's tensors for the buffer and finished lists (env, return, length)."""
         ag, cfg = self.agent, self.cfg
-        h0, td_prev, start, obs = self.h, self.td_prev * (1 - self.start), self.start, self.obs
+        h0, td_prev, start, obs = self.h, self.td_prev, self.start, self.obs  # td_prev is 0 where start is 1
         c, h = ag._cell(x, *ag.gate_prior(td_prev, start), h0)
         logits, value = ag.heads(h)
         a, logp = sample_action(ag, logits, greedy)
