@@ -615,7 +615,6 @@ def _legend_below(fig, ax_list, ncol=None):
 
 
 def fig_learning_curves(plt, runs, envs, variants, colors, path):
-    import numpy as np
     fig, ax = _panels(plt, len(envs))
     for i, env in enumerate(envs):
         a = ax[0, i]
