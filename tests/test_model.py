@@ -333,7 +333,7 @@ def test_box_logp_is_of_the_unclipped_sample():
 def test_compiled_cell_agrees_with_eager_and_falls_back_cleanly(monkeypatch, capsys):
     """--compile: the torch.compile'd cell gives eager's outputs (within 1e-5); if compiling fails the
     trainer notes it and carries on in eager mode with identical results."""
-    agent = make_agent()
+    agent = make_agent(cpu_kernel=False)  # --compile replaces the C kernel
     L = 5
     g = torch.Generator().manual_seed(4)
     obs, td = torch.randn(L, B, OBS_DIM, generator=g), torch.randn(L, B, generator=g)
