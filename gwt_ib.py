@@ -1182,7 +1182,8 @@ class Collector:
         stepping again (rollout() and evaluate() do)."""
         ag = self.agent
         self.x = ag.features(self.obs)
-        self.hp = self.h * ag.gate_prior(self.td_prev, self.start)[1]
+        self.prior, keep = ag.gate_prior(self.td_prev, self.start)
+        self.hp = self.h * keep
         self.hh = ag.recur(self.hp)
         zeros = torch.zeros_like(self.td_prev)
         self.prior0, self.keep0 = ag.gate_prior(zeros, zeros)  # the clean bootstrap's: td_prev = 0, keep = 1
@@ -1191,7 +1192,7 @@ class Collector:
     def value(self) -> torch.Tensor:
         """V of the current state with the current td_prev (GAE's bootstrap after the last step)."""
         ag = self.agent
-        return ag.heads(ag.gates(self.x, ag.gate_prior(self.td_prev, self.start)[0], self.hp, self.hh)[1])[1]
+        return ag.heads(ag.gates(self.x, self.prior, self.hp, self.hh)[1])[1]
 
     @torch.no_grad()
     def step(self, greedy: bool, update_norm: bool):
@@ -1199,7 +1200,7 @@ class Collector:
         tensors for the buffer; finished lists (env, return, length) of episodes that ended."""
         ag, cfg = self.agent, self.cfg
         h0, td_prev, start, obs = self.h, self.td_prev, self.start, self.obs  # td_prev is 0 where start is 1
-        c, h = ag.gates(self.x, ag.gate_prior(td_prev, start)[0], self.hp, self.hh)
+        c, h = ag.gates(self.x, self.prior, self.hp, self.hh)
         logits, value = ag.heads(h)
         a, logp = sample_action(ag, logits, greedy)
         a_np = a.cpu().numpy()  # the one device->host copy per step
@@ -1222,16 +1223,16 @@ class Collector:
         hp_boot = h * self.keep0  # keep0 = 1 (0 when memoryless)
         hh_boot = ag.recur(hp_boot)
         v_boot = ag.critic(ag.gates(x_boot, self.prior0, hp_boot, hh_boot)[1]).squeeze(-1)
-        rtd = torch.from_numpy(np.stack([r, term, trunc]).astype(np.float32)).to(self.dev, non_blocking=True)
-        r_t, term_t, trunc_t = rtd
-        delta = r_t + cfg.gamma * (1 - term_t) * v_boot - value
+        host = np.stack([r, term, trunc, done, cfg.gamma * ~term, ~done]).astype(np.float32)  # one copy in
+        r_t, term_t, trunc_t, done_t, disc_t, alive_t = torch.from_numpy(host).to(self.dev, non_blocking=True)
+        delta = r_t + disc_t * v_boot - value  # r + gamma*(1-term)*V_clean(o_{t+1}) - V(o_t)
         if update_norm:
             self.norm.update(delta)
-        done_t = torch.maximum(term_t, trunc_t)
-        self.td_prev = self.norm.normalize(delta) * (1 - done_t)
+        self.td_prev = self.norm.normalize(delta) * alive_t
         self.h, self.start, self.obs, self.x = h, done_t, next_obs, x_next
+        self.prior = ag.gate_prior(self.td_prev, done_t)[0]
         # the next step's recur(h * keep) is the bootstrap's recur(h) where keep = 1 and b_h where keep = 0
-        keep = self.keep0 * (1 - done_t).unsqueeze(-1)  # = gate_prior(td_prev, done_t)[1]
+        keep = self.keep0 * alive_t.unsqueeze(-1)  # = gate_prior(td_prev, done_t)[1]
         self.hp = h * keep
         self.hh = torch.where(keep > 0, hh_boot, ag.b_h)
         # episode bookkeeping on the host
@@ -1262,17 +1263,15 @@ class Buffer:
 def gae(b: dict, last_value: torch.Tensor, gamma: float, lam: float):
     """GAE(gamma, lambda) over (T, N). The value after step t is values[t+1] within an episode,
     0 after termination, and v_boot[t] (value of the real final obs) after truncation."""
-    T = b["reward"].shape[0]
-    adv = torch.zeros_like(b["reward"])
-    last = torch.zeros_like(last_value)
-    for t in reversed(range(T)):
-        nv = last_value if t == T - 1 else b["value"][t + 1]
-        done = torch.maximum(b["term"][t], b["trunc"][t])
-        nv = nv * (1 - done) + b["v_boot"][t] * b["trunc"][t] * (1 - b["term"][t])
-        delta = b["reward"][t] + gamma * nv - b["value"][t]
-        last = delta + gamma * lam * (1 - done) * last
-        adv[t] = last
-    return adv, adv + b["value"]
+    v, term, trunc = b["value"], b["term"], b["trunc"]
+    done = torch.maximum(term, trunc)
+    nv = torch.cat([v[1:], last_value[None]]) * (1 - done) + b["v_boot"] * trunc * (1 - term)
+    delta = b["reward"] + gamma * nv - v  # (T, N), all steps at once; only the scan below is sequential
+    decay = gamma * lam * (1 - done)
+    adv, last = torch.empty_like(delta), torch.zeros_like(last_value)
+    for t in reversed(range(v.shape[0])):
+        last = adv[t] = delta[t] + decay[t] * last
+    return adv, adv + v
 
 
 # ============================================================================ PPO + IB update
