@@ -14,6 +14,14 @@ from conftest import tiny_cfg
 OBS_DIM, B = 7, 5
 
 
+@pytest.fixture(params=[True, False], ids=["C-kernel", "torch-ops"])
+def kernel(request) -> bool:
+    """The gating invariants hold for both backends of Agent.cell: the C kernel (CPU float32) and torch ops."""
+    if request.param and gwt_ib.cell_kernel() is None:
+        pytest.skip("no C compiler here")
+    return request.param
+
+
 def make_agent(act_space=spaces.Discrete(4), obs_dim=OBS_DIM, seed=0, **kw) -> gwt_ib.Agent:
     torch.manual_seed(seed)
     kw = {"enc_dim": 12, "hid_dim": 10, "router_hid": 6, "head_hid": 8, **kw}
@@ -45,9 +53,9 @@ def prior_gate(agent, td_prev):
 
 # ----------------------------------------------------------------------------- gated GRU update
 @torch.no_grad()
-def test_gate_zero_freezes_memory_exactly():
+def test_gate_zero_freezes_memory_exactly(kernel):
     """With c = 0 (force_c=0) the memory is not written at all: h == h_prev bit for bit."""
-    agent = make_agent(force_c=0.0)
+    agent = make_agent(force_c=0.0, cpu_kernel=kernel)
     obs, h_prev, td_prev, start = inputs()
     _, _, c, h = agent.step(obs, h_prev, td_prev, start)
     assert torch.all(c == 0)
@@ -55,9 +63,9 @@ def test_gate_zero_freezes_memory_exactly():
 
 
 @torch.no_grad()
-def test_gate_one_is_a_plain_gru_step():
+def test_gate_one_is_a_plain_gru_step(kernel):
     """With c = 1 (force_c=1) the update is exactly nn.GRUCell(z, h_prev) with the weights of gru_params()."""
-    agent = make_agent(force_c=1.0)
+    agent = make_agent(force_c=1.0, cpu_kernel=kernel)
     obs, h_prev, td_prev, start = inputs()
     _, _, c, h = agent.step(obs, h_prev, td_prev, start)
     assert torch.all(c == 1)
@@ -67,9 +75,9 @@ def test_gate_one_is_a_plain_gru_step():
 
 @pytest.mark.parametrize("residual", [True, False])
 @torch.no_grad()
-def test_learned_gate_interpolates_between_h_prev_and_gru_of_gated_input(residual):
+def test_learned_gate_interpolates_between_h_prev_and_gru_of_gated_input(residual, kernel):
     """With the learned gate, h = h_prev + c*(GRUCell(c*z, h_prev) - h_prev) for the c that step() reports."""
-    agent = make_agent(use_router_residual=residual)
+    agent = make_agent(use_router_residual=residual, cpu_kernel=kernel)
     if residual:  # make the residual MLP non-trivial so c is not just the prior
         for p in agent.r_out.parameters():
             p.normal_(0, 1.0)
@@ -97,9 +105,9 @@ def test_heads_read_the_new_memory():
 # ----------------------------------------------------------------------------- episode starts and unroll
 @pytest.mark.parametrize("force_c", [None, 1.0])
 @torch.no_grad()
-def test_episode_start_zeroes_h_prev_and_td_prev(force_c):
+def test_episode_start_zeroes_h_prev_and_td_prev(force_c, kernel):
     """episode_start=1 makes the step identical to a step from h_prev = 0 and td_prev = 0."""
-    agent = make_agent(force_c=force_c)
+    agent = make_agent(force_c=force_c, cpu_kernel=kernel)
     obs, h_prev, td_prev, _ = inputs()
     start = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
     out = agent.step(obs, h_prev, td_prev, start)
@@ -114,9 +122,9 @@ def test_episode_start_zeroes_h_prev_and_td_prev(force_c):
 
 @pytest.mark.parametrize("gate", ["scalar", "vector"])
 @torch.no_grad()
-def test_unroll_equals_a_loop_of_steps_with_mid_sequence_resets(gate):
+def test_unroll_equals_a_loop_of_steps_with_mid_sequence_resets(gate, kernel):
     """unroll() over (L, B) gives the same logits, values, gates and memories as calling step() L times."""
-    agent = make_agent(gate=gate)
+    agent = make_agent(gate=gate, cpu_kernel=kernel)
     for p in agent.r_out.parameters():
         p.normal_(0, 0.5)
     L = 9
@@ -176,6 +184,73 @@ def test_fused_unroll_backward_equals_autograd(kw):
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-10), name
 
 
+KW_VARIANTS = [{}, {"use_router_residual": False}, {"gate": "vector"}, {"gate": "vector", "use_router_residual": False},
+               {"force_c": 0.5}, {"force_c": 0.5, "gate": "vector"}, {"memoryless": True}]
+
+
+@pytest.mark.parametrize("kw", KW_VARIANTS)
+def test_c_kernel_equals_torch_ops_and_autograd_in_float32(kw):
+    """The C kernel's unroll gives torch-op cell()'s outputs (1e-6) and autograd's gradients (1e-5
+    relative) for every gate variant, with mid-sequence resets; the float64 test above pins the math."""
+    if gwt_ib.cell_kernel() is None:
+        pytest.skip("no C compiler here")
+    agent = make_agent(**kw)
+    with torch.no_grad():
+        if agent.R:
+            agent.r_out.weight.normal_(0, 0.5)
+            agent.r_out.bias.normal_()
+    g = torch.Generator().manual_seed(5)
+    L, b = 9, 4
+    obs, h0 = 2 * torch.randn(L, b, OBS_DIM, generator=g), torch.randn(b, 10, generator=g).tanh()
+    td, start = torch.randn(L, b, generator=g), (torch.rand(L, b, generator=g) < 0.2).float()
+    w_lg, w_c, w_h = torch.randn(L, b, 4, generator=g), torch.randn(L, b, agent.Gc, generator=g), torch.randn(L, b, 10, generator=g)
+    outs, grads = [], []
+    for kernel, fused in ((True, True), (False, False)):  # C kernel vs plain autograd through torch ops
+        agent.kern, agent._cell = (gwt_ib.cell_kernel() if kernel else None), agent.cell
+        agent.zero_grad()
+        logits, value, c, hs = agent.unroll(obs, h0, td, start, fused=fused)
+        ((logits * w_lg).sum() + value.sum() + (c * w_c).sum() + (hs * w_h).sum()).backward()
+        outs.append((logits, value, c, hs))
+        grads.append({n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None})
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a, r, atol=1e-6, rtol=0)
+    for name, ref in grads[1].items():
+        got = grads[0].get(name, torch.zeros_like(ref))
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-7, name
+
+
+def test_c_kernel_reuses_its_buffers_without_leaking_state():
+    """Forward+backward on batch A, then B, then A again: the second A gives the first A's gradients
+    exactly (the kernel's work buffers are reused between minibatches)."""
+    if gwt_ib.cell_kernel() is None:
+        pytest.skip("no C compiler here")
+    agent = make_agent()
+    g = torch.Generator().manual_seed(6)
+    batches = [(torch.randn(6, B, OBS_DIM, generator=g), torch.randn(B, 10, generator=g), torch.randn(6, B, generator=g),
+                (torch.rand(6, B, generator=g) < 0.3).float()) for _ in range(2)]
+    res = []
+    for obs, h0, td, start in (batches[0], batches[1], batches[0]):
+        agent.zero_grad()
+        logits, value, c, hs = agent.unroll(obs, h0, td, start)
+        (logits.sum() + value.sum() + c.sum() + hs.sum()).backward()
+        res.append([p.grad.clone() for p in agent.parameters() if p.grad is not None])
+    assert all(torch.equal(a, b) for a, b in zip(res[0], res[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(res[0], res[1]))
+
+
+def test_without_a_c_compiler_the_cell_runs_as_torch_ops(monkeypatch, tmp_path, capsys):
+    """No working compiler: one note on stderr, Agent.kern is None, and the agent works on torch ops."""
+    monkeypatch.setattr(gwt_ib, "_KERNEL", False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    agent = make_agent()
+    assert agent.kern is None and "C kernel unavailable" in capsys.readouterr().err
+    logits, value, c, h = agent.step(*inputs())
+    assert torch.isfinite(h).all()
+    monkeypatch.setattr(gwt_ib, "_KERNEL", False)
+    assert make_agent(cpu_kernel=False).kern is None and capsys.readouterr().err == ""  # not even tried
+
+
 @torch.no_grad()
 def test_router_residual_is_zero_at_init_so_gate_equals_td_prior():
     """At initialization c = sigmoid(td_scale*|td_prev| + base_logit + bias) exactly (residual MLP outputs 0)."""
@@ -206,9 +281,9 @@ def test_td_prior_increases_with_surprise_and_is_sign_symmetric():
 
 # ----------------------------------------------------------------------------- vector gate, memoryless
 @torch.no_grad()
-def test_vector_gate_has_one_gate_per_unit_and_zero_freezes():
+def test_vector_gate_has_one_gate_per_unit_and_zero_freezes(kernel):
     """gate="vector": c is (B, hid_dim) with differing entries; driving every gate to 0 leaves h == h_prev."""
-    agent = make_agent(gate="vector")
+    agent = make_agent(gate="vector", cpu_kernel=kernel)
     for p in agent.r_out.parameters():
         p.normal_(0, 1.0)
     obs, h_prev, td_prev, start = inputs()
@@ -225,9 +300,9 @@ def test_vector_gate_has_one_gate_per_unit_and_zero_freezes():
 
 
 @torch.no_grad()
-def test_scalar_learned_gate_at_zero_freezes_memory():
+def test_scalar_learned_gate_at_zero_freezes_memory(kernel):
     """The learned scalar gate driven to exactly 0 also leaves h == h_prev bit for bit."""
-    agent = make_agent()
+    agent = make_agent(cpu_kernel=kernel)
     agent.bias.fill_(-1e4)
     obs, h_prev, td_prev, start = inputs()
     _, _, c, h = agent.step(obs, h_prev, td_prev, start)
@@ -237,9 +312,9 @@ def test_scalar_learned_gate_at_zero_freezes_memory():
 
 @pytest.mark.parametrize("force_c", [None, 1.0])
 @torch.no_grad()
-def test_memoryless_ignores_h_prev(force_c):
+def test_memoryless_ignores_h_prev(force_c, kernel):
     """memoryless=True: the new h (and so logits, value) does not depend on h_prev at all."""
-    agent = make_agent(memoryless=True, force_c=force_c)
+    agent = make_agent(memoryless=True, force_c=force_c, cpu_kernel=kernel)
     obs, h_prev, td_prev, start = inputs()
     a = agent.step(obs, h_prev, td_prev, start)
     b = agent.step(obs, torch.randn_like(h_prev) * 3, td_prev, start)

@@ -31,6 +31,24 @@ def next_obs_and_h(su, b):
     return obs_next, h_t
 
 
+@torch.no_grad()
+def test_collector_carries_the_next_steps_hidden_projection_exactly():
+    """The rollout computes recur(h_t) once, for the clean bootstrap, and reuses it as the next step's
+    recur(h_t * keep): after steps with episode ends it equals a fresh recur(hp) bit for bit."""
+    cfg = tiny_cfg(num_envs=N, hid_dim=24)
+    su = built(cfg)
+    col, starts = su.col, 0
+    for _ in range(120):  # CountRecallEasy episodes last ~50 steps
+        col.step(greedy=False, update_norm=True)
+        keep = su.agent.gate_prior(col.td_prev, col.start)[1]
+        assert torch.equal(col.hp, col.h * keep)
+        assert torch.equal(col.hh, su.agent.recur(col.hp))
+        starts += int(col.start.sum())
+    assert starts > 0  # episode ends happened, so the b_h rows were exercised
+    su.envs.close()
+    su.eval_envs.close()
+
+
 def test_buffer_has_every_key_with_time_major_shapes(roll):
     """rollout() returns (T, N, ...) tensors for every documented key, last_value (N,) and finished episodes."""
     su, b, last_value, finished = roll
@@ -337,6 +355,15 @@ def test_td_normalizer_adapts_to_100x_scale_change(mode, direction):
     feed(norm, s1, steps_to_adapt(cfg, mode), gen=gen)
     ratio = norm.scale.item() / expected_scale(mode, s1)
     assert 0.5 < ratio < 2.0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 16, 17, 4096])
+def test_td_normalizer_quantile_equals_torch_quantile(n):
+    """The normalizer's sort-based quantile (torch.quantile costs ~100 us per env step) is torch.quantile."""
+    g = torch.Generator().manual_seed(n)
+    for q in (0.0, 0.1, 0.5, 0.9, 0.95, 1.0):
+        v = torch.randn(n, generator=g)
+        assert torch.equal(gwt_ib.TDNormalizer.quantile(v, q), torch.quantile(v, q)), q
 
 
 @pytest.mark.parametrize("mode", ["quantile", "ema_quantile"])
