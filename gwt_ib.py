@@ -876,7 +876,7 @@ class CellKernel:
         return x.device.type == "cpu" and x.dtype == torch.float32
 
     def workspace(self, ag: "Agent", L: int, B: int) -> dict:
-        key = (L, B, ag.H, ag.R, ag.G)
+        key = (L, B, ag.H, ag.R, ag.Gc)  # every size a buffer below depends on
         free = self.pool.setdefault(key, [])
         if free:
             return free.pop()
