@@ -238,6 +238,26 @@ def test_c_kernel_reuses_its_buffers_without_leaking_state():
     assert not all(torch.equal(a, b) for a, b in zip(res[0], res[1]))
 
 
+def test_c_kernel_buffers_are_not_shared_between_gate_shapes():
+    """A fixed vector gate (one gate per row) and a learned vector gate (one per unit) of the same size
+    run one after the other: the second still matches autograd (buffers are keyed by the gate count)."""
+    if gwt_ib.cell_kernel() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(8)
+    obs, h0 = torch.randn(5, B, OBS_DIM, generator=g), torch.randn(B, 10, generator=g)
+    td, start = torch.randn(5, B, generator=g), torch.zeros(5, B)
+    for kw in ({"gate": "vector", "force_c": 0.5}, {"gate": "vector"}):
+        agent = make_agent(**kw)
+        grads = []
+        for fused in (True, False):
+            agent.zero_grad()
+            logits, value, c, hs = agent.unroll(obs, h0, td, start, fused=fused)
+            (logits.sum() + value.sum() + c.sum() + hs.sum()).backward()
+            grads.append({n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None})
+        for name, ref in grads[1].items():
+            assert (grads[0][name] - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-7, (kw, name)
+
+
 def test_without_a_c_compiler_the_cell_runs_as_torch_ops(monkeypatch, tmp_path, capsys):
     """No working compiler: one note on stderr, Agent.kern is None, and the agent works on torch ops."""
     monkeypatch.setattr(gwt_ib, "_KERNEL", False)
