@@ -882,7 +882,7 @@ class CellKernel:
             return free.pop()
         H, X = ag.H, 3 * ag.H + ag.R
         shapes = dict(hp=(L, B, H), hh=(L, B, X), ci=(L, B, 1), a=(L, B, max(ag.R, 1)), tape=(L, B, 4 * H),
-                      dgi=(L, B, 3 * H), dhh=(L, B, X), dlogit=(L, B, ag.Gc), dhp=(B, H), dmm=(B, H))
+                      dgi=(L, B, 3 * H), dhh=(L, B, X), dlogit=(L, B, ag.Gc), dhp=(B, H), dmm=(B, H), dx=(L, B, X))
         return dict(key=key, **{k: torch.empty(v) for k, v in shapes.items()})
 
     def release(self, ws: dict) -> None:
@@ -936,16 +936,18 @@ class CellKernel:
         return hs, cs, ws
 
     def backward(self, ag: "Agent", ws: dict, d_hs, d_cs, keep):
-        """Fills ws's dgi, dhh, dlogit for every step; -> d h0, d x."""
+        """Fills ws's dgi, dhh, dlogit, dx for every step; -> d h0, d x. d x is a work buffer too: x is never a
+        leaf, so d x only feeds features()' backward, in this backward pass, before a later forward can
+        take this workspace again."""
         L, B = ws["x"].shape[:2]
-        d_h, d_c, dx = d_hs.contiguous(), d_cs.contiguous(), torch.empty_like(ws["x"])
-        args = self.args(ag, B, ws, d_h=d_h, d_c=d_c, dx=dx)
+        d_h, d_c = d_hs.contiguous(), d_cs.contiguous()
+        args = self.args(ag, B, ws, d_h=d_h, d_c=d_c)
         k = 3 * ag.H + (ag.R if ag.cfg.force_c is None else 0)  # a fixed gate sends nothing to the router rows
         W, dhh, dmm, ref = ag.W_h[:k], ws["dhh"][..., :k].unbind(0), ws["dmm"], ctypes.byref(args)
         for t in range(L - 1, -1, -1):
             self.lib.cell_bwd(ref, t, t == L - 1)
             torch.mm(dhh[t], W, out=dmm)  # d hp[t] from hh[t] = recur(hp[t])
-        return (ws["dhp"] + dmm) * keep[0], dx
+        return (ws["dhp"] + dmm) * keep[0], ws["dx"]
 
 
 _KERNEL: Any = False  # False: not built yet; None: cannot be built here
