@@ -636,16 +636,18 @@ class FusedUnroll(torch.autograd.Function):
         if ctx.kern is not None:
             ws = ctx.ws
             dh, dx = ctx.kern.backward(ag, ws, d_hs, d_cs, keep)
-            dgi_all, dhh_all, dlogit_all, hp_all, a_all = (ws[k] for k in ("dgi", "dhh", "dlogit", "hp", "a"))
+            dhh_all, dlogit_all, hp_all, a_all = (ws[k] for k in ("dhh", "dlogit", "hp", "a"))
+            db_ih = torch.cat([dhh_all[..., :2 * H].sum((0, 1)), ws["dgn"].sum((0, 1))])  # d gi summed
         else:
             dh, dgi_all, dhh_all, dlogit_all = FusedUnroll._torch_backward(ag, ctx.tape, x, keep, d_hs, d_cs)
             ci_all = torch.stack([tp[3] for tp in ctx.tape])
             hp_all = torch.stack([tp[0] for tp in ctx.tape])
             a_all = torch.stack([tp[1] for tp in ctx.tape]) if learned and R else None
             dx = torch.cat([dgi_all * ci_all, dhh_all[..., 3 * H:]], -1)  # router rows: d x_r = d hh_r
+            db_ih = dgi_all.sum((0, 1))
         # everything that does not feed the recurrence, batched over all L*B steps
         dhh2 = dhh_all.reshape(L * B, -1)
-        grads = [dhh2.T @ hp_all.reshape(L * B, H), dhh2.sum(0), dgi_all.sum((0, 1))]
+        grads = [dhh2.T @ hp_all.reshape(L * B, H), dhh2.sum(0), db_ih]
         if R and learned:  # c = sigmoid(prior + r_out(a))
             grads += [dlogit_all.reshape(L * B, ag.G).T @ a_all.reshape(L * B, R), dlogit_all.sum((0, 1))]
         elif R:  # a fixed gate: the router gets no gradient
@@ -705,9 +707,9 @@ _CELL_C = r"""/* Agent.cell's elementwise part for one time step t of a (L, B) b
 typedef struct {
     int64_t B, H, R, G, learned;                 /* G = 1 for a forced gate */
     const float *x, *prior, *keep, *b_ih, *w_o, *b_o;   /* (L,B,X) (L,B) (L,B) (3H) (G,R) (G) */
-    float *hp, *hh, *c, *ci, *a, *tape, *h;      /* (L,B,H) (L,B,X) (L,B,G) (L,B) (L,B,R) (L,B,4H) (L,B,H) */
+    float *hp, *hh, *c, *ci, *a, *tape, *h;      /* (L,B,H) (B,X) (L,B,G) (L,B) (L,B,R) (L,B,4H) (L,B,H) */
     const float *d_h, *d_c;                      /* (L,B,H) (L,B,G): gradients arriving at the outputs */
-    float *dgi, *dhh, *dlogit, *dhp, *dmm, *dx;  /* (L,B,3H) (L,B,X) (L,B,G) (B,H) (B,H) (L,B,X) */
+    float *dgn, *dhh, *dlogit, *dhp, *dmm, *dx;  /* (L,B,H) (L,B,X) (L,B,G) (B,H) (B,H) (L,B,X) */
 } Cell;
 
 /* e^x to ~2 ulp (Cephes' polynomial after Cody-Waite reduction), written so that compilers vectorize
@@ -756,17 +758,18 @@ static void units_fwd(int64_t H, float ci, const float *restrict c, int64_t cste
         float u = sigm((bi[H + j] + ci * x[H + j]) + hh[H + j]);
         float n = tanhf_((bi[2 * H + j] + ci * x[2 * H + j]) + r * hh[2 * H + j]);
         float q = lerp(n, hp[j], u);                    /* GRUCell(c*z, hp) */
-        tp[j] = r; tp[H + j] = u; tp[2 * H + j] = n; tp[3 * H + j] = q;
+        tp[j] = r; tp[H + j] = u; tp[2 * H + j] = n; tp[3 * H + j] = hh[2 * H + j];
         h[j] = lerp(hp[j], q, c[j * cstep]);
     }
 }
 
-/* Step t: c, h (and the tape) from x, prior, hp, hh; then hp[t+1] = h * keep[t+1] unless last. */
+/* Step t: c, h and the tape (r, u, n, hh_n per row) from x, prior, hp and this step's hh; then
+   hp[t+1] = h * keep[t+1] unless last. hh is the caller's matmul output for this step only: (B, X). */
 void cell_fwd(const Cell *k, int64_t t, int64_t last) {
     const int64_t B = k->B, H = k->H, R = k->R, G = k->G, X = 3 * H + R;
     for (int64_t b = 0; b < B; b++) {
         const int64_t row = t * B + b;
-        const float *x = k->x + row * X, *hh = k->hh + row * X, *hp = k->hp + row * H;
+        const float *x = k->x + row * X, *hh = k->hh + b * X, *hp = k->hp + row * H;
         float *c = k->c + row * G, *h = k->h + row * H;
         const float pr = k->prior[row];
         if (!k->learned) c[0] = pr;
@@ -792,14 +795,15 @@ void cell_fwd(const Cell *k, int64_t t, int64_t last) {
 }
 
 static void units_bwd(int64_t H, const float *restrict dh, const float *restrict c, int64_t cstep,
-                      const float *restrict tp, const float *restrict hh, const float *restrict hp,
+                      const float *restrict tp, const float *restrict hp, float *restrict df,
                       float *restrict dhp, float *restrict dgi, float *restrict dhh) {
     for (int64_t j = 0; j < H; j++) {
-        const float r = tp[j], u = tp[H + j], n = tp[2 * H + j];
+        const float r = tp[j], u = tp[H + j], n = tp[2 * H + j], hh_n = tp[3 * H + j];
+        df[j] = lerp(n, hp[j], u) - hp[j];              /* d h / d c = q - hp, q as in the forward */
         const float dq = dh[j] * c[j * cstep];          /* h = hp + c*(q - hp) */
         dhp[j] = dh[j] - dq + dq * u;                   /* q = n + u*(hp - n) */
         const float dn = (dq - dq * u) * (1.f - n * n); /* n = tanh(gi_n + r*hh_n) */
-        const float dr = dn * hh[2 * H + j] * r * (1.f - r);
+        const float dr = dn * hh_n * r * (1.f - r);
         const float du = dq * (hp[j] - n) * u * (1.f - u);
         dgi[j] = dr; dgi[H + j] = du; dgi[2 * H + j] = dn;
         dhh[j] = dr; dhh[H + j] = du; dhh[2 * H + j] = dn * r;
@@ -810,21 +814,21 @@ static void units_bwd(int64_t H, const float *restrict dh, const float *restrict
    the direct part of d hp[t+1]; on return dhp holds step t's direct part. */
 void cell_bwd(const Cell *k, int64_t t, int64_t last) {
     const int64_t B = k->B, H = k->H, R = k->R, G = k->G, X = 3 * H + R;
-    float dh[H], df[H], ds[R > 0 ? R : 1];
+    float dh[H], df[H], dgi[3 * H], ds[R > 0 ? R : 1];
     for (int64_t b = 0; b < B; b++) {
         const int64_t row = t * B + b;
-        const float *x = k->x + row * X, *hh = k->hh + row * X, *hp = k->hp + row * H;
+        const float *x = k->x + row * X, *hp = k->hp + row * H;
         const float *c = k->c + row * G, *tp = k->tape + row * 4 * H, *dho = k->d_h + row * H;
         const float *dco = k->d_c + row * G;
-        float *dhp = k->dhp + b * H, *dhh = k->dhh + row * X, *dgi = k->dgi + row * 3 * H;
+        float *dhp = k->dhp + b * H, *dhh = k->dhh + row * X, *dgn = k->dgn + row * H;
         float *dl = k->dlogit + row * G;
         if (last) memcpy(dh, dho, H * sizeof(float));
         else {   /* d h[t] = d_h[t] + (d hp[t+1]) * keep[t+1] */
             const float kp = k->keep[row + B], *dmm = k->dmm + b * H;
             for (int64_t j = 0; j < H; j++) dh[j] = dho[j] + (dhp[j] + dmm[j]) * kp;
         }
-        for (int64_t j = 0; j < H; j++) df[j] = tp[3 * H + j] - hp[j];       /* d h / d c = q - hp */
-        units_bwd(H, dh, c, G > 1, tp, hh, hp, dhp, dgi, dhh);
+        units_bwd(H, dh, c, G > 1, tp, hp, df, dhp, dgi, dhh);
+        memcpy(dgn, dgi + 2 * H, H * sizeof(float));   /* d gi's r, u parts equal dhh's: keep only n's */
         const float dci = dot(dgi, x, 3 * H), ci = k->ci[row];              /* gi = b_ih + ci * x_g */
         float *dx = k->dx + row * X;
         for (int64_t j = 0; j < 3 * H; j++) dx[j] = dgi[j] * ci;
@@ -858,7 +862,7 @@ void cell_bwd(const Cell *k, int64_t t, int64_t last) {
 class _CellArgs(ctypes.Structure):  # mirrors `Cell` in _CELL_C
     _fields_ = ([(n, ctypes.c_int64) for n in ("B", "H", "R", "G", "learned")] +
                 [(n, ctypes.c_void_p) for n in ("x", "prior", "keep", "b_ih", "w_o", "b_o", "hp", "hh", "c", "ci", "a",
-                                                "tape", "h", "d_h", "d_c", "dgi", "dhh", "dlogit", "dhp", "dmm", "dx")])
+                                                "tape", "h", "d_h", "d_c", "dgn", "dhh", "dlogit", "dhp", "dmm", "dx")])
 
 
 class CellKernel:
@@ -881,8 +885,8 @@ class CellKernel:
         if free:
             return free.pop()
         H, X = ag.H, 3 * ag.H + ag.R
-        shapes = dict(hp=(L, B, H), hh=(L, B, X), ci=(L, B, 1), a=(L, B, max(ag.R, 1)), tape=(L, B, 4 * H),
-                      dgi=(L, B, 3 * H), dhh=(L, B, X), dlogit=(L, B, ag.Gc), dhp=(B, H), dmm=(B, H), dx=(L, B, X))
+        shapes = dict(hp=(L, B, H), hh=(B, X), ci=(L, B, 1), a=(L, B, max(ag.R, 1)), tape=(L, B, 4 * H),
+                      dgn=(L, B, H), dhh=(L, B, X), dlogit=(L, B, ag.Gc), dhp=(B, H), dmm=(B, H), dx=(L, B, X))
         return dict(key=key, **{k: torch.empty(v) for k, v in shapes.items()})
 
     def release(self, ws: dict) -> None:
@@ -929,14 +933,14 @@ class CellKernel:
         ws.update(x=x.contiguous(), prior=prior.contiguous(), keep=keep.contiguous(), c=cs, h=hs)
         args = self.args(ag, B, ws)
         torch.mul(h0, keep[0], out=ws["hp"][0])
-        hp, hh, ref, W_t, b_h = ws["hp"].unbind(0), ws["hh"].unbind(0), ctypes.byref(args), ag.W_h.t(), ag.b_h
+        hp, hh, ref, W_t, b_h = ws["hp"].unbind(0), ws["hh"], ctypes.byref(args), ag.W_h.t(), ag.b_h
         for t in range(L):
-            torch.addmm(b_h, hp[t], W_t, out=hh[t])  # = ag.recur(hp[t]); hp[t+1] is written by cell_fwd
+            torch.addmm(b_h, hp[t], W_t, out=hh)  # = ag.recur(hp[t]); hp[t+1] is written by cell_fwd
             self.lib.cell_fwd(ref, t, t == L - 1)
         return hs, cs, ws
 
     def backward(self, ag: "Agent", ws: dict, d_hs, d_cs, keep):
-        """Fills ws's dgi, dhh, dlogit, dx for every step; -> d h0, d x. d x is a work buffer too: x is never a
+        """Fills ws's dgn, dhh, dlogit, dx for every step; -> d h0, d x. d x is a work buffer too: x is never a
         leaf, so d x only feeds features()' backward, in this backward pass, before a later forward can
         take this workspace again."""
         L, B = ws["x"].shape[:2]
