@@ -561,8 +561,8 @@ class Agent(nn.Module):
         return c, torch.lerp(hp, h_prop, c)  # hp + c*(h_prop - hp): c=0 keeps hp exactly
 
     def gates(self, x, prior, hp, hh):
-        """cell() without gradients, by the fastest backend: the C kernel for CPU float32 tensors, else
-        self._cell (cell() or its torch.compile). Both backends compute the same function."""
+        """cell() by the fastest backend: without gradients and for CPU float32 tensors the C kernel,
+        else self._cell (cell() or its torch.compile). Both backends compute the same function."""
         if self.kern is not None and self._cell == self.cell and self.kern.fits(x) and not torch.is_grad_enabled():
             return self.kern.step(self, x, prior, hp, hh)
         return self._cell(x, prior, hp, hh)
@@ -591,8 +591,7 @@ class Agent(nn.Module):
             h, cs, hs = h0, [], []
             for xt, pt, kt in zip(x.unbind(0), prior.unbind(0), keep.unbind(0)):  # unbind: one backward for all t
                 hp = h * kt
-                c, h = self.gates(xt, pt, hp, self.recur(hp)) if not torch.is_grad_enabled() else \
-                    self._cell(xt, pt, hp, self.recur(hp))
+                c, h = self.gates(xt, pt, hp, self.recur(hp))  # with gradients: self._cell
                 cs.append(c)
                 hs.append(h)
             hs, cs = torch.stack(hs), torch.stack(cs)  # (L, B, H), (L, B, G)
