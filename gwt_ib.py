@@ -889,18 +889,8 @@ void cell_bwd(const Cell *k, int64_t t, int64_t last, int64_t b0, int64_t b1) {
    P[n/NB][k][NB] and an 8-row x NB-column block of C stays in registers over the whole k loop (the
    compiler vectorizes the j loops; ~105 GFLOP/s on one AVX-512 core). Each output element is summed
    in the same k order whatever the row grouping, so the rollout and the update get identical bits. */
-#define NB 32
-void pack_panels(const float *w, int64_t K, int64_t N, int64_t trans, float *p) {
-    /* B (K, N) = w^T with w (N, K) row-major if trans, else w (K, N); N is padded with zeros to NB */
-    for (int64_t n0 = 0; n0 < N; n0 += NB)
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t j = 0; j < NB; j++) {
-                const int64_t n = n0 + j;
-                p[n0 * K + k * NB + j] = n >= N ? 0.f : trans ? w[n * K + k] : w[k * N + n];
-            }
-}
-
-/* C (M, N) = bias + A (M, K) @ B, B packed by pack_panels; lda, ldc: row strides; bias (N) or NULL */
+#define NB 32   /* = CellKernel.NB */
+/* C (M, N) = bias + A (M, K) @ B, B packed in panels (CellKernel.panels); lda, ldc: row strides; bias (N) or NULL */
 void gemm_rows(int64_t M, int64_t N, int64_t K, const float *restrict a, int64_t lda, const float *restrict p,
                const float *restrict bias, float *restrict c, int64_t ldc) {
     for (int64_t i0 = 0; i0 < M; i0 += 8) {
@@ -927,21 +917,31 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const float *restrict a, int64_t
     }
 }
 
-/* FusedUnroll's time loops for rows b0..b1-1. Rows are independent sequences, so each thread runs its
-   own share of rows through all L steps, with no synchronization per step. */
-void cell_unroll_fwd(const Cell *k, int64_t L, const float *p_wt, const float *b_h, int64_t b0, int64_t b1) {
+/* FusedUnroll's time loops. Rows are independent sequences, so the rows are split into `shares` and
+   each thread runs its share through all L steps with no synchronization per step. The parallel loop
+   runs on torch's own OpenMP threads (the library loaded first answers to libgomp.so.1), which spin
+   between torch ops: threads of our own would wait for a core while those spin. */
+void cell_unroll_fwd(const Cell *k, int64_t L, const float *p_wt, const float *b_h, int64_t shares) {
     const int64_t B = k->B, H = k->H, X = 3 * H + k->R;
-    for (int64_t t = 0; t < L; t++) {   /* hh = b_h + hp[t] @ W_h^T for these rows, then step t */
-        gemm_rows(b1 - b0, X, H, k->hp + (t * B + b0) * H, H, p_wt, b_h, k->hh + b0 * X, X);
-        cell_fwd(k, t, t == L - 1, b0, b1);
+    #pragma omp parallel for num_threads(shares) schedule(static, 1)
+    for (int64_t s = 0; s < shares; s++) {
+        const int64_t b0 = B * s / shares, b1 = B * (s + 1) / shares;
+        for (int64_t t = 0; t < L; t++) {   /* hh = b_h + hp[t] @ W_h^T for these rows, then step t */
+            gemm_rows(b1 - b0, X, H, k->hp + (t * B + b0) * H, H, p_wt, b_h, k->hh + b0 * X, X);
+            cell_fwd(k, t, t == L - 1, b0, b1);
+        }
     }
 }
 
-void cell_unroll_bwd(const Cell *k, int64_t L, const float *p_w, int64_t kk, int64_t b0, int64_t b1) {
+void cell_unroll_bwd(const Cell *k, int64_t L, const float *p_w, int64_t kk, int64_t shares) {
     const int64_t B = k->B, H = k->H, X = 3 * H + k->R;
-    for (int64_t t = L - 1; t >= 0; t--) {   /* step t's backward, then dmm = dhh[t][:, :kk] @ W_h[:kk] */
-        cell_bwd(k, t, t == L - 1, b0, b1);
-        gemm_rows(b1 - b0, H, kk, k->dhh + (t * B + b0) * X, X, p_w, NULL, k->dmm + b0 * H, H);
+    #pragma omp parallel for num_threads(shares) schedule(static, 1)
+    for (int64_t s = 0; s < shares; s++) {
+        const int64_t b0 = B * s / shares, b1 = B * (s + 1) / shares;
+        for (int64_t t = L - 1; t >= 0; t--) {   /* step t's backward, then dmm = dhh[t][:, :kk] @ W_h[:kk] */
+            cell_bwd(k, t, t == L - 1, b0, b1);
+            gemm_rows(b1 - b0, H, kk, k->dhh + (t * B + b0) * X, X, p_w, NULL, k->dmm + b0 * H, H);
+        }
     }
 }
 """
@@ -958,15 +958,15 @@ class CellKernel:
     `backward` are FusedUnroll's time loops. Work buffers are reused between calls: fresh multi-MB
     tensors would cost a page fault per 4 KB on every minibatch."""
 
+    NB = 32  # the panel width of gemm_rows, as in _CELL_C
+
     def __init__(self, lib: ctypes.CDLL):
-        self.lib, self.pool, self.steps, self.workers = lib, {}, {}, None
+        self.lib, self.pool, self.steps = lib, {}, {}
         P, i64, vp = ctypes.POINTER(_CellArgs), ctypes.c_int64, ctypes.c_void_p
         for f in (lib.cell_fwd, lib.cell_bwd):
             f.argtypes, f.restype = [P, i64, i64, i64, i64], None
-        lib.pack_panels.argtypes = [vp, i64, i64, i64, vp]
         lib.gemm_rows.argtypes = [i64, i64, i64, vp, i64, vp, vp, vp, i64]
-        lib.cell_unroll_fwd.argtypes = [P, i64, vp, vp, i64, i64]
-        lib.cell_unroll_bwd.argtypes = [P, i64, vp, i64, i64, i64]
+        lib.cell_unroll_fwd.argtypes, lib.cell_unroll_bwd.argtypes = [P, i64, vp, vp, i64], [P, i64, vp, i64, i64]
 
     def panels(self, W: torch.Tensor, rows: int, trans: bool) -> int:
         """Address of W[:rows] packed for gemm_rows as B = W[:rows]^T (trans) or W[:rows], repacked when W
@@ -975,10 +975,11 @@ class CellKernel:
         cache = W.__dict__.setdefault("_gwt_panels", {})  # lives and dies with W: {layout: (version, panels)}
         ver, p = cache.get((rows, trans), (None, None))
         if ver != (W.data_ptr(), W._version, _OPT_STEPS[0]):
-            w = W.detach()[:rows].contiguous()
-            K, N = (w.shape[1], w.shape[0]) if trans else w.shape
-            p = torch.empty(-(-N // 32) * 32 * K)  # N padded to the panel width NB
-            self.lib.pack_panels(w.data_ptr(), K, N, int(trans), p.data_ptr())
+            B = W.detach()[:rows].t() if trans else W.detach()[:rows]  # (K, N)
+            K, N = B.shape
+            B = F.pad(B, (0, -N % self.NB))  # N padded with zero columns to a multiple of the panel width
+            B = B.reshape(K, -1, self.NB).transpose(0, 1)  # (N/NB, K, NB)
+            p = B.contiguous() if p is None else p.copy_(B)  # a fresh 1 MB tensor costs page faults
             cache[(rows, trans)] = ((W.data_ptr(), W._version, _OPT_STEPS[0]), p)
         return p.data_ptr()
 
@@ -990,19 +991,11 @@ class CellKernel:
                            ag.b_h.data_ptr(), out.data_ptr(), X)
         return out
 
-    def split(self, fn, *args, B: int) -> None:
-        """fn(*args, b0, b1) over shares of the B rows, one per torch thread (at least 8 rows each):
-        rows are independent sequences, and one core runs an 8-row step matmul ~2x faster than a BLAS
-        splits a 16-row one over two. Share 0 runs in this thread; ctypes calls release the GIL."""
-        n = max(1, min(torch.get_num_threads(), B // 8))
-        cuts = [B * i // n for i in range(n + 1)]
-        if n > 1 and (self.workers is None or self.workers._max_workers < n - 1):
-            from concurrent.futures import ThreadPoolExecutor
-            self.workers = ThreadPoolExecutor(n - 1, thread_name_prefix="gwt_ib_cell")
-        jobs = [self.workers.submit(fn, *args, cuts[i], cuts[i + 1]) for i in range(1, n)]
-        fn(*args, cuts[0], cuts[1])
-        for j in jobs:
-            j.result()
+    @staticmethod
+    def shares(B: int) -> int:
+        """Row shares for the time loops: one per torch thread, at least 8 rows each (one core runs an
+        8-row step matmul ~2x faster than a BLAS splits a 16-row one over two cores)."""
+        return max(1, min(torch.get_num_threads(), B // 8))
 
     @staticmethod
     def fits(x: torch.Tensor) -> bool:
@@ -1063,7 +1056,7 @@ class CellKernel:
         args = self.args(ag, B, ws)
         torch.mul(h0, keep[0], out=ws["hp"][0])
         X = ws["hh"].shape[1]
-        self.split(self.lib.cell_unroll_fwd, ctypes.byref(args), L, self.panels(ag.W_h, X, True), ag.b_h.data_ptr(), B=B)
+        self.lib.cell_unroll_fwd(ctypes.byref(args), L, self.panels(ag.W_h, X, True), ag.b_h.data_ptr(), self.shares(B))
         return hs, cs, ws
 
     def backward(self, ag: "Agent", ws: dict, d_hs, d_cs, keep):
@@ -1074,7 +1067,7 @@ class CellKernel:
         d_h, d_c = d_hs.contiguous(), d_cs.contiguous()
         args = self.args(ag, B, ws, d_h=d_h, d_c=d_c)
         k = 3 * ag.H + (ag.R if ag.cfg.force_c is None else 0)  # a fixed gate sends nothing to the router rows
-        self.split(self.lib.cell_unroll_bwd, ctypes.byref(args), L, self.panels(ag.W_h, k, False), k, B=B)
+        self.lib.cell_unroll_bwd(ctypes.byref(args), L, self.panels(ag.W_h, k, False), k, self.shares(B))
         return (ws["dhp"] + ws["dmm"]) * keep[0], ws["dx"]
 
 
@@ -1126,8 +1119,10 @@ def _build_c() -> Path:
             src = Path(tmp) / "cell.c"
             src.write_text(_CELL_C)
             errs = ""
-            for flags in (["-march=native"], []):  # -march=native lets it use the CPU's widest vectors
-                cmd = [cc, "-O3", "-std=c99", "-ffp-contract=fast", "-shared", "-fPIC", *flags, str(src), "-o", str(Path(tmp) / "cell.so")]
+            # -march=native: the CPU's widest vectors; -fopenmp: the time loops' row shares in parallel
+            for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+                cmd = [cc, "-O3", "-std=c99", "-ffp-contract=fast", "-shared", "-fPIC", *flags, str(src), "-o",
+                       str(Path(tmp) / "cell.so")]
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 if r.returncode == 0:
                     os.replace(Path(tmp) / "cell.so", so)  # atomic: parallel runs may build at once
