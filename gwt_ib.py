@@ -471,13 +471,20 @@ def list_envs() -> str:
 
 
 # ============================================================================ model
-class _SigmoidTanh(torch.autograd.Function):
-    """tanh(x) as 2*sigmoid(2x) - 1 (equal to within 2e-7): torch's CPU tanh runs ~4x slower than its
-    sigmoid here (AVX-512 build; 1024x256: 550 vs 95 us). Backward: tanh's own, from the output."""
+def _tanh_cpu(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) as 2*sigmoid(2x) - 1 (equal to within 2e-7): torch's CPU tanh runs ~5x slower than its
+    sigmoid in this build (AVX-512; 1024x256: 550 vs 95 us). Tensor-tensor ops where possible: each
+    Python-scalar operand costs a scalar-tensor conversion, which is most of the time at rollout sizes."""
+    y = torch.sigmoid(x + x)
+    return y.add_(y).sub_(1)
+
+
+class _TanhCPU(torch.autograd.Function):
+    """_tanh_cpu with tanh's own backward from the output (one op, not sigmoid's chain)."""
 
     @staticmethod
     def forward(ctx, x):
-        y = torch.sigmoid(x * 2).mul_(2).sub_(1)
+        y = _tanh_cpu(x)
         ctx.save_for_backward(y)
         return y
 
@@ -487,10 +494,13 @@ class _SigmoidTanh(torch.autograd.Function):
 
 
 class Tanh(nn.Module):
-    """nn.Tanh for the encoder and heads; on CPU via sigmoid (see _SigmoidTanh)."""
+    """nn.Tanh for the encoder and heads; on CPU as _tanh_cpu (an autograd.Function call costs ~20 us,
+    so it is only taken when a backward may follow)."""
 
     def forward(self, x):
-        return _SigmoidTanh.apply(x) if x.device.type == "cpu" else torch.tanh(x)
+        if x.device.type != "cpu":
+            return torch.tanh(x)
+        return _TanhCPU.apply(x) if torch.is_grad_enabled() and x.requires_grad else _tanh_cpu(x)
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
@@ -1364,9 +1374,12 @@ class Collector:
         self.h, self.start, self.obs, self.x = h, done_t, next_obs, x_next
         self.prior = ag.gate_prior(self.td_prev, done_t)[0]
         # the next step's recur(h * keep) is the bootstrap's recur(h) where keep = 1 and b_h where keep = 0
-        keep = self.keep0 * alive_t.unsqueeze(-1)  # = gate_prior(td_prev, done_t)[1]
-        self.hp = h * keep
-        self.hh = torch.where(keep > 0, hh_boot, ag.b_h)
+        if done.any():
+            keep = self.keep0 * alive_t.unsqueeze(-1)  # = gate_prior(td_prev, done_t)[1]
+            self.hp = h * keep
+            self.hh = torch.where(keep > 0, hh_boot, ag.b_h)
+        else:  # no episode starts: keep = keep0, the bootstrap's own
+            self.hp, self.hh = hp_boot, hh_boot
         # episode bookkeeping on the host
         self.ep_ret += r
         self.ep_len += 1
