@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gymnasium import spaces
 
 import gwt_ib
@@ -277,6 +278,93 @@ def test_without_a_c_compiler_the_cell_runs_as_torch_ops(monkeypatch, tmp_path, 
     assert torch.isfinite(h).all()
     monkeypatch.setattr(gwt_ib, "_KERNEL", False)
     assert make_agent(cpu_kernel=False).kern is None and capsys.readouterr().err == ""  # not even tried
+
+
+def kernel_or_skip() -> gwt_ib.CellKernel:
+    k = gwt_ib.cell_kernel()
+    if k is None:
+        skip_unless_no_compiler()
+    return k
+
+
+@pytest.mark.parametrize("rows,n_in,n_out,bias", [(1, 3, 1, True), (13, 7, 33, True), (40, 130, 70, False),
+                                                  (1024, 128, 832, False)])
+def test_kernel_linear_equals_f_linear_and_its_gradients(rows, n_in, n_out, bias):
+    """linear() through the kernel's GEMM gives F.linear's values and gradients, for row counts that are
+    not a multiple of its 8-row blocks and output sizes that are not a multiple of its panel width."""
+    kern = kernel_or_skip()
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, n_in, generator=g, requires_grad=True)
+    W = torch.randn(n_out, n_in, generator=g, requires_grad=True)
+    b = torch.randn(n_out, generator=g, requires_grad=True) if bias else None
+    w_y = torch.randn(rows, n_out, generator=g)
+    res = []
+    for k in (kern, None):
+        y = gwt_ib.linear(x, W, b, k)
+        res.append((y, torch.autograd.grad((y * w_y).sum(), [t for t in (x, W, b) if t is not None])))
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-5, atol=1e-5)
+    for a, r in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_kernel_rows_do_not_depend_on_their_batch_or_threads():
+    """A row's product has the same bits alone, among the rollout's 16 rows or the update's 1024, on one
+    thread or two: this is what makes the PPO recomputation of the rollout exact (ratio0_maxdev 0.0)."""
+    kern = kernel_or_skip()
+    g = torch.Generator().manual_seed(4)
+    x, W, b = torch.randn(1024, 256, generator=g), torch.randn(832, 256, generator=g), torch.randn(832, generator=g)
+    full = kern.linear(x, W, b)
+    for lo, hi in ((0, 16), (5, 6), (3, 17), (1000, 1024)):  # inside, across and at the end of 8-row blocks
+        assert torch.equal(kern.linear(x[lo:hi], W, b), full[lo:hi]), (lo, hi)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kern.linear(x, W, b), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_kernel_repacks_weights_after_every_change():
+    """The kernel packs each weight once and reuses it while the weight is unchanged. A fused Adam step does
+    not bump a tensor's version counter, so a stale pack would go unnoticed: after optimizer steps,
+    in-place edits and load_state_dict the kernel still computes with the current weights."""
+    kern = kernel_or_skip()
+    torch.manual_seed(0)
+    lin, x = gwt_ib.Linear(5, 7, kern), torch.randn(9, 5)
+    try:
+        opt = torch.optim.Adam(lin.parameters(), lr=0.1, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.Adam(lin.parameters(), lr=0.1)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-6, atol=1e-6)
+
+    check()
+    for _ in range(3):
+        opt.zero_grad()
+        lin(x).square().sum().backward()
+        opt.step()
+        check()
+    with torch.no_grad():
+        lin.weight.mul_(-2)
+    check()
+    lin.load_state_dict(gwt_ib.Linear(5, 7, kern).state_dict())
+    check()
+
+
+def test_cpu_tanh_equals_torch_tanh_with_and_without_autograd():
+    """Tanh (CPU: 2*sigmoid(2x) - 1) is torch.tanh to 2.5e-7, gradient included, and its no-grad path
+    (the rollout) gives the same bits as its autograd path (the update)."""
+    x = torch.cat([torch.randn(4096) * 4, torch.tensor([0.0, -0.0, 1e-8, -50.0, 50.0, 1e30, -1e30])])
+    xg = x.clone().requires_grad_()
+    y = gwt_ib.Tanh()(xg)
+    assert (y - torch.tanh(x)).abs().max() <= 2.5e-7
+    (g,) = torch.autograd.grad((y * x.cos()).sum(), xg)
+    torch.testing.assert_close(g, x.cos() * (1 - torch.tanh(x) ** 2), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(gwt_ib.Tanh()(x), y.detach())
 
 
 @torch.no_grad()
