@@ -518,14 +518,14 @@ class _KernelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, kern):
         ctx.save_for_backward(x, W)
-        ctx.has_bias = b is not None
+        ctx.has_bias, ctx.kern = b is not None, kern
         return kern.linear(x, W, b)
 
     @staticmethod
-    def backward(ctx, g):  # as F.linear's: dx = g W, dW = g^T x, db = sum g
+    def backward(ctx, g):  # as F.linear's: dx = g W (the kernel's GEMM again), dW = g^T x, db = sum g
         x, W = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        dx = (g2 @ W).view(x.shape) if ctx.needs_input_grad[0] else None
+        dx = ctx.kern.linear(g2, W, None, trans=False).view(x.shape) if ctx.needs_input_grad[0] else None
         dW = g2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dW, db, None
@@ -1039,12 +1039,12 @@ class CellKernel:
             cache[(rows, trans)] = ((W.data_ptr(), W._version, _OPT_STEPS[0]), p)
         return p.data_ptr()
 
-    def linear(self, x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-        """F.linear(x, W, b) by gemm_par (forward only; see linear())."""
-        flat, (N, K) = x.dim() == 2 and x.is_contiguous(), W.shape  # (B, K): the rollout's case, 2 ops fewer
+    def linear(self, x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], trans: bool = True) -> torch.Tensor:
+        """F.linear(x, W, b) = x @ W^T + b by gemm_par (see linear()); x @ W + b if not trans."""
+        flat, (N, K) = x.dim() == 2 and x.is_contiguous(), (W.shape if trans else W.shape[::-1])  # (B, K): 2 ops fewer
         x2 = x if flat else x.reshape(-1, K).contiguous()
         out = x2.new_empty(x2.shape[0], N)
-        self.lib.gemm_par(x2.shape[0], N, K, x2.data_ptr(), K, self.panels(W, N, True),
+        self.lib.gemm_par(x2.shape[0], N, K, x2.data_ptr(), K, self.panels(W, W.shape[0], trans),
                           None if b is None else b.data_ptr(), out.data_ptr(), N, self.shares(x2.shape[0]))
         return out if flat else out.view(*x.shape[:-1], N)
 

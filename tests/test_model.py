@@ -302,9 +302,8 @@ def test_kernel_linear_equals_f_linear_and_its_gradients(rows, n_in, n_out, bias
     for k in (kern, None):
         y = gwt_ib.linear(x, W, b, k)
         res.append((y, torch.autograd.grad((y * w_y).sum(), [t for t in (x, W, b) if t is not None])))
-    torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-5, atol=1e-5)
-    for a, r in zip(res[0][1], res[1][1]):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    for a, r in zip([res[0][0], *res[0][1]], [res[1][0], *res[1][1]]):  # float32 sums in another order
+        assert (a - r).abs().max() <= 1e-6 * r.abs().max() * math.sqrt(max(rows, n_in, n_out)), (a - r).abs().max()
 
 
 @torch.no_grad()
