@@ -1395,8 +1395,10 @@ class Collector:
         env_a = self._to_env(a_np)
         raw, r, term, trunc, info = self.envs.step(env_a)
         done = term | trunc
-        a_enc = self._encode_action(env_a.reshape(self.N, -1) if self.act.kind == "box" else a_np)
-        self.prev_a = a_enc * (~done)[:, None]  # a new episode starts with no previous action
+        a_enc = None
+        if cfg.prev_action:  # (~60 us per step: skipped when the observation does not carry it)
+            a_enc = self._encode_action(env_a.reshape(self.N, -1) if self.act.kind == "box" else a_np)
+            self.prev_a = a_enc * (~done)[:, None]  # a new episode starts with no previous action
         next_obs = self._obs(self.obs_fn(raw), self.prev_a)
         x_next = ag.features(next_obs)
         # clean bootstrap V(o_{t+1}, h_t, td_prev=0); at a truncation o_{t+1} is the real final obs
@@ -1405,7 +1407,7 @@ class Collector:
         if trunc_only.any():
             idx = np.flatnonzero(trunc_only)
             fin = np.concatenate([self.obs_fn(_batch1(self.space, info["final_obs"][i])) for i in idx])
-            fin_obs = self._obs(fin, a_enc[idx])
+            fin_obs = self._obs(fin, None if a_enc is None else a_enc[idx])
             x_boot = x_next.clone()
             x_boot[torch.as_tensor(idx, device=self.dev)] = ag.features(fin_obs)
         hp_boot = h * self.keep0  # keep0 = 1 (0 when memoryless)
