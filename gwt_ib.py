@@ -507,7 +507,7 @@ def linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], kern: Op
     """F.linear(x, W, b). With the C kernel (CPU float32) the forward runs its GEMM: one core does the
     rollout's 16-row products ~3-4x faster than MKL does on two, and since every product of the model
     then sums in the kernel's order, rollout and update get identical bits. Gradients: torch matmuls."""
-    if kern is None or not kern.fits(x):
+    if kern is None or not kern.gemm or not kern.fits(x):
         return F.linear(x, W, b)
     if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad):
         return _KernelLinear.apply(x, W, b, kern)
@@ -1023,6 +1023,38 @@ class CellKernel:
             f.argtypes, f.restype = [P, i64, i64, i64, i64], None
         lib.gemm_par.argtypes = [i64, i64, i64, vp, i64, vp, vp, vp, i64, i64]
         lib.cell_unroll_fwd.argtypes, lib.cell_unroll_bwd.argtypes = [P, i64, vp, vp, i64], [P, i64, vp, i64, i64]
+        self.gemm = False  # use gemm_rows for the model's products (set by calibrate())
+
+    def calibrate(self, stamp: Path) -> None:
+        """Decide once per CPU, compiler and thread count whether gemm_rows replaces torch's BLAS for
+        every product of the model (all or none: rollout and update must sum in the same order). Its
+        8 x 32 register block suits 32 vector registers of 512 bits: on this 2-core AVX-512 EPYC it is
+        2x faster than MKL at 16 rows, but on an AVX2-only or 256-bit-tuned build it can be 3x slower.
+        The timing is taken once and stored beside the kernel, so every later process agrees."""
+        f = stamp.with_name(stamp.stem + f".gemm{torch.get_num_threads()}")
+        try:
+            self.gemm = f.read_text().strip() == "1"
+            return
+        except OSError:
+            pass
+        g = torch.Generator().manual_seed(0)
+        faster = []
+        for M, K, N in ((16, 256, 832), (1024, 256, 256)):  # a time-loop step, a batched layer
+            x, W = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+            best = []
+            for fn in (lambda: self.linear(x, W, None), lambda: F.linear(x, W)):
+                ts = []
+                for _ in range(8):  # the first call packs the weight (and warms up)
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+                best.append(min(ts[1:]))
+            faster.append(best[0] < 0.9 * best[1])
+        self.gemm = all(faster)
+        try:
+            f.write_text("1" if self.gemm else "0")
+        except OSError:
+            pass
 
     def panels(self, W: torch.Tensor, rows: int, trans: bool) -> int:
         """Address of W[:rows] packed for gemm_rows as B = W[:rows]^T (trans) or W[:rows], repacked when W
@@ -1111,8 +1143,14 @@ class CellKernel:
         ws.update(x=x.contiguous(), prior=prior.contiguous(), keep=keep.contiguous(), c=cs, h=hs)
         args = self.args(ag, B, ws)
         torch.mul(h0, keep[0], out=ws["hp"][0])
-        X = ws["hh"].shape[1]
-        self.lib.cell_unroll_fwd(ctypes.byref(args), L, self.panels(ag.W_h, X, True), ag.b_h.data_ptr(), self.shares(B))
+        ref, X = ctypes.byref(args), ws["hh"].shape[1]
+        if self.gemm:  # the whole loop in C
+            self.lib.cell_unroll_fwd(ref, L, self.panels(ag.W_h, X, True), ag.b_h.data_ptr(), self.shares(B))
+            return hs, cs, ws
+        hp, hh, W_t = ws["hp"].unbind(0), ws["hh"], ag.W_h.t()
+        for t in range(L):  # torch's BLAS for the step matmul, C for the rest
+            torch.addmm(ag.b_h, hp[t], W_t, out=hh)  # = ag.recur(hp[t]); hp[t+1] is written by cell_fwd
+            self.lib.cell_fwd(ref, t, t == L - 1, 0, B)
         return hs, cs, ws
 
     def backward(self, ag: "Agent", ws: dict, d_hs, d_cs, keep):
@@ -1123,8 +1161,15 @@ class CellKernel:
         d_h, d_c = d_hs.contiguous(), d_cs.contiguous()
         args = self.args(ag, B, ws, d_h=d_h, d_c=d_c)
         k = 3 * ag.H + (ag.R if ag.cfg.force_c is None else 0)  # a fixed gate sends nothing to the router rows
-        self.lib.cell_unroll_bwd(ctypes.byref(args), L, self.panels(ag.W_h, k, False), k, self.shares(B))
-        return (ws["dhp"] + ws["dmm"]) * keep[0], ws["dx"]
+        ref, dmm = ctypes.byref(args), ws["dmm"]
+        if self.gemm:
+            self.lib.cell_unroll_bwd(ref, L, self.panels(ag.W_h, k, False), k, self.shares(B))
+        else:
+            W, dhh = ag.W_h[:k], ws["dhh"][..., :k].unbind(0)
+            for t in range(L - 1, -1, -1):
+                self.lib.cell_bwd(ref, t, t == L - 1, 0, B)
+                torch.mm(dhh[t], W, out=dmm)  # d hp[t] from hh[t] = recur(hp[t])
+        return (ws["dhp"] + dmm) * keep[0], ws["dx"]
 
 
 _KERNEL: Any = False  # False: not built yet; None: cannot be built here
@@ -1142,7 +1187,9 @@ def cell_kernel() -> Optional[CellKernel]:
     global _KERNEL
     if _KERNEL is False:
         try:
-            _KERNEL = CellKernel(ctypes.CDLL(str(_build_c())))
+            so = _build_c()
+            _KERNEL = CellKernel(ctypes.CDLL(str(so)))
+            _KERNEL.calibrate(so)
             from torch.optim.optimizer import register_optimizer_step_post_hook
             register_optimizer_step_post_hook(_count_step)
         except Exception as e:

@@ -197,12 +197,16 @@ KW_VARIANTS = [{}, {"use_router_residual": False}, {"gate": "vector"}, {"gate": 
                {"force_c": 0.5}, {"force_c": 0.5, "gate": "vector"}, {"memoryless": True}]
 
 
+@pytest.mark.parametrize("gemm", [True, False], ids=["kernel-gemm", "blas"])
 @pytest.mark.parametrize("kw", KW_VARIANTS)
-def test_c_kernel_equals_torch_ops_and_autograd_in_float32(kw):
+def test_c_kernel_equals_torch_ops_and_autograd_in_float32(kw, gemm, monkeypatch):
     """The C kernel's unroll gives torch-op cell()'s outputs (1e-6) and autograd's gradients (1e-5
-    relative) for every gate variant, with mid-sequence resets; the float64 test above pins the math."""
+    relative) for every gate variant, with mid-sequence resets, whether its products run in its own
+    GEMM (whole time loops in C) or in torch's BLAS (calibrate() picks one per CPU); the float64 test
+    above pins the math."""
     if gwt_ib.cell_kernel() is None:
         skip_unless_no_compiler()
+    monkeypatch.setattr(gwt_ib.cell_kernel(), "gemm", gemm)
     agent = make_agent(**kw)
     with torch.no_grad():
         if agent.R:
