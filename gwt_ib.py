@@ -105,7 +105,7 @@ class Cfg:
     # --- system
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     torch_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
-    cpu_kernel: bool = True  # on CPU, run the recurrent cell as a C kernel (built once with the system C compiler; torch ops if none)
+    cpu_kernel: bool = True  # on CPU, run the recurrent cell, its time loops and (where faster) the model's products in a C kernel (built once with the system C compiler; torch ops if none)
     compile: bool = False  # torch.compile the recurrent cell instead (falls back to eager if compilation fails)
     halt_after: int = 0  # stop cleanly (checkpoint + summary) after this many updates in this invocation; 0 = never
 
@@ -764,12 +764,12 @@ class FusedUnroll(torch.autograd.Function):
         return dh, dgi_all, dhh_all, dlogit_all
 
 
-# --- the C kernel: cell()'s elementwise math for CPU float32, forward and backward
-# On a CPU the time loop is bound by per-op overhead: cell() is ~15 small torch ops per step and its
-# backward ~25, around a (B, H) x (H, 3H+R) matmul. Here each step is one torch matmul (recur) plus one
-# call into this C code, compiled once with the system C compiler and loaded with ctypes.
-_CELL_C = r"""/* Agent.cell's elementwise part for one time step t of a (L, B) batch, forward and backward.
-   Row-major float32; X = 3H+R. The h-dependent matmul hh = hp @ W_h^T + b_h stays in torch. */
+# --- the C kernel (CPU float32): cell()'s elementwise math forward and backward, a small-batch GEMM and
+# the training unroll's whole time loops. On a CPU the time loop is bound by per-op overhead (cell() is
+# ~15 small torch ops per step, its backward ~25) and by a 16-row matmul that BLAS libraries do poorly.
+# Compiled once with the system C compiler, loaded with ctypes; CellKernel below is its binding.
+_CELL_C = r"""/* Agent.cell's elementwise part for one time step t of a (L, B) batch, forward and backward,
+   a GEMM for few rows, and the time loops. Row-major float32; X = 3H+R. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -1011,8 +1011,9 @@ class _CellArgs(ctypes.Structure):  # mirrors `Cell` in _CELL_C
 
 class CellKernel:
     """ctypes binding of _CELL_C. `step` is Agent.gates for one step (the rollout); `unroll` and
-    `backward` are FusedUnroll's time loops. Work buffers are reused between calls: fresh multi-MB
-    tensors would cost a page fault per 4 KB on every minibatch."""
+    `backward` are FusedUnroll's time loops; `linear` is F.linear by the kernel's GEMM (used where
+    calibrate() found it faster). Work buffers are reused between calls: fresh multi-MB tensors
+    would cost a page fault per 4 KB on every minibatch."""
 
     NB = 32  # the panel width of gemm_rows, as in _CELL_C
 
@@ -1028,33 +1029,42 @@ class CellKernel:
     def calibrate(self, stamp: Path) -> None:
         """Decide once per CPU, compiler and thread count whether gemm_rows replaces torch's BLAS for
         every product of the model (all or none: rollout and update must sum in the same order). Its
-        8 x 32 register block suits 32 vector registers of 512 bits: on this 2-core AVX-512 EPYC it is
-        2x faster than MKL at 16 rows, but on an AVX2-only or 256-bit-tuned build it can be 3x slower.
-        The timing is taken once and stored beside the kernel, so every later process agrees."""
+        8 x 32 register block suits 32 vector registers of 512 bits: on the 2-core AVX-512 EPYC of the
+        README it is 2x faster than MKL at 16 rows, on a Xeon whose compiler tunes for 256-bit vectors
+        3x slower. Timed once, under a file lock (parallel runs on a fresh machine wait for one
+        measurement), and stored beside the kernel, so every later process agrees."""
         f = stamp.with_name(stamp.stem + f".gemm{torch.get_num_threads()}")
         try:
-            self.gemm = f.read_text().strip() == "1"
-            return
-        except OSError:
-            pass
-        g = torch.Generator().manual_seed(0)
-        faster = []
-        for M, K, N in ((16, 256, 832), (1024, 256, 256)):  # a time-loop step, a batched layer
-            x, W = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
-            best = []
-            for fn in (lambda: self.linear(x, W, None), lambda: F.linear(x, W)):
-                ts = []
-                for _ in range(8):  # the first call packs the weight (and warms up)
-                    t0 = time.perf_counter()
-                    fn()
-                    ts.append(time.perf_counter() - t0)
-                best.append(min(ts[1:]))
-            faster.append(best[0] < 0.9 * best[1])
-        self.gemm = all(faster)
+            import fcntl
+            lock = open(f.with_suffix(f.suffix + ".lock"), "w")
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when `lock` is closed
+        except (ImportError, OSError):
+            lock = None  # no locking here (e.g. Windows): measure anyway
         try:
-            f.write_text("1" if self.gemm else "0")
-        except OSError:
-            pass
+            if f.exists():
+                self.gemm = f.read_text().strip() == "1"
+                return
+            g = torch.Generator().manual_seed(0)
+            faster = []
+            for M, K, N in ((16, 256, 832), (1024, 256, 256)):  # a time-loop step, a batched layer
+                x, W = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+                best = []
+                for fn in (lambda: self.linear(x, W, None), lambda: F.linear(x, W)):
+                    ts = []
+                    for _ in range(8):  # the first call packs the weight (and warms up)
+                        t0 = time.perf_counter()
+                        fn()
+                        ts.append(time.perf_counter() - t0)
+                    best.append(min(ts[1:]))
+                faster.append(best[0] < 0.9 * best[1])
+            self.gemm = all(faster)
+            try:
+                f.write_text("1" if self.gemm else "0")
+            except OSError:
+                pass
+        finally:
+            if lock is not None:
+                lock.close()
 
     def panels(self, W: torch.Tensor, rows: int, trans: bool) -> int:
         """Address of W[:rows] packed for gemm_rows as B = W[:rows]^T (trans) or W[:rows], repacked when W

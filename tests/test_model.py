@@ -357,6 +357,23 @@ def test_kernel_repacks_weights_after_every_change():
     check()
 
 
+def test_kernel_gemm_choice_is_measured_once_and_stored(tmp_path):
+    """calibrate() stores its choice beside the kernel; a stored choice is what every later process
+    takes (so parallel runs on one machine agree), not a new measurement."""
+    kern = kernel_or_skip()
+    before = kern.gemm
+    try:
+        stamp = tmp_path / "cell_x.so"
+        kern.calibrate(stamp)
+        f = tmp_path / f"cell_x.gemm{torch.get_num_threads()}"
+        assert f.read_text() in ("0", "1") and kern.gemm == (f.read_text() == "1")
+        f.write_text("0" if kern.gemm else "1")
+        kern.calibrate(stamp)
+        assert kern.gemm == (f.read_text() == "1")
+    finally:
+        kern.gemm = before
+
+
 def test_cpu_tanh_equals_torch_tanh_with_and_without_autograd():
     """Tanh (CPU: 2*sigmoid(2x) - 1) is torch.tanh to 2.5e-7, gradient included, and its no-grad path
     (the rollout) gives the same bits as its autograd path (the update)."""
