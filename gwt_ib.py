@@ -5,8 +5,10 @@
     td_prev_{t+1} = normalize(r_t + gamma*(1-term_t)*V(o_{t+1}, h_t, td_prev=0) - V_t)    "clean" TD error
     loss  = PPO clip + vf_coef*value - ent_coef*entropy + lambda_c*mean_seq(mean_t c - target_c)^2
 
-One file, read top to bottom: config, env helpers, model, TD normalizer, rollout, PPO+IB update,
-GateCheck, run management, main. `python gwt_ib.py --help` lists every setting.
+One file, read top to bottom: config, environments, model (Agent.cell is the one definition of the
+recurrent step), TD normalizer, rollout, PPO+IB update, GateCheck, run management, main, and last an
+optional accelerator (the cell in C), checked against Agent.cell at start-up.
+`python gwt_ib.py --help` lists every setting.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import ctypes
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 import os
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -105,9 +109,8 @@ class Cfg:
     # --- system
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     torch_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
-    cpu_kernel: bool = True  # on CPU, run the recurrent cell, its time loops and (where faster) the model's products in a C kernel (built once with the system C compiler; torch ops if none)
-    compile: bool = False  # torch.compile the recurrent cell instead (falls back to eager if compilation fails)
     halt_after: int = 0  # stop cleanly (checkpoint + summary) after this many updates in this invocation; 0 = never
+    cpu_kernel: bool = True  # on CPU, run Agent.cell as the C accelerator at the end of this file if it matches the reference at start-up
 
 
 class ConfigError(ValueError):
@@ -120,42 +123,28 @@ class ConfigError(ValueError):
 
 def field_docs() -> dict[str, str]:
     """One-line docs of Cfg's fields, read from the comment beside each field above."""
-    import inspect
-    docs = {}
-    for line in inspect.getsource(Cfg).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.+)$", line)
-        if m:
-            docs[m.group(1)] = m.group(2)
-    return docs
+    lines = inspect.getsource(Cfg).splitlines()
+    return {m[1]: m[2] for m in (re.match(r"\s+(\w+): [^=]+=.*?  # (.+)$", l) for l in lines) if m}
 
 
 def _field_kind(f: dataclasses.Field) -> tuple[type, bool]:
     """(base type, optional) of a Cfg field from its annotation string."""
     ann = str(f.type)
     optional = ann.startswith("Optional[")
-    base = ann[9:-1] if optional else ann
-    return {"int": int, "float": float, "bool": bool, "str": str}[base], optional
+    return {"int": int, "float": float, "bool": bool, "str": str}[ann[9:-1] if optional else ann], optional
 
 
 def _convert(name: str, raw: str, typ: type, optional: bool) -> Any:
     if optional and raw.lower() in ("none", "null", ""):
         return None
-    what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[typ]
-    what += " or none" if optional else ""
+    bools = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
     try:
         if typ is bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            return int(raw.replace("_", ""))
-        if typ is float:
-            return float(raw)
-        return raw
-    except ValueError:
-        raise ConfigError(name, raw, f"must be {what}") from None
+            return bools[raw.lower()]
+        return int(raw.replace("_", "")) if typ is int else typ(raw)
+    except (KeyError, ValueError):
+        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[typ]
+        raise ConfigError(name, raw, f"must be {what}{' or none' if optional else ''}") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -176,10 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "--total-timesteps 100000 --force-c 1.0\n  python gwt_ib.py --resume runs/<run>")
     docs = field_docs()
     for f in dataclasses.fields(Cfg):
-        typ, opt = _field_kind(f)
-        meta = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[typ]
+        typ, _ = _field_kind(f)
         kw = dict(nargs="?", const="true") if typ is bool else {}
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=meta, default=None,
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=typ.__name__.upper(), default=None,
                        help=f"{docs.get(f.name, '')} (default: {f.default})", **kw)
     p.add_argument("--list-envs", action="store_true", help="print POPGym ids with their spaces and exit")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
@@ -189,16 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_overrides(ns: argparse.Namespace, base: Cfg) -> Cfg:
     """Typed Cfg from argparse strings; only flags that were given override `base`."""
-    changes = {}
-    for f in dataclasses.fields(Cfg):
-        raw = getattr(ns, f.name)
-        if raw is not None:
-            changes[f.name] = _convert(f.name, raw, *_field_kind(f))
+    changes = {f.name: _convert(f.name, getattr(ns, f.name), *_field_kind(f))
+               for f in dataclasses.fields(Cfg) if getattr(ns, f.name) is not None}
     return dataclasses.replace(base, **changes)
 
 
-_CHOICES = {"gate": ("scalar", "vector"), "ib_loss": ("sq", "kl"),
-            "td_scale_mode": ("ema", "quantile", "ema_quantile")}
+_CHOICES = {"gate": ("scalar", "vector"), "ib_loss": ("sq", "kl"), "td_scale_mode": ("ema", "quantile", "ema_quantile")}
 
 
 def validate(cfg: Cfg) -> None:
@@ -225,7 +209,7 @@ def validate(cfg: Cfg) -> None:
     for name in ("seed", "budget_warmup_updates", "eval_every", "torch_threads", "halt_after", "env_workers"):
         need(name, getattr(c, name) >= 0, "must be an integer >= 0")
     need("seq_len", c.rollout_steps % c.seq_len == 0, f"must divide rollout_steps ({c.rollout_steps})")
-    n_seq = c.num_envs * c.rollout_steps // c.seq_len
+    n_seq = c.num_envs * c.rollout_steps // c.seq_len  # sequences per rollout
     need("minibatches", n_seq % c.minibatches == 0,
          f"must divide the number of sequences per rollout (num_envs*rollout_steps/seq_len = {n_seq})")
     need("total_timesteps", c.total_timesteps >= c.num_envs * c.rollout_steps,
@@ -254,8 +238,7 @@ def validate(cfg: Cfg) -> None:
     need("out_dir", c.out_dir.strip() != "", "must be a directory path")
     need("run_name", "/" not in c.run_name and c.run_name not in (".", ".."), "must be a plain directory name")
     m = re.fullmatch(r"(auto|cpu|cuda)(:(\d+))?", c.device)
-    need("device", m is not None and (m.group(2) is None or m.group(1) == "cuda"),
-         "must be auto, cpu, cuda or cuda:N")
+    need("device", m is not None and (m.group(2) is None or m.group(1) == "cuda"), "must be auto, cpu, cuda or cuda:N")
     if m.group(1) == "cuda":
         n = torch.cuda.device_count()
         need("device", n > 0, "no CUDA device is available here (use cpu or auto)")
@@ -263,9 +246,7 @@ def validate(cfg: Cfg) -> None:
 
 
 def resolve_device(cfg: Cfg) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -275,15 +256,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-# ============================================================================ env helpers
+# ============================================================================ environments
 def _gym():
-    """gymnasium with POPGym's ids registered (imported lazily: `import gwt_ib` stays cheap)."""
-    import gymnasium
+    """gymnasium with POPGym's ids registered (popgym is imported only when an env is made)."""
     try:
         import popgym  # noqa: F401  registers popgym-*-v0
     except ImportError:
         pass
-    return gymnasium
+    return gym
 
 
 def check_env_id(env_id: str) -> None:
@@ -294,50 +274,16 @@ def check_env_id(env_id: str) -> None:
         raise ConfigError("env_id", env_id, f"is not a registered gymnasium id; {hint}")
 
 
-def obs_encoder(space, path: str = "obs"):
-    """(dim, fn): fn maps a batch of observations of `space` to a (N, dim) float32 array.
-    Discrete parts become one-hot vectors (as POPGym's baselines feed networks), Box and MultiBinary
-    parts are flattened floats, Tuple and Dict parts are concatenated in the space's order."""
-    from gymnasium import spaces as S
-    if isinstance(space, S.Box):
-        dim = int(np.prod(space.shape))
-        return dim, lambda x: np.asarray(x, np.float32).reshape(len(x), dim)
-    if isinstance(space, S.MultiBinary):
-        dim = int(np.prod(space.shape))
-        return dim, lambda x: np.asarray(x, np.float32).reshape(len(x), dim)
-    if isinstance(space, S.Discrete):
-        n, start = int(space.n), int(space.start)
-        eye = np.eye(n, dtype=np.float32)
-        return n, lambda x: eye[np.asarray(x, np.int64).reshape(-1) - start]
-    if isinstance(space, S.MultiDiscrete):
-        nvec = space.nvec.reshape(-1).astype(np.int64)
-        start = np.broadcast_to(space.start, space.nvec.shape).reshape(-1).astype(np.int64)
-        offs = np.concatenate([[0], np.cumsum(nvec)[:-1]])
-        dim = int(nvec.sum())
-
-        def enc(x):
-            x = np.asarray(x, np.int64).reshape(-1, len(nvec)) - start + offs
-            out = np.zeros((len(x), dim), np.float32)
-            np.put_along_axis(out, x, 1.0, axis=1)
-            return out
-        return dim, enc
+def check_obs_space(space, path: str = "obs") -> None:
+    """Observations are flattened (FlatObs: Discrete and MultiDiscrete parts one-hot, as POPGym's
+    baselines feed networks); these are the spaces whose flat form is a vector."""
+    S = gym.spaces
     if isinstance(space, (S.Tuple, S.Dict)):
-        keys = list(space.spaces.keys()) if isinstance(space, S.Dict) else list(range(len(space.spaces)))
-        parts = [obs_encoder(space.spaces[k], f"{path}[{k!r}]") for k in keys]
-        dim = sum(d for d, _ in parts)
-        return dim, lambda x: np.concatenate([fn(x[k]) for k, (_, fn) in zip(keys, parts)], axis=1)
-    raise ConfigError("env_id", path, f"has unsupported observation space {space}; supported: Box, Discrete, "
-                                      "MultiDiscrete, MultiBinary and Tuple/Dict of these")
-
-
-def _batch1(space, x):
-    """One observation -> a batch of one, for obs_encoder (used for final observations)."""
-    from gymnasium import spaces as S
-    if isinstance(space, S.Tuple):
-        return tuple(_batch1(s, xi) for s, xi in zip(space.spaces, x))
-    if isinstance(space, S.Dict):
-        return {k: _batch1(s, x[k]) for k, s in space.spaces.items()}
-    return np.asarray(x)[None]
+        for k, s in (space.spaces.items() if isinstance(space, S.Dict) else enumerate(space.spaces)):
+            check_obs_space(s, f"{path}[{k!r}]")
+    elif not isinstance(space, (S.Box, S.Discrete, S.MultiDiscrete, S.MultiBinary)):
+        raise ConfigError("env_id", path, f"has unsupported observation space {space}; supported: Box, Discrete, "
+                                          "MultiDiscrete, MultiBinary and Tuple/Dict of these")
 
 
 @dataclass
@@ -358,23 +304,36 @@ class ActSpec:
 
 
 def action_spec(space) -> ActSpec:
-    from gymnasium import spaces as S
+    S = gym.spaces
     if isinstance(space, S.Discrete):
         return ActSpec("discrete", int(space.n), (int(space.n),), (int(space.start),))
     if isinstance(space, S.MultiDiscrete) and space.nvec.ndim == 1:
         nvec = tuple(int(n) for n in space.nvec)
-        start = tuple(int(s) for s in np.broadcast_to(space.start, space.nvec.shape))
-        return ActSpec("discrete", sum(nvec), nvec, start, multi=True)
+        return ActSpec("discrete", sum(nvec), nvec, tuple(int(s) for s in np.broadcast_to(space.start, space.nvec.shape)),
+                       multi=True)
     if isinstance(space, S.Box) and np.issubdtype(space.dtype, np.floating):
-        dim = int(np.prod(space.shape))
-        return ActSpec("box", dim, low=space.low.reshape(-1).astype(np.float32),
+        return ActSpec("box", int(np.prod(space.shape)), low=space.low.reshape(-1).astype(np.float32),
                        high=space.high.reshape(-1).astype(np.float32), shape=tuple(space.shape))
     raise ConfigError("env_id", str(space), "has an unsupported action space; supported: Discrete, "
                                             "MultiDiscrete (1-D) and float Box")
 
 
-def _make_one(env_id: str):
-    return _gym().make(env_id, disable_env_checker=True)  # the checker only warns about popgym infos
+class FlatObs(gym.ObservationWrapper):
+    """Observations as flat vectors by gymnasium.spaces.flatten. gymnasium's FlattenObservation does
+    the same through a lambda, which does not pickle (checkpoints store in-process env state)."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.observation_space = gym.spaces.flatten_space(env.observation_space)
+
+    def observation(self, obs):
+        return gym.spaces.flatten(self.env.observation_space, obs)
+
+
+def make_env(env_id: str):
+    env = _gym().make(env_id, disable_env_checker=True)  # the checker only warns about popgym infos
+    check_obs_space(env.observation_space)
+    return FlatObs(env)
 
 
 def make_envs(cfg: Cfg, n: int, async_envs: bool = False, workers: int = 0):
@@ -385,9 +344,8 @@ def make_envs(cfg: Cfg, n: int, async_envs: bool = False, workers: int = 0):
     from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
     if workers:
         return ShardedVectorEnv(cfg.env_id, n, workers)
-    fns = [functools.partial(_make_one, cfg.env_id) for _ in range(n)]
     cls = AsyncVectorEnv if async_envs else SyncVectorEnv
-    return cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+    return cls([functools.partial(make_env, cfg.env_id) for _ in range(n)], autoreset_mode=AutoresetMode.SAME_STEP)
 
 
 def _shard_worker(pipe, env_id: str, n: int) -> None:
@@ -397,7 +355,7 @@ def _shard_worker(pipe, env_id: str, n: int) -> None:
             cmd, arg = pipe.recv()
             if cmd == "step":
                 obs, r, term, trunc, info = envs.step(arg)
-                pipe.send((obs, r, term, trunc, info.get("final_obs")))
+                pipe.send((obs, r, term, trunc, info.get("final_obs", np.full(n, None, object))))
             elif cmd == "reset":
                 pipe.send(envs.reset(seed=arg)[0])
             else:
@@ -415,7 +373,7 @@ class ShardedVectorEnv:
     def __init__(self, env_id: str, n: int, workers: int):
         import multiprocessing as mp
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        probe = _make_one(env_id)
+        probe = make_env(env_id)
         self.single_observation_space, self.single_action_space = probe.observation_space, probe.action_space
         probe.close()
         self.num_envs, self.sizes = n, [len(a) for a in np.array_split(np.arange(n), workers)]
@@ -427,28 +385,17 @@ class ShardedVectorEnv:
             self.pipes.append(parent)
             self.procs.append(p)
 
-    def _cat(self, space, parts):
-        from gymnasium import spaces as S
-        if isinstance(space, S.Tuple):
-            return tuple(self._cat(s, [p[i] for p in parts]) for i, s in enumerate(space.spaces))
-        if isinstance(space, S.Dict):
-            return {k: self._cat(s, [p[k] for p in parts]) for k, s in space.spaces.items()}
-        return np.concatenate(parts)
-
     def reset(self, seed: Optional[int] = None):
-        offs = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
-        for pipe, o in zip(self.pipes, offs):
+        for pipe, o in zip(self.pipes, np.cumsum([0] + self.sizes[:-1])):
             pipe.send(("reset", None if seed is None else seed + int(o)))
-        return self._cat(self.single_observation_space, [p.recv() for p in self.pipes]), {}
+        return np.concatenate([p.recv() for p in self.pipes]), {}
 
     def step(self, actions):
         for pipe, a in zip(self.pipes, np.split(actions, np.cumsum(self.sizes)[:-1])):
             pipe.send(("step", a))
         res = [p.recv() for p in self.pipes]
-        fin = np.empty(self.num_envs, object)
-        fin[:] = [f for (_, _, _, _, fo), k in zip(res, self.sizes) for f in (fo if fo is not None else [None] * k)]
-        return (self._cat(self.single_observation_space, [r[0] for r in res]),
-                *(np.concatenate([r[i] for r in res]) for i in (1, 2, 3)), {"final_obs": fin})
+        return (*(np.concatenate([r[i] for r in res]) for i in range(4)),
+                {"final_obs": np.concatenate([r[4] for r in res])})
 
     def close(self):
         for pipe in self.pipes:
@@ -471,77 +418,6 @@ def list_envs() -> str:
 
 
 # ============================================================================ model
-def _tanh_cpu(x: torch.Tensor) -> torch.Tensor:
-    """tanh(x) as 2*sigmoid(2x) - 1 (equal to within 2e-7): torch's CPU tanh runs ~5x slower than its
-    sigmoid in this build (AVX-512; 1024x256: 550 vs 95 us). Tensor-tensor ops where possible: each
-    Python-scalar operand costs a scalar-tensor conversion, which is most of the time at rollout sizes."""
-    y = torch.sigmoid(x + x)
-    return y.add_(y).sub_(1)
-
-
-class _TanhCPU(torch.autograd.Function):
-    """_tanh_cpu with tanh's own backward from the output (one op, not sigmoid's chain)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = _tanh_cpu(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.ops.aten.tanh_backward(g, ctx.saved_tensors[0])
-
-
-class Tanh(nn.Module):
-    """nn.Tanh for the encoder and heads; on CPU as _tanh_cpu (an autograd.Function call costs ~20 us,
-    so it is only taken when a backward may follow)."""
-
-    def forward(self, x):
-        if x.device.type != "cpu":
-            return torch.tanh(x)
-        return _TanhCPU.apply(x) if torch.is_grad_enabled() and x.requires_grad else _tanh_cpu(x)
-
-
-def linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], kern: Optional["CellKernel"]) -> torch.Tensor:
-    """F.linear(x, W, b). With the C kernel (CPU float32) the forward runs its GEMM: one core does the
-    rollout's 16-row products ~3-4x faster than MKL does on two, and since every product of the model
-    then sums in the kernel's order, rollout and update get identical bits. Gradients: torch matmuls."""
-    if kern is None or not kern.gemm or not kern.fits(x):
-        return F.linear(x, W, b)
-    if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad):
-        return _KernelLinear.apply(x, W, b, kern)
-    return kern.linear(x, W, b)
-
-
-class _KernelLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, W, b, kern):
-        ctx.save_for_backward(x, W)
-        ctx.has_bias, ctx.kern = b is not None, kern
-        return kern.linear(x, W, b)
-
-    @staticmethod
-    def backward(ctx, g):  # as F.linear's: dx = g W (the kernel's GEMM again), dW = g^T x, db = sum g
-        x, W = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        dx = ctx.kern.linear(g2, W, None, trans=False).view(x.shape) if ctx.needs_input_grad[0] else None
-        dW = g2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dW, db, None
-
-
-class Linear(nn.Linear):
-    """nn.Linear through linear(): the C kernel's GEMM on CPU float32 when `kern` is given."""
-
-    def __init__(self, n_in: int, n_out: int, kern: Optional["CellKernel"]):
-        super().__init__(n_in, n_out)
-        self.kern = kern
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias, self.kern)
-
-
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
     nn.init.orthogonal_(layer.weight, std)  # CleanRL's PPO init
     nn.init.constant_(layer.bias, bias)
@@ -551,22 +427,21 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
 class Agent(nn.Module):
     """Encoder -> router (gate c) -> gated GRU memory h -> actor and critic heads.
 
-    For speed the GRU and the router's first layer are split into an h-independent part
-    (`features`, `gate_prior`: batched over a whole sequence) and the h-dependent `cell` (one matmul
-    per step, the only thing inside the time loop). Parameter layout, H = hid_dim, R = router_hid:
+    `cell` is the one definition of the recurrent step. Everything that does not depend on h runs
+    batched over whole sequences: `features` (encoder and every input projection), `gate_prior`
+    (the TD prior) and `heads`; inside the time loop only `recur` (one matmul on h) and `cell` run.
+    Parameter layout, E = enc_dim, H = hid_dim, R = router_hid (0 without the residual MLP):
       W_x (3H+R, E) = [GRU W_ih ; router W_z]    W_h (3H+R, H) = [GRU W_hh ; router W_h]
       b_h (3H+R)    = [GRU b_hh ; router b]      b_ih (3H) = GRU b_ih
-    GRU(c*z, h) is nn.GRUCell with input projection c*(W_ih z) + b_ih, so W_ih z is computed once."""
+    GRU(c*z, h) is nn.GRUCell with input projection W_ih (c z) + b_ih = c (W_ih z) + b_ih, so W_ih z is
+    computed once per step outside the loop."""
 
     def __init__(self, obs_dim: int, act: ActSpec, cfg: Cfg):
         super().__init__()
         E, H, R = cfg.enc_dim, cfg.hid_dim, (cfg.router_hid if cfg.use_router_residual else 0)
-        self.cfg, self.act, self.E, self.H, self.R = cfg, act, E, H, R
-        self.G = H if cfg.gate == "vector" else 1
-        self.Gc = self.G if cfg.force_c is None and R else 1  # gates per row that cell() outputs
-        cpu = cfg.cpu_kernel and resolve_device(cfg).type == "cpu"
-        self.kern = kern = cell_kernel() if cpu else None  # the C kernel (cell, GEMMs); None: torch ops only
-        self.enc = nn.Sequential(layer_init(Linear(obs_dim, E, kern)), Tanh(), layer_init(Linear(E, E, kern)), Tanh())
+        self.cfg, self.act, self.obs_dim, self.H, self.R = cfg, act, obs_dim, H, R
+        self.G = H if cfg.gate == "vector" else 1  # gates per step: one, or one per memory unit
+        self.enc = nn.Sequential(layer_init(nn.Linear(obs_dim, E)), nn.Tanh(), layer_init(nn.Linear(E, E)), nn.Tanh())
         k, kr = 1 / math.sqrt(H), 1 / math.sqrt(E + H)  # nn.GRUCell's init; nn.Linear's over [z, h]
         self.W_x = nn.Parameter(torch.cat([torch.empty(3 * H, E).uniform_(-k, k), torch.empty(R, E).uniform_(-kr, kr)]))
         self.W_h = nn.Parameter(torch.cat([torch.empty(3 * H, H).uniform_(-k, k), torch.empty(R, H).uniform_(-kr, kr)]))
@@ -578,22 +453,17 @@ class Agent(nn.Module):
             nn.init.zeros_(self.r_out.bias)
         self.bias = nn.Parameter(torch.tensor(float(cfg.bias_init)))
         hh = cfg.head_hid
-        self.actor = nn.Sequential(layer_init(Linear(H, hh, kern)), Tanh(), layer_init(Linear(hh, act.n_out, kern), 0.01))
-        self.critic = nn.Sequential(layer_init(Linear(H, hh, kern)), Tanh(), layer_init(Linear(hh, 1, kern), 1.0))
+        self.actor = nn.Sequential(layer_init(nn.Linear(H, hh)), nn.Tanh(), layer_init(nn.Linear(hh, act.n_out), 0.01))
+        self.critic = nn.Sequential(layer_init(nn.Linear(H, hh)), nn.Tanh(), layer_init(nn.Linear(hh, 1), 1.0))
         self.log_std = nn.Parameter(torch.zeros(act.n_out)) if act.kind == "box" else None
-        self._cell = self.cell  # replaced by a compiled version with cfg.compile
-
-    def gru_params(self):
-        """(w_ih, w_hh, b_ih, b_hh) in nn.GRUCell's layout (rows r, z, n)."""
-        H = self.H
-        return self.W_x[:3 * H], self.W_h[:3 * H], self.b_ih, self.b_h[:3 * H]
+        self.accel = None  # set by build() when the accelerator (end of file) matches cell() for this agent
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         """h-independent projections of the observation: (..., obs_dim) -> (..., 3H+R) = [W_ih z ; W_z z]."""
-        return linear(self.enc(obs), self.W_x, None, self.kern)
+        return F.linear(self.enc(obs), self.W_x)
 
     def gate_prior(self, td_prev: torch.Tensor, episode_start: torch.Tensor):
-        """-> prior gate logit (..., 1) and the mask applied to h_prev (..., 1). At an episode start
+        """-> prior gate logit (..., 1) and keep (..., 1), the mask applied to h_prev. At an episode start
         td_prev and h_prev are zeroed before use. With force_c the 'logit' is the fixed gate itself."""
         keep = (1.0 - episode_start).unsqueeze(-1)
         keep_h = torch.zeros_like(keep) if self.cfg.memoryless else keep
@@ -602,647 +472,58 @@ class Agent(nn.Module):
         return self.cfg.td_scale * (td_prev.unsqueeze(-1) * keep).abs() + self.cfg.base_logit + self.bias, keep_h
 
     def recur(self, hp: torch.Tensor) -> torch.Tensor:
-        """hh = hp @ W_h^T + b_h (B, 3H+R) from the masked previous memory hp (B, H): the one matmul
-        inside the time loop; on CPU float32 by the C kernel's GEMM, as in the kernel's time loops."""
-        return linear(hp, self.W_h, self.b_h, self.kern if self._cell == self.cell else None)
+        """hh = W_h hp + b_h (B, 3H+R): the one matmul on the (masked) previous memory hp (B, H)."""
+        return F.linear(hp, self.W_h, self.b_h)
 
-    def cell(self, x, prior, hp, hh, tape: Optional[list] = None):
-        """The rest of the recurrent step, in torch ops (the reference; `gates` may run it as C).
-        x (B, 3H+R), prior (B, 1), hp = h_prev * keep (B, H), hh = recur(hp) -> c (B, G), h (B, H).
-        `tape` (used by the fused unroll) records the intermediates that its backward needs."""
-        # split(), not slicing: a slice's backward zero-fills a full-size gradient, split's is one cat
+    def cell(self, x, prior, hp, hh):
+        """The recurrent step. x = features(obs_t) (B, 3H+R), prior (B, 1), hp = h_prev * keep (B, H),
+        hh = recur(hp) -> c (B, G), h (B, H)."""
         H = self.H
-        hh_ru, hh_n, hh_r = hh.split([2 * H, H, self.R], -1)
-        x_g, x_r = x.split([3 * H, self.R], -1)
-        a = None
+        x_gru, x_r = x.split([3 * H, self.R], -1)  # split, not slicing: one cat in backward, no zero-fill
+        hh_gru, hh_r = hh.split([3 * H, self.R], -1)
         if self.cfg.force_c is not None:
             c = prior
         elif self.R:
-            a = torch.tanh(x_r + hh_r)  # router hidden layer over [z, h_prev]
-            c = torch.sigmoid(prior + self.r_out(a))  # (B, G)
+            c = torch.sigmoid(prior + self.r_out(torch.tanh(x_r + hh_r)))  # router MLP over [z, h_prev]
         else:
             c = torch.sigmoid(prior)
-        c_in = c if self.G == 1 else c.mean(-1, keepdim=True)  # a vector gate scales the input by its mean
-        gi_ru, gi_n = torch.addcmul(self.b_ih, c_in, x_g).split([2 * H, H], -1)  # input projection of c*z
-        r, u = torch.sigmoid(gi_ru + hh_ru).chunk(2, -1)
-        n = torch.tanh(torch.addcmul(gi_n, r, hh_n))
-        h_prop = torch.lerp(n, hp, u)  # = (1-u)*n + u*hp = GRUCell(c*z, h_prev)
-        if tape is not None:
-            tape.append((hp, a, c, c_in, r, u, n, hh_n, h_prop))
-        return c, torch.lerp(hp, h_prop, c)  # hp + c*(h_prop - hp): c=0 keeps hp exactly
+        gi = self.b_ih + c.mean(-1, keepdim=True) * x_gru  # W_ih (c z) + b_ih; a vector gate scales z by its mean
+        i_r, i_u, i_n = gi.chunk(3, -1)
+        h_r, h_u, h_n = hh_gru.chunk(3, -1)
+        r, u = torch.sigmoid(i_r + h_r), torch.sigmoid(i_u + h_u)  # nn.GRUCell's equations
+        n = torch.tanh(i_n + r * h_n)
+        h_prop = (1 - u) * n + u * hp  # = GRUCell(c*z, h_prev)
+        return c, hp + c * (h_prop - hp)  # c = 0 keeps h_prev exactly
 
-    def gates(self, x, prior, hp, hh):
-        """cell() by the fastest backend: without gradients and for CPU float32 tensors the C kernel,
-        else self._cell (cell() or its torch.compile). Both backends compute the same function."""
-        if self.kern is not None and self._cell == self.cell and self.kern.fits(x) and not torch.is_grad_enabled():
-            return self.kern.step(self, x, prior, hp, hh)
-        return self._cell(x, prior, hp, hh)
+    def step(self, x, prior, keep, h_prev):
+        """One time step, the only computation that depends on h: -> c (B, G), h (B, H)."""
+        hp = h_prev * keep
+        if self.accel is not None:  # the C cell (accelerator section), checked equal to cell() at start-up
+            return self.accel.cell(self, x, prior, hp, self.recur(hp))
+        return self.cell(x, prior, hp, self.recur(hp))
+
+    def value(self, h: torch.Tensor) -> torch.Tensor:
+        return self.critic(h).squeeze(-1)
 
     def heads(self, h: torch.Tensor):
-        return self.actor(h), self.critic(h).squeeze(-1)
+        return self.actor(h), self.value(h)
 
-    def step(self, obs, h_prev, td_prev, episode_start):
-        """(obs, h_prev, td_prev, episode_start) -> logits, value, c, h: one step, as the rollout takes it."""
-        prior, keep = self.gate_prior(td_prev, episode_start)
-        hp = h_prev * keep
-        c, h = self.gates(self.features(obs), prior, hp, self.recur(hp))
-        logits, value = self.heads(h)
-        return logits, value, c, h
-
-    def unroll(self, obs, h0, td_prev, episode_start, fused: bool = True):
-        """The same step over sequences: obs (L, B, D), h0 (B, H), td_prev/episode_start (L, B).
-        Everything but recur() and cell() runs batched over all L*B steps. With `fused` the time loop
-        runs as one autograd node (FusedUnroll: same forward math, hand-written backward)."""
-        x = self.features(obs)  # (L, B, 3H+R)
+    def unroll(self, obs, h0, td_prev, episode_start):
+        """The step over sequences from stored state: obs (L, B, D), h0 (B, H), td_prev/episode_start (L, B)
+        -> logits (L, B, n_out), value (L, B), c (L, B, G), h (L, B, H)."""
+        x = self.features(obs)  # (L, B, 3H+R), batched
         prior, keep = self.gate_prior(td_prev, episode_start)  # (L, B, 1) each
-        if fused and self._cell == self.cell and (torch.is_grad_enabled() or self.kern is not None):
-            params = [self.W_h, self.b_h, self.b_ih] + ([self.r_out.weight, self.r_out.bias] if self.R else [])
-            hs, cs = FusedUnroll.apply(self, x, prior, keep, h0, *params)
+        if self.accel is not None:  # the same loop as one autograd node, its backward in C
+            hs, cs = self.accel.unroll(self, x, prior, keep, h0)
         else:
             h, cs, hs = h0, [], []
-            for xt, pt, kt in zip(x.unbind(0), prior.unbind(0), keep.unbind(0)):  # unbind: one backward for all t
-                hp = h * kt
-                c, h = self.gates(xt, pt, hp, self.recur(hp))  # with gradients: self._cell
+            for xt, pt, kt in zip(x.unbind(0), prior.unbind(0), keep.unbind(0)):
+                c, h = self.step(xt, pt, kt, h)
                 cs.append(c)
                 hs.append(h)
-            hs, cs = torch.stack(hs), torch.stack(cs)  # (L, B, H), (L, B, G)
-        logits, value = self.heads(hs)
+            hs, cs = torch.stack(hs), torch.stack(cs)
+        logits, value = self.heads(hs)  # batched over all L*B steps
         return logits, value, cs, hs
-
-
-class FusedUnroll(torch.autograd.Function):
-    """recur() + cell() over a sequence as one autograd node. The time loop runs either cell() itself
-    (torch ops: any device, any dtype) or, for CPU float32 with the kernel built, the C version of the
-    same math (CellKernel); rollout and update always take the same backend, so their values agree
-    exactly. The backward is cell()'s chain rule written out, walking t backwards; the weight
-    gradients are summed over all L*B steps in one matmul after the loop (autograd would do 2 small
-    matmuls and ~25 graph nodes per step). Both backends are checked against autograd in tests."""
-
-    @staticmethod
-    def forward(ctx, agent, x, prior, keep, h0, *params):
-        ctx.agent, ctx.kern = agent, agent.kern if agent.kern is not None and agent.kern.fits(x) else None
-        if ctx.kern is not None:
-            hs, cs, ctx.ws = ctx.kern.unroll(agent, x, prior, keep, h0)
-            if not any(ctx.needs_input_grad):  # no backward will come for this forward
-                ctx.kern.release(ctx.ws)
-        else:
-            tape, hs, cs, h = [], [], [], h0
-            for t in range(x.shape[0]):
-                hp = h * keep[t]
-                c, h = agent.cell(x[t], prior[t], hp, agent.recur(hp), tape)
-                hs.append(h)
-                cs.append(c)
-            hs, cs, ctx.tape = torch.stack(hs), torch.stack(cs), tape
-        ctx.save_for_backward(x, keep)
-        return hs, cs
-
-    @staticmethod
-    def backward(ctx, d_hs, d_cs):
-        ag = ctx.agent
-        x, keep = ctx.saved_tensors
-        H, R = ag.H, ag.R
-        L, B = x.shape[:2]
-        learned = ag.cfg.force_c is None
-        if ctx.kern is not None:
-            ws = ctx.ws
-            dh, dx = ctx.kern.backward(ag, ws, d_hs, d_cs, keep)
-            dhh_all, dlogit_all, hp_all, a_all = (ws[k] for k in ("dhh", "dlogit", "hp", "a"))
-            db_ih = torch.cat([dhh_all[..., :2 * H].sum((0, 1)), ws["dgn"].sum((0, 1))])  # d gi summed
-        else:
-            dh, dgi_all, dhh_all, dlogit_all = FusedUnroll._torch_backward(ag, ctx.tape, x, keep, d_hs, d_cs)
-            ci_all = torch.stack([tp[3] for tp in ctx.tape])
-            hp_all = torch.stack([tp[0] for tp in ctx.tape])
-            a_all = torch.stack([tp[1] for tp in ctx.tape]) if learned and R else None
-            dx = torch.cat([dgi_all * ci_all, dhh_all[..., 3 * H:]], -1)  # router rows: d x_r = d hh_r
-            db_ih = dgi_all.sum((0, 1))
-        # everything that does not feed the recurrence, batched over all L*B steps
-        dhh2 = dhh_all.reshape(L * B, -1)
-        grads = [dhh2.T @ hp_all.reshape(L * B, H), dhh2.sum(0), db_ih]
-        if R and learned:  # c = sigmoid(prior + r_out(a))
-            grads += [dlogit_all.reshape(L * B, ag.G).T @ a_all.reshape(L * B, R), dlogit_all.sum((0, 1))]
-        elif R:  # a fixed gate: the router gets no gradient
-            grads += [torch.zeros_like(ag.r_out.weight), torch.zeros_like(ag.r_out.bias)]
-        dprior = dlogit_all.sum(-1, keepdim=True) if learned else None
-        if ctx.kern is not None:
-            ctx.kern.release(ws)
-        ctx.agent = ctx.tape = ctx.ws = None
-        return (None, dx, dprior, None, dh, *grads)
-
-    @staticmethod
-    def _torch_backward(ag, tape, x, keep, d_hs, d_cs):
-        """The per-step chain rule in torch ops -> d h0 and, per step, d gi (input projection of c*z),
-        d hh (= d recur) and d gate logit."""
-        H, R, G = ag.H, ag.R, ag.Gc
-        L, B = x.shape[:2]
-        learned = ag.cfg.force_c is None
-        dgi_all = x.new_empty(L, B, 3 * H)
-        dhh_all = x.new_zeros(L, B, 3 * H + R)
-        dlogit_all = x.new_zeros(L, B, G)
-        W_o = ag.r_out.weight if R else None
-        dh = torch.zeros_like(d_hs[0])
-        for t in range(L - 1, -1, -1):
-            hp, a, c, ci, r, u, n, hh_n, hprop = tape[t]
-            dh = dh + d_hs[t]
-            dc = d_cs[t] + (dh * (hprop - hp) if G > 1 else (dh * (hprop - hp)).sum(-1, keepdim=True))
-            dhprop = dh * c  # h = hp + c*(hprop - hp)
-            dhp = dh - dhprop + dhprop * u  # hprop = n + u*(hp - n)
-            dpre_n = (dhprop - dhprop * u) * (1 - n * n)  # n = tanh(gi_n + r*hh_n)
-            dpre_r = dpre_n * hh_n * r * (1 - r)  # r, u = sigmoid(gi_ru + hh_ru)
-            dpre_u = dhprop * (hp - n) * u * (1 - u)
-            dgi = torch.cat([dpre_r, dpre_u, dpre_n], -1, out=dgi_all[t])
-            dci = (dgi * x[t, :, :3 * H]).sum(-1, keepdim=True)  # gi = b_ih + c_in * x_g
-            dc = dc + (dci / G if G > 1 else dci)
-            parts = [dpre_r, dpre_u, dpre_n * r]
-            if learned:
-                dlogit = torch.mul(dc, c * (1 - c), out=dlogit_all[t])  # c = sigmoid(prior + r_out(a))
-                if R:
-                    parts.append((dlogit @ W_o) * (1 - a * a))  # a = tanh(x_r + hh_r)
-            k = 3 * H + (R if len(parts) == 4 else 0)  # with a fixed gate the router rows get no gradient
-            dhh = torch.cat(parts, -1, out=dhh_all[t, :, :k])
-            dhp = dhp + dhh @ ag.W_h[:k]  # hh = hp @ W_h^T + b_h
-            dh = dhp * keep[t]  # hp = h_prev * keep
-        return dh, dgi_all, dhh_all, dlogit_all
-
-
-# --- the C kernel (CPU float32): cell()'s elementwise math forward and backward, a small-batch GEMM and
-# the training unroll's whole time loops. On a CPU the time loop is bound by per-op overhead (cell() is
-# ~15 small torch ops per step, its backward ~25) and by a 16-row matmul that BLAS libraries do poorly.
-# Compiled once with the system C compiler, loaded with ctypes; CellKernel below is its binding.
-_CELL_C = r"""/* Agent.cell's elementwise part for one time step t of a (L, B) batch, forward and backward,
-   a GEMM for few rows, and the time loops. Row-major float32; X = 3H+R. */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-typedef struct {
-    int64_t B, H, R, G, learned;                 /* G = 1 for a forced gate */
-    const float *x, *prior, *keep, *b_ih, *w_o, *b_o;   /* (L,B,X) (L,B) (L,B) (3H) (G,R) (G) */
-    float *hp, *hh, *c, *ci, *a, *tape, *h;      /* (L,B,H) (B,X) (L,B,G) (L,B) (L,B,R) (L,B,4H) (L,B,H) */
-    const float *d_h, *d_c;                      /* (L,B,H) (L,B,G): gradients arriving at the outputs */
-    float *dgn, *dhh, *dlogit, *dhp, *dmm, *dx;  /* (L,B,H) (L,B,X) (L,B,G) (B,H) (B,H) (L,B,X) */
-} Cell;
-
-/* e^x to ~2 ulp (Cephes' polynomial after Cody-Waite reduction), written so that compilers vectorize
-   it: 0 below -87.3, inf above 88.7 (so sigmoid saturates to exactly 0 and 1, as torch's does), and
-   NaN stays NaN (the clamps are comparisons, which NaN fails). */
-static inline float ex(float x0) {
-    float x = x0 < -87.f ? -87.f : x0;
-    x = x > 88.f ? 88.f : x;
-    float k = (x * 1.44269504f + 12582912.f) - 12582912.f;   /* round(x / ln 2) */
-    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    int32_t e = ((int32_t)k + 127) << 23;
-    float s;
-    memcpy(&s, &e, 4);
-    p *= s;
-    p = x0 < -87.3f ? 0.f : p;
-    return x0 > 88.7f ? INFINITY : p;
-}
-static inline float sigm(float x) { return 1.f / (1.f + ex(-x)); }
-static inline float tanhf_(float x) {
-    float t = ex(-2.f * (x < 0.f ? -x : x)), y = (1.f - t) / (1.f + t);
-    return x < 0.f ? -y : y;
-}
-static inline float lerp(float s, float e, float w) {   /* torch.lerp's formula: exact at w = 0 and w = 1 */
-    return w < 0.5f ? s + w * (e - s) : e - (e - s) * (1.f - w);
-}
-static float dot(const float *restrict a, const float *restrict b, int64_t n) {   /* 16 lanes, vectorizable */
-    float acc[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * b[i + l];
-    float s = 0.f;
-    for (; i < n; i++) s += a[i] * b[i];
-    for (int l = 0; l < 16; l++) s += acc[l];
-    return s;
-}
-
-static void units_fwd(int64_t H, float ci, const float *restrict c, int64_t cstep, const float *restrict x,
-                      const float *restrict hh, const float *restrict hp, const float *restrict bi,
-                      float *restrict tp, float *restrict h) {
-    for (int64_t j = 0; j < H; j++) {
-        float r = sigm((bi[j] + ci * x[j]) + hh[j]);
-        float u = sigm((bi[H + j] + ci * x[H + j]) + hh[H + j]);
-        float n = tanhf_((bi[2 * H + j] + ci * x[2 * H + j]) + r * hh[2 * H + j]);
-        float q = lerp(n, hp[j], u);                    /* GRUCell(c*z, hp) */
-        tp[j] = r; tp[H + j] = u; tp[2 * H + j] = n; tp[3 * H + j] = hh[2 * H + j];
-        h[j] = lerp(hp[j], q, c[j * cstep]);
-    }
-}
-
-/* Step t: c, h and the tape (r, u, n, hh_n per row) from x, prior, hp and this step's hh; then
-   hp[t+1] = h * keep[t+1] unless last. hh is the caller's matmul output for this step only: (B, X). */
-void cell_fwd(const Cell *k, int64_t t, int64_t last, int64_t b0, int64_t b1) {   /* rows b0..b1-1 */
-    const int64_t B = k->B, H = k->H, R = k->R, G = k->G, X = 3 * H + R;
-    for (int64_t b = b0; b < b1; b++) {
-        const int64_t row = t * B + b;
-        const float *x = k->x + row * X, *hh = k->hh + b * X, *hp = k->hp + row * H;
-        float *c = k->c + row * G, *h = k->h + row * H;
-        const float pr = k->prior[row];
-        if (!k->learned) c[0] = pr;
-        else if (R) {
-            float *a = k->a + row * R;
-            for (int64_t j = 0; j < R; j++) a[j] = tanhf_(x[3 * H + j] + hh[3 * H + j]);
-            for (int64_t g = 0; g < G; g++) c[g] = sigm(pr + (dot(k->w_o + g * R, a, R) + k->b_o[g]));
-        } else c[0] = sigm(pr);
-        float ci = c[0];
-        if (G > 1) {
-            float s = 0.f;
-            for (int64_t g = 0; g < G; g++) s += c[g];
-            ci = s / (float)G;
-        }
-        k->ci[row] = ci;
-        if (G > 1) units_fwd(H, ci, c, 1, x, hh, hp, k->b_ih, k->tape + row * 4 * H, h);
-        else units_fwd(H, ci, c, 0, x, hh, hp, k->b_ih, k->tape + row * 4 * H, h);   /* c[j*0]: a constant */
-        if (!last) {
-            const float kp = k->keep[row + B];
-            float *hn = k->hp + (row + B) * H;
-            for (int64_t j = 0; j < H; j++) hn[j] = h[j] * kp;
-        }
-    }
-}
-
-static void units_bwd(int64_t H, const float *restrict dh, const float *restrict c, int64_t cstep,
-                      const float *restrict tp, const float *restrict hp, float *restrict df,
-                      float *restrict dhp, float *restrict dgi, float *restrict dhh) {
-    for (int64_t j = 0; j < H; j++) {
-        const float r = tp[j], u = tp[H + j], n = tp[2 * H + j], hh_n = tp[3 * H + j];
-        df[j] = lerp(n, hp[j], u) - hp[j];              /* d h / d c = q - hp, q as in the forward */
-        const float dq = dh[j] * c[j * cstep];          /* h = hp + c*(q - hp) */
-        dhp[j] = dh[j] - dq + dq * u;                   /* q = n + u*(hp - n) */
-        const float dn = (dq - dq * u) * (1.f - n * n); /* n = tanh(gi_n + r*hh_n) */
-        const float dr = dn * hh_n * r * (1.f - r);
-        const float du = dq * (hp[j] - n) * u * (1.f - u);
-        dgi[j] = dr; dgi[H + j] = du; dgi[2 * H + j] = dn;
-        dhh[j] = dr; dhh[H + j] = du; dhh[2 * H + j] = dn * r;
-    }
-}
-
-/* Backward of step t, walking t = L-1 ... 0. dmm holds dhh[t+1] @ W_h (the caller's matmul) and dhp
-   the direct part of d hp[t+1]; on return dhp holds step t's direct part. */
-void cell_bwd(const Cell *k, int64_t t, int64_t last, int64_t b0, int64_t b1) {
-    const int64_t B = k->B, H = k->H, R = k->R, G = k->G, X = 3 * H + R;
-    float dh[H], df[H], dgi[3 * H], ds[R > 0 ? R : 1];
-    for (int64_t b = b0; b < b1; b++) {
-        const int64_t row = t * B + b;
-        const float *x = k->x + row * X, *hp = k->hp + row * H;
-        const float *c = k->c + row * G, *tp = k->tape + row * 4 * H, *dho = k->d_h + row * H;
-        const float *dco = k->d_c + row * G;
-        float *dhp = k->dhp + b * H, *dhh = k->dhh + row * X, *dgn = k->dgn + row * H;
-        float *dl = k->dlogit + row * G;
-        if (last) memcpy(dh, dho, H * sizeof(float));
-        else {   /* d h[t] = d_h[t] + (d hp[t+1]) * keep[t+1] */
-            const float kp = k->keep[row + B], *dmm = k->dmm + b * H;
-            for (int64_t j = 0; j < H; j++) dh[j] = dho[j] + (dhp[j] + dmm[j]) * kp;
-        }
-        if (G > 1) units_bwd(H, dh, c, 1, tp, hp, df, dhp, dgi, dhh);
-        else units_bwd(H, dh, c, 0, tp, hp, df, dhp, dgi, dhh);
-        memcpy(dgn, dgi + 2 * H, H * sizeof(float));   /* d gi's r, u parts equal dhh's: keep only n's */
-        const float dci = dot(dgi, x, 3 * H), ci = k->ci[row];              /* gi = b_ih + ci * x_g */
-        float *dx = k->dx + row * X;
-        for (int64_t j = 0; j < 3 * H; j++) dx[j] = dgi[j] * ci;
-        if (!k->learned) {   /* fixed gate: no gradient reaches the router */
-            dl[0] = 0.f;
-            for (int64_t j = 0; j < R; j++) dhh[3 * H + j] = dx[3 * H + j] = 0.f;
-            continue;
-        }
-        if (G == 1) {
-            const float dc = dco[0] + dot(dh, df, H) + dci;
-            dl[0] = dc * c[0] * (1.f - c[0]);
-        } else
-            for (int64_t g = 0; g < G; g++) {
-                const float dc = dco[g] + dh[g] * df[g] + dci / (float)G;  /* ci = mean(c) */
-                dl[g] = dc * c[g] * (1.f - c[g]);
-            }
-        if (R) {   /* c = sigmoid(prior + w_o a + b_o), a = tanh(x_r + hh_r) */
-            const float *a = k->a + row * R;
-            for (int64_t j = 0; j < R; j++) ds[j] = 0.f;
-            for (int64_t g = 0; g < G; g++) {
-                const float d = dl[g], *w = k->w_o + g * R;
-                for (int64_t j = 0; j < R; j++) ds[j] += d * w[j];
-            }
-            for (int64_t j = 0; j < R; j++) dhh[3 * H + j] = dx[3 * H + j] = ds[j] * (1.f - a[j] * a[j]);
-        }
-    }
-}
-
-/* The step matmul. Every recurrent step multiplies a few rows (B = 16 by default) by the same weight,
-   a shape BLAS libraries handle poorly (MKL: ~60 GFLOP/s on one core for 8 x 256 x 832, re-packing the
-   weight on each call). Here the weight is packed once per parameter version into column panels
-   P[n/NB][k][NB] and an 8-row x NB-column block of C stays in registers over the whole k loop (the
-   compiler vectorizes the j loops; ~105 GFLOP/s on one AVX-512 core). Each output element is summed
-   in the same k order whatever the row grouping, so the rollout and the update get identical bits. */
-#define NB 32   /* = CellKernel.NB */
-/* C (M, N) = bias + A (M, K) @ B, B packed in panels (CellKernel.panels); lda, ldc: row strides; bias (N) or NULL */
-void gemm_rows(int64_t M, int64_t N, int64_t K, const float *restrict a, int64_t lda, const float *restrict p,
-               const float *restrict bias, float *restrict c, int64_t ldc) {
-    for (int64_t i0 = 0; i0 < M; i0 += 8) {
-        const int64_t m = M - i0 < 8 ? M - i0 : 8;
-        const float *ai = a + i0 * lda;
-        for (int64_t n0 = 0; n0 < N; n0 += NB) {
-            float acc[8][NB];
-            memset(acc, 0, sizeof acc);
-            const float *pn = p + n0 * K;
-            if (m == 8)   /* the same loop with a constant row count: fully unrolled, in registers */
-                for (int64_t k = 0; k < K; k++)
-                    for (int i = 0; i < 8; i++)
-                        for (int j = 0; j < NB; j++) acc[i][j] += ai[i * lda + k] * pn[k * NB + j];
-            else
-                for (int64_t k = 0; k < K; k++)
-                    for (int i = 0; i < m; i++)
-                        for (int j = 0; j < NB; j++) acc[i][j] += ai[i * lda + k] * pn[k * NB + j];
-            const int64_t nn = N - n0 < NB ? N - n0 : NB;
-            for (int64_t i = 0; i < m; i++) {
-                float *ci = c + (i0 + i) * ldc + n0;
-                for (int64_t j = 0; j < nn; j++) ci[j] = bias ? bias[n0 + j] + acc[i][j] : acc[i][j];
-            }
-        }
-    }
-}
-
-/* gemm_rows with the rows split into `shares` run in parallel (each row's sums do not depend on the split) */
-void gemm_par(int64_t M, int64_t N, int64_t K, const float *a, int64_t lda, const float *p, const float *bias,
-              float *c, int64_t ldc, int64_t shares) {
-    #pragma omp parallel for num_threads(shares) schedule(static, 1)
-    for (int64_t s = 0; s < shares; s++) {
-        const int64_t r0 = M * s / shares, r1 = M * (s + 1) / shares;
-        gemm_rows(r1 - r0, N, K, a + r0 * lda, lda, p, bias, c + r0 * ldc, ldc);
-    }
-}
-
-/* FusedUnroll's time loops. Rows are independent sequences, so the rows are split into `shares` and
-   each thread runs its share through all L steps with no synchronization per step. The parallel loop
-   runs on torch's own OpenMP threads (the library loaded first answers to libgomp.so.1), which spin
-   between torch ops: threads of our own would wait for a core while those spin. */
-void cell_unroll_fwd(const Cell *k, int64_t L, const float *p_wt, const float *b_h, int64_t shares) {
-    const int64_t B = k->B, H = k->H, X = 3 * H + k->R;
-    #pragma omp parallel for num_threads(shares) schedule(static, 1)
-    for (int64_t s = 0; s < shares; s++) {
-        const int64_t b0 = B * s / shares, b1 = B * (s + 1) / shares;
-        for (int64_t t = 0; t < L; t++) {   /* hh = b_h + hp[t] @ W_h^T for these rows, then step t */
-            gemm_rows(b1 - b0, X, H, k->hp + (t * B + b0) * H, H, p_wt, b_h, k->hh + b0 * X, X);
-            cell_fwd(k, t, t == L - 1, b0, b1);
-        }
-    }
-}
-
-void cell_unroll_bwd(const Cell *k, int64_t L, const float *p_w, int64_t kk, int64_t shares) {
-    const int64_t B = k->B, H = k->H, X = 3 * H + k->R;
-    #pragma omp parallel for num_threads(shares) schedule(static, 1)
-    for (int64_t s = 0; s < shares; s++) {
-        const int64_t b0 = B * s / shares, b1 = B * (s + 1) / shares;
-        for (int64_t t = L - 1; t >= 0; t--) {   /* step t's backward, then dmm = dhh[t][:, :kk] @ W_h[:kk] */
-            cell_bwd(k, t, t == L - 1, b0, b1);
-            gemm_rows(b1 - b0, H, kk, k->dhh + (t * B + b0) * X, X, p_w, NULL, k->dmm + b0 * H, H);
-        }
-    }
-}
-"""
-
-
-class _CellArgs(ctypes.Structure):  # mirrors `Cell` in _CELL_C
-    _fields_ = ([(n, ctypes.c_int64) for n in ("B", "H", "R", "G", "learned")] +
-                [(n, ctypes.c_void_p) for n in ("x", "prior", "keep", "b_ih", "w_o", "b_o", "hp", "hh", "c", "ci", "a",
-                                                "tape", "h", "d_h", "d_c", "dgn", "dhh", "dlogit", "dhp", "dmm", "dx")])
-
-
-class CellKernel:
-    """ctypes binding of _CELL_C. `step` is Agent.gates for one step (the rollout); `unroll` and
-    `backward` are FusedUnroll's time loops; `linear` is F.linear by the kernel's GEMM (used where
-    calibrate() found it faster). Work buffers are reused between calls: fresh multi-MB tensors
-    would cost a page fault per 4 KB on every minibatch."""
-
-    NB = 32  # the panel width of gemm_rows, as in _CELL_C
-
-    def __init__(self, lib: ctypes.CDLL):
-        self.lib, self.pool, self.steps = lib, {}, {}
-        P, i64, vp = ctypes.POINTER(_CellArgs), ctypes.c_int64, ctypes.c_void_p
-        for f in (lib.cell_fwd, lib.cell_bwd):
-            f.argtypes, f.restype = [P, i64, i64, i64, i64], None
-        lib.gemm_par.argtypes = [i64, i64, i64, vp, i64, vp, vp, vp, i64, i64]
-        lib.cell_unroll_fwd.argtypes, lib.cell_unroll_bwd.argtypes = [P, i64, vp, vp, i64], [P, i64, vp, i64, i64]
-        self.gemm = False  # use gemm_rows for the model's products (set by calibrate())
-
-    def calibrate(self, stamp: Path) -> None:
-        """Decide once per CPU, compiler and thread count whether gemm_rows replaces torch's BLAS for
-        every product of the model (all or none: rollout and update must sum in the same order). Its
-        8 x 32 register block suits 32 vector registers of 512 bits: on the 2-core AVX-512 EPYC of the
-        README it is 2x faster than MKL at 16 rows, on a Xeon whose compiler tunes for 256-bit vectors
-        3x slower. Timed once, under a file lock (parallel runs on a fresh machine wait for one
-        measurement), and stored beside the kernel, so every later process agrees."""
-        f = stamp.with_name(stamp.stem + f".gemm{torch.get_num_threads()}")
-        try:
-            import fcntl
-            lock = open(f.with_suffix(f.suffix + ".lock"), "w")
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when `lock` is closed
-        except (ImportError, OSError):
-            lock = None  # no locking here (e.g. Windows): measure anyway
-        try:
-            if f.exists():
-                self.gemm = f.read_text().strip() == "1"
-                return
-            g = torch.Generator().manual_seed(0)
-            faster = []
-            for M, K, N in ((16, 256, 832), (1024, 256, 256)):  # a time-loop step, a batched layer
-                x, W = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
-                best = []
-                for fn in (lambda: self.linear(x, W, None), lambda: F.linear(x, W)):
-                    ts = []
-                    for _ in range(8):  # the first call packs the weight (and warms up)
-                        t0 = time.perf_counter()
-                        fn()
-                        ts.append(time.perf_counter() - t0)
-                    best.append(min(ts[1:]))
-                faster.append(best[0] < 0.9 * best[1])
-            self.gemm = all(faster)
-            try:
-                f.write_text("1" if self.gemm else "0")
-            except OSError:
-                pass
-        finally:
-            if lock is not None:
-                lock.close()
-
-    def panels(self, W: torch.Tensor, rows: int, trans: bool) -> int:
-        """Address of W[:rows] packed for gemm_rows as B = W[:rows]^T (trans) or W[:rows], repacked when W
-        may have changed: W._version counts in-place writes (load_state_dict, clamp_, ...) but not a fused
-        optimizer step, so every optimizer step counts too (a hook, registered by cell_kernel())."""
-        cache = W.__dict__.setdefault("_gwt_panels", {})  # lives and dies with W: {layout: (version, panels)}
-        ver, p = cache.get((rows, trans), (None, None))
-        if ver != (W.data_ptr(), W._version, _OPT_STEPS[0]):
-            B = W.detach()[:rows].t() if trans else W.detach()[:rows]  # (K, N)
-            K, N = B.shape
-            B = F.pad(B, (0, -N % self.NB))  # N padded with zero columns to a multiple of the panel width
-            B = B.reshape(K, -1, self.NB).transpose(0, 1)  # (N/NB, K, NB)
-            p = B.contiguous() if p is None else p.copy_(B)  # a fresh 1 MB tensor costs page faults
-            cache[(rows, trans)] = ((W.data_ptr(), W._version, _OPT_STEPS[0]), p)
-        return p.data_ptr()
-
-    def linear(self, x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], trans: bool = True) -> torch.Tensor:
-        """F.linear(x, W, b) = x @ W^T + b by gemm_par (see linear()); x @ W + b if not trans."""
-        flat, (N, K) = x.dim() == 2 and x.is_contiguous(), (W.shape if trans else W.shape[::-1])  # (B, K): 2 ops fewer
-        x2 = x if flat else x.reshape(-1, K).contiguous()
-        out = x2.new_empty(x2.shape[0], N)
-        self.lib.gemm_par(x2.shape[0], N, K, x2.data_ptr(), K, self.panels(W, W.shape[0], trans),
-                          None if b is None else b.data_ptr(), out.data_ptr(), N, self.shares(x2.shape[0]))
-        return out if flat else out.view(*x.shape[:-1], N)
-
-    @staticmethod
-    def shares(B: int) -> int:
-        """Parallel row shares of a B-row product or time loop: one per torch thread, at least 4 rows each."""
-        return max(1, min(torch.get_num_threads(), B // 4))
-
-    @staticmethod
-    def fits(x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype == torch.float32
-
-    def workspace(self, ag: "Agent", L: int, B: int) -> dict:
-        key = (L, B, ag.H, ag.R, ag.Gc)  # every size a buffer below depends on
-        free = self.pool.setdefault(key, [])
-        if free:
-            return free.pop()
-        H, X = ag.H, 3 * ag.H + ag.R
-        shapes = dict(hp=(L, B, H), hh=(B, X), ci=(L, B, 1), a=(L, B, max(ag.R, 1)), tape=(L, B, 4 * H),
-                      dgn=(L, B, H), dhh=(L, B, X), dlogit=(L, B, ag.Gc), dhp=(B, H), dmm=(B, H), dx=(L, B, X))
-        return dict(key=key, **{k: torch.empty(v) for k, v in shapes.items()})
-
-    def release(self, ws: dict) -> None:
-        for k in ("x", "prior", "keep", "c", "h"):  # the caller's tensors: do not keep them alive
-            ws.pop(k, None)
-        self.pool[ws["key"]].append(ws)
-
-    def args(self, ag: "Agent", B: int, ws: dict, **ts) -> _CellArgs:
-        """The C struct: sizes, the router's weights, the work buffers of ws and the tensors ts."""
-        learned = ag.cfg.force_c is None
-        a = _CellArgs(B, ag.H, ag.R, ag.Gc, int(learned), b_ih=ag.b_ih.data_ptr())
-        if ag.R:
-            a.w_o, a.b_o = ag.r_out.weight.data_ptr(), ag.r_out.bias.data_ptr()
-        for k, v in {**ws, **ts}.items():
-            if torch.is_tensor(v):
-                setattr(a, k, v.data_ptr())
-        return a
-
-    def step(self, ag: "Agent", x, prior, hp, hh):
-        """Agent.gates for one step: c (B, Gc), h (B, H). Its work buffers and struct live on, per
-        shape (the rollout calls this twice per env step)."""
-        B, learned = x.shape[0], ag.cfg.force_c is None
-        key = (B, ag.H, ag.R, ag.Gc, learned)
-        if key not in self.steps:
-            ws = self.workspace(ag, 1, B)
-            self.steps[key] = self.args(ag, B, ws), ws
-        a = self.steps[key][0]
-        c, h = x.new_empty(B, ag.Gc), x.new_empty(B, ag.H)
-        x, prior, hp, hh = x.contiguous(), prior.contiguous(), hp.contiguous(), hh.contiguous()
-        a.x, a.prior, a.hp, a.hh, a.c, a.h = x.data_ptr(), prior.data_ptr(), hp.data_ptr(), hh.data_ptr(), \
-            c.data_ptr(), h.data_ptr()
-        a.b_ih = ag.b_ih.data_ptr()  # parameters: read afresh, a module may have been moved or reloaded
-        if ag.R:
-            a.w_o, a.b_o = ag.r_out.weight.data_ptr(), ag.r_out.bias.data_ptr()
-        self.lib.cell_fwd(ctypes.byref(a), 0, 1, 0, B)
-        return c, h
-
-    def unroll(self, ag: "Agent", x, prior, keep, h0):
-        """-> hs (L, B, H), cs (L, B, G) and the workspace holding the tape for backward()."""
-        L, B = x.shape[:2]
-        ws = self.workspace(ag, L, B)
-        cs = x.new_empty(L, B, ag.Gc)
-        hs = x.new_empty(L, B, ag.H)
-        ws.update(x=x.contiguous(), prior=prior.contiguous(), keep=keep.contiguous(), c=cs, h=hs)
-        args = self.args(ag, B, ws)
-        torch.mul(h0, keep[0], out=ws["hp"][0])
-        ref, X = ctypes.byref(args), ws["hh"].shape[1]
-        if self.gemm:  # the whole loop in C
-            self.lib.cell_unroll_fwd(ref, L, self.panels(ag.W_h, X, True), ag.b_h.data_ptr(), self.shares(B))
-            return hs, cs, ws
-        hp, hh, W_t = ws["hp"].unbind(0), ws["hh"], ag.W_h.t()
-        for t in range(L):  # torch's BLAS for the step matmul, C for the rest
-            torch.addmm(ag.b_h, hp[t], W_t, out=hh)  # = ag.recur(hp[t]); hp[t+1] is written by cell_fwd
-            self.lib.cell_fwd(ref, t, t == L - 1, 0, B)
-        return hs, cs, ws
-
-    def backward(self, ag: "Agent", ws: dict, d_hs, d_cs, keep):
-        """Fills ws's dgn, dhh, dlogit, dx for every step; -> d h0, d x. d x is a work buffer too: x is never a
-        leaf, so d x only feeds features()' backward, in this backward pass, before a later forward can
-        take this workspace again."""
-        L, B = ws["x"].shape[:2]
-        d_h, d_c = d_hs.contiguous(), d_cs.contiguous()
-        args = self.args(ag, B, ws, d_h=d_h, d_c=d_c)
-        k = 3 * ag.H + (ag.R if ag.cfg.force_c is None else 0)  # a fixed gate sends nothing to the router rows
-        ref, dmm = ctypes.byref(args), ws["dmm"]
-        if self.gemm:
-            self.lib.cell_unroll_bwd(ref, L, self.panels(ag.W_h, k, False), k, self.shares(B))
-        else:
-            W, dhh = ag.W_h[:k], ws["dhh"][..., :k].unbind(0)
-            for t in range(L - 1, -1, -1):
-                self.lib.cell_bwd(ref, t, t == L - 1, 0, B)
-                torch.mm(dhh[t], W, out=dmm)  # d hp[t] from hh[t] = recur(hp[t])
-        return (ws["dhp"] + dmm) * keep[0], ws["dx"]
-
-
-_KERNEL: Any = False  # False: not built yet; None: cannot be built here
-_OPT_STEPS = [0]  # optimizer steps taken in this process (any optimizer): stamps the kernel's packed weights
-
-
-def _count_step(*_) -> None:
-    _OPT_STEPS[0] += 1
-
-
-def cell_kernel() -> Optional[CellKernel]:
-    """The C kernel, built at the first call with the system C compiler ($CC, cc, gcc or clang) into
-    ~/.cache/gwt_ib/ (the file name hashes the source, compiler and CPU, so a shared home directory
-    never hands a binary to the wrong CPU). None, after one note on stderr, when nothing builds."""
-    global _KERNEL
-    if _KERNEL is False:
-        try:
-            so = _build_c()
-            _KERNEL = CellKernel(ctypes.CDLL(str(so)))
-            _KERNEL.calibrate(so)
-            from torch.optim.optimizer import register_optimizer_step_post_hook
-            register_optimizer_step_post_hook(_count_step)
-        except Exception as e:
-            print(f"note: C kernel unavailable ({type(e).__name__}: {str(e)[:200]}); the recurrent cell runs as "
-                  f"torch ops (slower on CPU)", file=sys.stderr)
-            _KERNEL = None
-    return _KERNEL
-
-
-def _build_c() -> Path:
-    import hashlib, platform, shutil, subprocess, tempfile
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu += "".join(l for l in Path("/proc/cpuinfo").read_text().splitlines(True)
-                       if l.startswith(("model name", "flags", "Features")))[:4000]
-    key = hashlib.sha256("\0".join([_CELL_C, cc, platform.platform(), cpu]).encode()).hexdigest()[:16]
-    for d in (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gwt_ib",
-              Path(tempfile.gettempdir()) / f"gwt_ib_{os.getuid() if hasattr(os, 'getuid') else 0}"):
-        so = d / f"cell_{key}.so"
-        if so.exists():
-            return so
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        with tempfile.TemporaryDirectory(dir=d) as tmp:
-            src = Path(tmp) / "cell.c"
-            src.write_text(_CELL_C)
-            errs = ""
-            # -march=native: the CPU's widest vectors; -fopenmp: the time loops' row shares in parallel
-            for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
-                cmd = [cc, "-O3", "-std=c99", "-ffp-contract=fast", "-shared", "-fPIC", *flags, str(src), "-o",
-                       str(Path(tmp) / "cell.so")]
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                if r.returncode == 0:
-                    os.replace(Path(tmp) / "cell.so", so)  # atomic: parallel runs may build at once
-                    return so
-                errs = r.stderr
-            raise RuntimeError(f"{cc} failed: {errs.strip()[-300:]}")
-    raise RuntimeError("no writable cache directory")
 
 
 # --- action distributions (plain tensor code: torch.distributions costs per-step overhead)
@@ -1255,34 +536,31 @@ def _cat_logits(act: ActSpec, logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(torch.stack(parts, -2), -1)
 
 
-def sample_action(agent: Agent, logits: torch.Tensor, greedy: bool):
-    """-> action (B, K) long or (B, dim) float, log-prob (B,)."""
-    act = agent.act
-    if act.kind == "discrete":
-        logp = _cat_logits(act, logits)  # (B, K, m)
-        if greedy:
-            a = logp.argmax(-1)
-        else:  # Gumbel-max sampling
-            a = (logp - torch.empty_like(logp).exponential_().log()).argmax(-1)
-        return a, logp.gather(-1, a.unsqueeze(-1)).squeeze(-1).sum(-1)
-    std = agent.log_std.exp()
-    a = logits if greedy else logits + std * torch.randn_like(logits)
-    return a, _gauss_logp(a, logits, agent.log_std)
-
-
 def _gauss_logp(a, mean, log_std):
     return (-0.5 * ((a - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
+def sample_action(agent: Agent, logits: torch.Tensor, greedy: bool):
+    """-> action (B, K) long or (B, dim) float, log-prob (B,)."""
+    if agent.act.kind == "discrete":
+        logp = _cat_logits(agent.act, logits)  # (B, K, m)
+        a = logp.argmax(-1) if greedy else (logp - torch.empty_like(logp).exponential_().log()).argmax(-1)  # Gumbel-max
+        return a, logp.gather(-1, a.unsqueeze(-1)).squeeze(-1).sum(-1)
+    a = logits if greedy else logits + agent.log_std.exp() * torch.randn_like(logits)
+    return a, _gauss_logp(a, logits, agent.log_std)
+
+
 def logp_entropy(agent: Agent, logits: torch.Tensor, a: torch.Tensor):
     """Log-prob and entropy of stored actions under new logits; components summed."""
-    act = agent.act
-    if act.kind == "discrete":
-        logp = _cat_logits(act, logits)
-        ent = -(logp.exp() * logp).sum(-1).sum(-1)
-        return logp.gather(-1, a.unsqueeze(-1)).squeeze(-1).sum(-1), ent
+    if agent.act.kind == "discrete":
+        logp = _cat_logits(agent.act, logits)
+        return logp.gather(-1, a.unsqueeze(-1)).squeeze(-1).sum(-1), -(logp.exp() * logp).sum(-1).sum(-1)
     ent = (0.5 + 0.5 * math.log(2 * math.pi) + agent.log_std).sum(-1).expand(logits.shape[:-1])
     return _gauss_logp(a, logits, agent.log_std), ent
+
+
+def accelerate(agent: Agent, dev: torch.device) -> None:
+    """Replaced by the accelerator section at the end of the file; without it the reference runs."""
 
 
 # ============================================================================ TD normalizer
@@ -1314,8 +592,7 @@ class TDNormalizer:
             m = d.mean()
             self.mean = m if first else a * self.mean + (1 - a) * m
             v = ((d - self.mean) ** 2).mean()
-            self.var = v if first else a * self.var + (1 - a) * v
-            self.var = self.var.clamp(cfg.td_std_min ** 2, cfg.td_std_max ** 2)
+            self.var = (v if first else a * self.var + (1 - a) * v).clamp(cfg.td_std_min ** 2, cfg.td_std_max ** 2)
             self.scale = self.var.sqrt()
         elif self.mode == "ema_quantile":
             m = d.median()
@@ -1325,8 +602,7 @@ class TDNormalizer:
             self.scale = q.clamp(cfg.td_std_min, cfg.td_std_max)
         else:  # quantile over a sliding window
             n, W = d.numel(), self.window.numel()
-            idx = (self.wpos + torch.arange(n, device=d.device)) % W
-            self.window[idx] = d
+            self.window[(self.wpos + torch.arange(n, device=d.device)) % W] = d
             self.wpos, self.wfill = (self.wpos + n) % W, min(W, self.wfill + n)
             w = self.window[:self.wfill]
             self.mean = w.median()
@@ -1342,8 +618,7 @@ class TDNormalizer:
         return torch.lerp(s[lo], s[min(lo + 1, v.numel() - 1)], float(pos - np.float32(lo)))
 
     def normalize(self, d: torch.Tensor) -> torch.Tensor:
-        clip = self.cfg.td_norm_clip
-        return ((d - self.mean) / self.scale).clamp(-clip, clip)
+        return ((d - self.mean) / self.scale).clamp(-self.cfg.td_norm_clip, self.cfg.td_norm_clip)
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("mean", "var", "scale", "count", "window", "wpos", "wfill")}
@@ -1356,44 +631,46 @@ class TDNormalizer:
 # ============================================================================ rollout
 class Collector:
     """Steps a vector env with the agent, carrying the recurrent state (h, td_prev, episode_start)
-    between steps. One `step()` serves training rollouts and greedy evaluation alike.
+    between steps through Agent.step, the function the update unrolls. One `step()` serves training
+    rollouts and greedy evaluation alike.
 
     Episode boundaries: `start[i] = 1` marks the first observation of an episode (the env reset in
-    the same step that ended the last one); cell() zeroes h_prev and td_prev there. Terminated steps
-    are not bootstrapped; truncated ones (time limits) are bootstrapped from the value of the real
-    final observation, computed like every TD target here with td_prev = 0 ("clean")."""
+    the same step that ended the last one); gate_prior zeroes h_prev and td_prev there. Terminated
+    steps are not bootstrapped; truncated ones (time limits) are bootstrapped from the value of the
+    real final observation, computed like every TD target here with td_prev = 0 ("clean")."""
 
     def __init__(self, cfg: Cfg, envs, agent: Agent, norm: TDNormalizer, device: torch.device):
         self.cfg, self.envs, self.agent, self.norm, self.dev = cfg, envs, agent, norm, device
-        self.space = envs.single_observation_space
-        self.obs_dim_raw, self.obs_fn = obs_encoder(self.space)
-        self.N = envs.num_envs
-        self.act = agent.act
+        self.N, self.act = envs.num_envs, agent.act
 
     def reset(self, seed: Optional[int]) -> None:
         raw, _ = self.envs.reset(seed=seed)
-        N, H = self.N, self.agent.H
+        N = self.N
         self.prev_a = np.zeros((N, self.act.enc_dim), np.float32)
-        self.obs = self._obs(self.obs_fn(raw), self.prev_a)
-        self.h = torch.zeros(N, H, device=self.dev)
+        self.obs = self._obs(raw, self.prev_a)
+        self.h = torch.zeros(N, self.agent.H, device=self.dev)
         self.td_prev = torch.zeros(N, device=self.dev)
         self.start = torch.ones(N, device=self.dev)
         self.ep_ret, self.ep_len = np.zeros(N), np.zeros(N, np.int64)
         self.refresh()
 
-    def _obs(self, flat: np.ndarray, prev_a: np.ndarray) -> torch.Tensor:
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Features of the current observation; call after every parameter update (rollout() does)."""
+        self.x = self.agent.features(self.obs)
+
+    def _obs(self, flat: np.ndarray, prev_a: Optional[np.ndarray]) -> torch.Tensor:
+        flat = np.asarray(flat, np.float32)
         if self.cfg.prev_action:
             flat = np.concatenate([flat, prev_a], 1)
         return torch.from_numpy(flat).to(self.dev, non_blocking=True)
 
     def _encode_action(self, a: np.ndarray) -> np.ndarray:
         """Previous-action features: one-hot per component (discrete) or the clipped action (box)."""
-        act = self.act
-        if act.kind == "box":
+        if self.act.kind == "box":
             return a.astype(np.float32)
-        out = np.zeros((len(a), act.enc_dim), np.float32)
-        offs = np.concatenate([[0], np.cumsum(act.nvec)[:-1]])
-        np.put_along_axis(out, a + offs, 1.0, axis=1)
+        out = np.zeros((len(a), self.act.enc_dim), np.float32)
+        np.put_along_axis(out, a + np.cumsum((0,) + self.act.nvec[:-1]), 1.0, axis=1)
         return out
 
     def _to_env(self, a: np.ndarray):
@@ -1415,29 +692,17 @@ class Collector:
         for k in ("obs", "h", "td_prev", "start"):
             setattr(self, k, d[k].to(self.dev))
         self.prev_a, self.ep_ret, self.ep_len = d["prev_a"], d["ep_ret"], d["ep_len"]
+        self.refresh()
         if d.get("envs") is not None and hasattr(self.envs, "envs"):
             self.envs.envs = pickle.loads(d["envs"])
             return True
         return False  # the caller must reset(): h and obs above belong to episodes that are gone
 
     @torch.no_grad()
-    def refresh(self) -> None:
-        """Recompute what the next step needs from the current state and parameters: the features x of
-        obs and the memory's projection hh = recur(h * keep). After a parameter update, call it before
-        stepping again (rollout() and evaluate() do)."""
-        ag = self.agent
-        self.x = ag.features(self.obs)
-        self.prior, keep = ag.gate_prior(self.td_prev, self.start)
-        self.hp = self.h * keep
-        self.hh = ag.recur(self.hp)
-        zeros = torch.zeros_like(self.td_prev)
-        self.prior0, self.keep0 = ag.gate_prior(zeros, zeros)  # the clean bootstrap's: td_prev = 0, keep = 1
-
-    @torch.no_grad()
     def value(self) -> torch.Tensor:
         """V of the current state with the current td_prev (GAE's bootstrap after the last step)."""
         ag = self.agent
-        return ag.heads(ag.gates(self.x, self.prior, self.hp, self.hh)[1])[1]
+        return ag.value(ag.step(self.x, *ag.gate_prior(self.td_prev, self.start), self.h)[1])
 
     @torch.no_grad()
     def step(self, greedy: bool, update_norm: bool):
@@ -1445,7 +710,7 @@ class Collector:
         tensors for the buffer; finished lists (env, return, length) of episodes that ended."""
         ag, cfg = self.agent, self.cfg
         h0, td_prev, start, obs = self.h, self.td_prev, self.start, self.obs  # td_prev is 0 where start is 1
-        c, h = ag.gates(self.x, self.prior, self.hp, self.hh)
+        c, h = ag.step(self.x, *ag.gate_prior(td_prev, start), h0)
         logits, value = ag.heads(h)
         a, logp = sample_action(ag, logits, greedy)
         a_np = a.cpu().numpy()  # the one device->host copy per step
@@ -1453,61 +718,33 @@ class Collector:
         raw, r, term, trunc, info = self.envs.step(env_a)
         done = term | trunc
         a_enc = None
-        if cfg.prev_action:  # (~60 us per step: skipped when the observation does not carry it)
+        if cfg.prev_action:  # skipped when the observation does not carry it
             a_enc = self._encode_action(env_a.reshape(self.N, -1) if self.act.kind == "box" else a_np)
             self.prev_a = a_enc * (~done)[:, None]  # a new episode starts with no previous action
-        next_obs = self._obs(self.obs_fn(raw), self.prev_a)
-        x_next = ag.features(next_obs)
+        next_obs = self._obs(raw, self.prev_a)
+        x_next = x_boot = ag.features(next_obs)
         # clean bootstrap V(o_{t+1}, h_t, td_prev=0); at a truncation o_{t+1} is the real final obs
-        x_boot = x_next
-        trunc_only = trunc & ~term
-        if trunc_only.any():
-            idx = np.flatnonzero(trunc_only)
-            fin = np.concatenate([self.obs_fn(_batch1(self.space, info["final_obs"][i])) for i in idx])
-            fin_obs = self._obs(fin, None if a_enc is None else a_enc[idx])
+        idx = np.flatnonzero(trunc & ~term)
+        if len(idx):
+            fin = self._obs(np.stack([info["final_obs"][i] for i in idx]), None if a_enc is None else a_enc[idx])
             x_boot = x_next.clone()
-            x_boot[torch.as_tensor(idx, device=self.dev)] = ag.features(fin_obs)
-        hp_boot = h * self.keep0  # keep0 = 1 (0 when memoryless)
-        hh_boot = ag.recur(hp_boot)
-        v_boot = ag.critic(ag.gates(x_boot, self.prior0, hp_boot, hh_boot)[1]).squeeze(-1)
+            x_boot[torch.as_tensor(idx, device=self.dev)] = ag.features(fin)
+        zero = torch.zeros_like(td_prev)
+        v_boot = ag.value(ag.step(x_boot, *ag.gate_prior(zero, zero), h)[1])
         host = np.stack([r, term, trunc, done, cfg.gamma * ~term, ~done]).astype(np.float32)  # one copy in
         r_t, term_t, trunc_t, done_t, disc_t, alive_t = torch.from_numpy(host).to(self.dev, non_blocking=True)
-        delta = torch.addcmul(r_t, disc_t, v_boot).sub_(value)  # r + gamma*(1-term)*V_clean(o_{t+1}) - V(o_t)
+        delta = r_t + disc_t * v_boot - value  # r + gamma*(1-term)*V_clean(o_{t+1}) - V(o_t)
         if update_norm:
             self.norm.update(delta)
         self.td_prev = self.norm.normalize(delta) * alive_t
         self.h, self.start, self.obs, self.x = h, done_t, next_obs, x_next
-        self.prior = ag.gate_prior(self.td_prev, done_t)[0]
-        # the next step's recur(h * keep) is the bootstrap's recur(h) where keep = 1 and b_h where keep = 0
-        if done.any():
-            keep = self.keep0 * alive_t.unsqueeze(-1)  # = gate_prior(td_prev, done_t)[1]
-            self.hp = h * keep
-            self.hh = torch.where(keep > 0, hh_boot, ag.b_h)
-        else:  # no episode starts: keep = keep0, the bootstrap's own
-            self.hp, self.hh = hp_boot, hh_boot
-        # episode bookkeeping on the host
-        self.ep_ret += r
+        self.ep_ret += r  # episode bookkeeping on the host
         self.ep_len += 1
         finished = [(int(i), float(self.ep_ret[i]), int(self.ep_len[i])) for i in np.flatnonzero(done)]
         self.ep_ret[done], self.ep_len[done] = 0.0, 0
         rec = dict(obs=obs, h0=h0, td_prev=td_prev, start=start, act=a, logp=logp, value=value, reward=r_t,
-                   term=term_t, trunc=trunc_t, c=c.mean(-1) if c.shape[-1] > 1 else c[:, 0], td=delta, v_boot=v_boot)
+                   term=term_t, trunc=trunc_t, c=c.mean(-1), td=delta, v_boot=v_boot)
         return rec, finished
-
-
-class Buffer:
-    """(T, N, ...) tensors for one rollout, on the device."""
-    KEYS = ("obs", "h0", "td_prev", "start", "act", "logp", "value", "reward", "term", "trunc", "c", "td", "v_boot")
-
-    def __init__(self):
-        self.rows: dict[str, list] = {k: [] for k in self.KEYS}
-
-    def add(self, rec: dict) -> None:
-        for k in self.KEYS:
-            self.rows[k].append(rec[k])
-
-    def finish(self) -> dict[str, torch.Tensor]:
-        return {k: torch.stack(v) for k, v in self.rows.items()}
 
 
 def gae(b: dict, last_value: torch.Tensor, gamma: float, lam: float):
@@ -1524,14 +761,26 @@ def gae(b: dict, last_value: torch.Tensor, gamma: float, lam: float):
     return adv, adv + v
 
 
+@torch.no_grad()
+def rollout(col: Collector, steps: int):
+    """`steps` vector steps with the sampling policy -> (buffer dict of (T, N, ...) tensors,
+    last_value (N,) for GAE, finished episodes [(env, return, length)])."""
+    recs, finished = [], []
+    col.refresh()  # the parameters changed in the last update
+    for _ in range(steps):
+        rec, fin = col.step(greedy=False, update_norm=True)
+        recs.append(rec)
+        finished += fin
+    return {k: torch.stack([r[k] for r in recs]) for k in recs[0]}, col.value(), finished
+
+
 # ============================================================================ PPO + IB update
 def ib_weight(cfg: Cfg, update: int, num_updates: int) -> float:
     """lambda_c at update `update` (0-based): linear warm-up from 0, optional linear schedule."""
     lam = cfg.lambda_c
     if cfg.lambda_c_end is not None:
         lam += (cfg.lambda_c_end - cfg.lambda_c) * update / max(1, num_updates - 1)
-    warm = 1.0 if cfg.budget_warmup_updates == 0 else min(1.0, update / cfg.budget_warmup_updates)
-    return lam * warm
+    return lam * (1.0 if cfg.budget_warmup_updates == 0 else min(1.0, update / cfg.budget_warmup_updates))
 
 
 def ib_loss(c_seq: torch.Tensor, cfg: Cfg) -> torch.Tensor:
@@ -1562,7 +811,6 @@ def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Ten
     """Recurrent PPO + IB over shuffled sequences; returns metrics averaged over every minibatch."""
     seq = to_sequences({**b, "adv": adv, "ret": ret}, cfg.seq_len)
     S = seq["h0"].shape[0]
-    params = [p for p in agent.parameters()]
     sums = torch.zeros(8, device=adv.device)
     n_mb, ratio0 = 0, float("nan")
     for epoch in range(cfg.epochs):
@@ -1587,7 +835,7 @@ def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Ten
                                 f"entropy {en.item()}, ib {ib.item()})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gn = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            gn = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
             if not torch.isfinite(gn):
                 raise NonFinite(f"update {update}: gradient norm is {gn.item()}")
             opt.step()
@@ -1644,8 +892,6 @@ def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float) -> str:
             f"td_std={g['td_std']:.6f} (std_ok={g['std_ok']}) | eval_ok={g['eval_ok']} "
             f"(early {g['early_eval']:.3f} -> late {g['late_eval']:.3f}) -> {g['verdict']}\n"
             f"mean_c={mean_c:.4f}  EV={ev:.4f}  ep100={ep100:.2f}")
-
-
 # ============================================================================ run management
 def new_run_dir(cfg: Cfg) -> Path:
     name = cfg.run_name or f"{cfg.env_id.replace('/', '_')}__s{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
@@ -1732,7 +978,6 @@ def plot_training(run_dir: Path, cfg: Cfg) -> None:
     plt.close(fig)
 
 
-# ============================================================================ train
 @torch.no_grad()
 def evaluate(ev: Collector, cfg: Cfg, trace: bool = False):
     """Mean greedy return of one episode in each eval env (fixed seeds, frozen TD normalizer).
@@ -1752,23 +997,6 @@ def evaluate(ev: Collector, cfg: Cfg, trace: bool = False):
         steps += 1
     done = [r for r in rets if r is not None]
     return float(np.mean(done)) if done else float("nan"), tr
-
-
-def compiled_cell(agent: Agent):
-    """agent.cell through torch.compile, falling back to eager (with a note) if compiling fails, which
-    happens at the first call, not when torch.compile() returns. The training unroll then uses the
-    autograd path through the compiled cell instead of FusedUnroll."""
-    fast = torch.compile(agent.cell, dynamic=False)
-
-    def cell(*args):
-        try:
-            return fast(*args)
-        except Exception as e:  # no C++ compiler, unsupported platform, ...
-            print(f"note: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); using eager mode",
-                  file=sys.stderr)
-            agent._cell = agent.cell
-            return agent.cell(*args)
-    return cell
 
 
 @dataclass
@@ -1795,12 +1023,10 @@ def build(cfg: Cfg) -> Setup:
     dev = resolve_device(cfg)
     envs = make_envs(cfg, cfg.num_envs, cfg.async_envs, cfg.env_workers)
     eval_envs = make_envs(cfg, cfg.eval_episodes)
-    obs_dim, _ = obs_encoder(envs.single_observation_space)
     act = action_spec(envs.single_action_space)
-    obs_dim += act.enc_dim if cfg.prev_action else 0
+    obs_dim = envs.single_observation_space.shape[0] + (act.enc_dim if cfg.prev_action else 0)
     agent = Agent(obs_dim, act, cfg).to(dev)
-    if cfg.compile:
-        agent._cell = compiled_cell(agent)  # replaces the C kernel too
+    accelerate(agent, dev)  # sets agent.accel if the C cell matches agent.cell here; else one line on stderr
     try:  # fused Adam: one kernel for all parameters (5x faster per step on CPU than the per-tensor loop)
         opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
     except (RuntimeError, TypeError, ValueError):  # older torch, or a device without a fused Adam
@@ -1808,19 +1034,6 @@ def build(cfg: Cfg) -> Setup:
     norm = TDNormalizer(cfg, dev)
     return Setup(cfg, dev, envs, eval_envs, agent, opt, norm, Collector(cfg, envs, agent, norm, dev),
                  Collector(cfg, eval_envs, agent, norm, dev))
-
-
-@torch.no_grad()
-def rollout(col: Collector, steps: int):
-    """`steps` vector steps with the sampling policy -> (buffer dict of (T, N, ...) tensors,
-    last_value (N,) for GAE, finished episodes [(env, return, length)])."""
-    buf, finished = Buffer(), []
-    col.refresh()  # the parameters changed in the last update
-    for _ in range(steps):
-        rec, fin = col.step(greedy=False, update_norm=True)
-        buf.add(rec)
-        finished += fin
-    return buf.finish(), col.value(), finished
 
 
 def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
@@ -2028,6 +1241,384 @@ def main(argv: Optional[list] = None) -> int:
         print(f"gwt_ib.py: error: {e}", file=sys.stderr)
         return 2
     return summary["exit_code"]  # 0 completed/halted, 3 diverged, 128+signal interrupted
+
+
+
+# ============================================================================ accelerator (optional)
+# Agent.cell's elementwise math, forward and backward, in C for CPU float32: one C call per time step
+# around torch's own matmul (Agent.recur). On a CPU the time loop is bound by per-op overhead (cell is
+# ~15 small torch ops per step, its autograd backward ~30 nodes); here a step is one matmul + one call,
+# and the weight gradients are summed over all L*B steps in one matmul after the loop. Used only when
+# it equals Agent.cell for the configured agent on a random batch (values and every parameter's
+# gradient); any other agent, device or dtype runs the reference. Deleting this section and
+# Cfg.cpu_kernel leaves a working trainer.
+_CELL_C = r"""/* One time step t of a (L, B) batch, forward and backward. Row-major float32; X = 3H+R. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    int64_t B, H, R, G, learned;                 /* G: gates per row (1 for a scalar or fixed gate) */
+    const float *x, *prior, *keep, *b_ih, *w_o, *b_o;   /* (L,B,X) (L,B) (L,B) (3H) (G,R) (G) */
+    float *hp, *hh, *c, *h, *ci, *a, *tape;      /* (L,B,H) (B,X) (L,B,G) (L,B,H) (L,B) (L,B,R) (L,B,4H) */
+    const float *d_h, *d_c;                      /* (L,B,H) (L,B,G): gradients arriving at h and c */
+    float *dgn, *dhh, *dlogit, *dhp, *dmm, *dx;  /* (L,B,H) (L,B,X) (L,B,G) (B,H) (B,H) (L,B,X) */
+} Cell;
+
+/* e^x to ~2 ulp (Cephes' polynomial after Cody-Waite reduction), written so that compilers vectorize
+   it; 0 below -87.3 and inf above 88.7, so sigmoid saturates to exactly 0 and 1 as torch's does. */
+static inline float ex(float x0) {
+    float x = x0 < -87.f ? -87.f : x0;
+    x = x > 88.f ? 88.f : x;
+    float k = (x * 1.44269504f + 12582912.f) - 12582912.f;   /* round(x / ln 2) */
+    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    int32_t e = ((int32_t)k + 127) << 23;
+    float s;
+    memcpy(&s, &e, 4);
+    p *= s;
+    p = x0 < -87.3f ? 0.f : p;
+    return x0 > 88.7f ? INFINITY : p;
+}
+static inline float sigm(float x) { return 1.f / (1.f + ex(-x)); }
+static inline float tanh_(float x) {
+    float t = ex(-2.f * (x < 0.f ? -x : x)), y = (1.f - t) / (1.f + t);
+    return x < 0.f ? -y : y;
+}
+static float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float s = 0.f;
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* c, h and the tape (r, u, n, hh_n) of step t from x, prior, hp[t] and hh; then hp[t+1] = h * keep[t+1]. */
+void cell_fwd(const Cell *k, int64_t t, int64_t last) {
+    const int64_t B = k->B, H = k->H, R = k->R, G = k->G, X = 3 * H + R;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t row = t * B + b;
+        const float *x = k->x + row * X, *hh = k->hh + b * X, *hp = k->hp + row * H, *bi = k->b_ih;
+        float *c = k->c + row * G, *h = k->h + row * H, *tp = k->tape + row * 4 * H;
+        if (!k->learned) c[0] = k->prior[row];
+        else if (R) {   /* c = sigmoid(prior + w_o tanh(x_r + hh_r) + b_o) */
+            float *a = k->a + row * R;
+            for (int64_t j = 0; j < R; j++) a[j] = tanh_(x[3 * H + j] + hh[3 * H + j]);
+            for (int64_t g = 0; g < G; g++) c[g] = sigm(k->prior[row] + (dot(k->w_o + g * R, a, R) + k->b_o[g]));
+        } else c[0] = sigm(k->prior[row]);
+        float ci = 0.f;
+        for (int64_t g = 0; g < G; g++) ci += c[g];
+        ci /= (float)G;
+        k->ci[row] = ci;
+        const int64_t cs = G > 1;   /* c[j * cs]: one gate per unit, or the one gate */
+        for (int64_t j = 0; j < H; j++) {
+            const float r = sigm((bi[j] + ci * x[j]) + hh[j]);
+            const float u = sigm((bi[H + j] + ci * x[H + j]) + hh[H + j]);
+            const float n = tanh_((bi[2 * H + j] + ci * x[2 * H + j]) + r * hh[2 * H + j]);
+            const float q = (1.f - u) * n + u * hp[j];   /* GRUCell(c*z, hp) */
+            tp[j] = r; tp[H + j] = u; tp[2 * H + j] = n; tp[3 * H + j] = hh[2 * H + j];
+            h[j] = hp[j] + c[j * cs] * (q - hp[j]);
+        }
+        if (!last)
+            for (int64_t j = 0; j < H; j++) k->hp[(row + B) * H + j] = h[j] * k->keep[row + B];
+    }
+}
+
+/* Backward of step t, walking t = L-1 ... 0. Unless last, dmm holds dhh[t+1] @ W_h (the caller's
+   matmul) and dhp the direct part of d hp[t+1]; on return dhp holds step t's direct part. */
+void cell_bwd(const Cell *k, int64_t t, int64_t last) {
+    const int64_t B = k->B, H = k->H, R = k->R, G = k->G, X = 3 * H + R, cs = G > 1;
+    float dh[H], df[H], dgi[3 * H], ds[R > 0 ? R : 1];
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t row = t * B + b;
+        const float *x = k->x + row * X, *hp = k->hp + row * H, *c = k->c + row * G, *tp = k->tape + row * 4 * H;
+        float *dhp = k->dhp + b * H, *dhh = k->dhh + row * X, *dl = k->dlogit + row * G, *dx = k->dx + row * X;
+        for (int64_t j = 0; j < H; j++)   /* d h[t] = d_h[t] + d hp[t+1] * keep[t+1] */
+            dh[j] = k->d_h[row * H + j] + (last ? 0.f : (dhp[j] + k->dmm[b * H + j]) * k->keep[row + B]);
+        for (int64_t j = 0; j < H; j++) {
+            const float r = tp[j], u = tp[H + j], n = tp[2 * H + j], hh_n = tp[3 * H + j];
+            df[j] = (1.f - u) * n + u * hp[j] - hp[j];      /* d h / d c = q - hp */
+            const float dq = dh[j] * c[j * cs];             /* h = hp + c*(q - hp) */
+            dhp[j] = dh[j] - dq + dq * u;                   /* q = (1-u)*n + u*hp */
+            const float dn = (dq - dq * u) * (1.f - n * n); /* n = tanh(gi_n + r*hh_n) */
+            const float dr = dn * hh_n * r * (1.f - r);     /* r, u = sigmoid(gi_ru + hh_ru) */
+            const float du = dq * (hp[j] - n) * u * (1.f - u);
+            dgi[j] = dr; dgi[H + j] = du; dgi[2 * H + j] = dn;
+            dhh[j] = dr; dhh[H + j] = du; dhh[2 * H + j] = dn * r;
+        }
+        memcpy(k->dgn + row * H, dgi + 2 * H, H * sizeof(float));   /* d gi's r, u parts equal dhh's */
+        const float dci = dot(dgi, x, 3 * H), ci = k->ci[row];        /* gi = b_ih + ci * x_g */
+        for (int64_t j = 0; j < 3 * H; j++) dx[j] = dgi[j] * ci;
+        for (int64_t j = 0; j < R; j++) dhh[3 * H + j] = dx[3 * H + j] = 0.f;
+        if (!k->learned) { dl[0] = 0.f; continue; }   /* fixed gate: nothing reaches the router */
+        for (int64_t g = 0; g < G; g++) {   /* ci = mean(c) */
+            const float dc = k->d_c[row * G + g] + (G > 1 ? dh[g] * df[g] : dot(dh, df, H)) + dci / (float)G;
+            dl[g] = dc * c[g] * (1.f - c[g]);
+        }
+        if (R) {   /* a = tanh(x_r + hh_r) */
+            const float *a = k->a + row * R;
+            for (int64_t j = 0; j < R; j++) ds[j] = 0.f;
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t j = 0; j < R; j++) ds[j] += dl[g] * k->w_o[g * R + j];
+            for (int64_t j = 0; j < R; j++) dhh[3 * H + j] = dx[3 * H + j] = ds[j] * (1.f - a[j] * a[j]);
+        }
+    }
+}
+"""
+
+
+class _CellArgs(ctypes.Structure):  # mirrors `Cell` in _CELL_C
+    _fields_ = ([(n, ctypes.c_int64) for n in ("B", "H", "R", "G", "learned")] +
+                [(n, ctypes.c_void_p) for n in ("x", "prior", "keep", "b_ih", "w_o", "b_o", "hp", "hh", "c", "h", "ci",
+                                                "a", "tape", "d_h", "d_c", "dgn", "dhh", "dlogit", "dhp", "dmm", "dx")])
+
+
+class CCell:
+    """The C cell for one agent configuration: `cell` stands in for Agent.cell in Agent.step (the
+    rollout), `unroll` for Agent.unroll's time loop (training). Work buffers are reused between calls
+    (a fresh multi-MB tensor per minibatch costs a page fault per 4 KB)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib, self.pool = lib, {}
+        for f in (lib.cell_fwd, lib.cell_bwd):
+            f.argtypes, f.restype = [ctypes.POINTER(_CellArgs), ctypes.c_int64, ctypes.c_int64], None
+
+    @staticmethod
+    def gates(ag: Agent) -> int:  # gates per row that the C code writes
+        return ag.G if ag.cfg.force_c is None and ag.R else 1
+
+    def workspace(self, ag: Agent, L: int, B: int) -> dict:
+        key = (L, B, ag.H, ag.R, self.gates(ag))  # every size a buffer below depends on
+        if self.pool.get(key):
+            return self.pool[key].pop()
+        H, X, G = ag.H, 3 * ag.H + ag.R, self.gates(ag)
+        shapes = dict(hp=(L, B, H), hh=(B, X), ci=(L, B), a=(L, B, max(ag.R, 1)), tape=(L, B, 4 * H), dgn=(L, B, H),
+                      dhh=(L, B, X), dlogit=(L, B, G), dhp=(B, H), dmm=(B, H), dx=(L, B, X))
+        return dict(key=key, **{k: torch.empty(v) for k, v in shapes.items()})
+
+    def release(self, ws: dict) -> None:
+        self.pool.setdefault(ws["key"], []).append({k: v for k, v in ws.items() if k not in ("x", "prior", "keep")})
+
+    def args(self, ag: Agent, B: int, ws: dict) -> _CellArgs:
+        """The C struct: sizes, the router's weights, and every tensor in ws by address."""
+        a = _CellArgs(B, ag.H, ag.R, self.gates(ag), int(ag.cfg.force_c is None), b_ih=ag.b_ih.data_ptr())
+        if ag.R:
+            a.w_o, a.b_o = ag.r_out.weight.data_ptr(), ag.r_out.bias.data_ptr()
+        for k, v in ws.items():
+            if torch.is_tensor(v):
+                setattr(a, k, v.data_ptr())
+        return a
+
+    def cell(self, ag: Agent, x, prior, hp, hh):
+        """Agent.cell(x, prior, hp, hh) for one step, without gradients (the rollout)."""
+        B = x.shape[0]
+        ws = self.workspace(ag, 1, B)
+        c, h = x.new_empty(B, self.gates(ag)), x.new_empty(B, ag.H)
+        ws.update(x=x.contiguous(), prior=prior.contiguous(), hp=hp.contiguous(), hh=hh.contiguous(), c=c, h=h)
+        self.lib.cell_fwd(ctypes.byref(self.args(ag, B, ws)), 0, 1)
+        self.release(ws)
+        return c, h
+
+    def unroll(self, ag: Agent, x, prior, keep, h0):
+        router = [ag.r_out.weight, ag.r_out.bias] if ag.R and ag.cfg.force_c is None else []
+        return _CUnroll.apply(self, ag, x, prior, keep, h0, ag.W_h, ag.b_h, ag.b_ih, *router)
+
+    def disagreement(self, agent: Agent) -> Optional[str]:
+        """Where this C cell and agent's reference differ on a random batch (values of every output of
+        unroll and step, gradients of every parameter), or None. The agent is copied with perturbed
+        parameters (the router's output layer starts at zero, which would hide router edits)."""
+        import copy
+        if any(p.dtype != torch.float32 for p in agent.parameters()):
+            return "its parameters are not float32"
+        g = torch.Generator().manual_seed(0)  # never the global generators: runs must not depend on this check
+        ref = copy.deepcopy(agent)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        fast = copy.deepcopy(ref)
+        fast.accel = self
+        L, B = 6, 3
+        obs = torch.randn(L, B, agent.obs_dim, generator=g)
+        h0, td = torch.randn(B, agent.H, generator=g), torch.randn(L, B, generator=g)
+        start = (torch.rand(L, B, generator=g) < 0.3).float()
+        res = {}
+        for name, m in (("reference", ref), ("C", fast)):
+            with torch.enable_grad():
+                outs = m.unroll(obs, h0, td, start)
+                w = torch.Generator().manual_seed(1)  # the same random weights for both: every output counts
+                loss = sum((o * torch.randn(o.shape, generator=w)).sum() for o in outs)
+                grads = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
+            with torch.no_grad():
+                x0 = m.features(obs[0])
+                step = m.step(x0, *m.gate_prior(td[0], start[0]), h0)
+            res[name] = dict(zip(["logits", "value", "c", "h"], outs), step_c=step[0], step_h=step[1],
+                             **{f"grad {n}": torch.zeros_like(p) if gr is None else gr
+                                for (n, p), gr in zip(m.named_parameters(), grads)})
+        for k, want in res["reference"].items():
+            err = (res["C"][k].detach() - want.detach()).abs().max().item()
+            if not err <= 1e-5 + 1e-3 * want.detach().abs().max().item():
+                return f"{k} differs by {err:.2g}"
+        return None
+
+
+class _CUnroll(torch.autograd.Function):
+    """Agent.unroll's time loop as one autograd node: per step torch's addmm (= Agent.recur) and
+    cell_fwd; backward per step cell_bwd and one matmul for d hp, then the weight gradients over all
+    L*B steps at once. Inputs x (L,B,X), prior (L,B,1), keep (L,B,1), h0 (B,H) -> hs (L,B,H), cs (L,B,G)."""
+
+    @staticmethod
+    def forward(ctx, cc, ag, x, prior, keep, h0, W_h, b_h, b_ih, *router):
+        L, B = x.shape[:2]
+        ws = cc.workspace(ag, L, B)
+        hs, cs = x.new_empty(L, B, ag.H), x.new_empty(L, B, cc.gates(ag))
+        ws.update(x=x.contiguous(), prior=prior.contiguous(), keep=keep.contiguous(), c=cs, h=hs)
+        args = cc.args(ag, B, ws)
+        hp, hh, W_t = ws["hp"], ws["hh"], W_h.t()
+        torch.mul(h0, keep[0], out=hp[0])
+        for t in range(L):
+            torch.addmm(b_h, hp[t], W_t, out=hh)  # = Agent.recur(hp[t]); cell_fwd writes hp[t+1]
+            cc.lib.cell_fwd(ctypes.byref(args), t, t == L - 1)
+        if any(ctx.needs_input_grad):
+            ctx.cc, ctx.ag, ctx.ws, ctx.args, ctx.n_router = cc, ag, ws, args, len(router)
+        else:  # no backward will come for this forward
+            cc.release(ws)
+        return hs, cs
+
+    @staticmethod
+    def backward(ctx, d_hs, d_cs):
+        cc, ag, ws, args = ctx.cc, ctx.ag, ctx.ws, ctx.args
+        L, B, H = *ws["x"].shape[:2], ag.H
+        d_hs, d_cs = d_hs.contiguous(), d_cs.contiguous()
+        args.d_h, args.d_c = d_hs.data_ptr(), d_cs.data_ptr()
+        dhh, dmm, W = ws["dhh"], ws["dmm"], ag.W_h.detach()
+        for t in range(L - 1, -1, -1):
+            cc.lib.cell_bwd(ctypes.byref(args), t, t == L - 1)
+            torch.mm(dhh[t], W, out=dmm)  # d hp[t] through hh[t] = recur(hp[t])
+        dh0 = (ws["dhp"] + dmm) * ws["keep"][0]
+        dhh2 = dhh.view(L * B, -1)
+        grads = [dhh2.T @ ws["hp"].view(L * B, H), dhh2.sum(0),
+                 torch.cat([dhh[..., :2 * H].sum((0, 1)), ws["dgn"].sum((0, 1))])]  # W_h, b_h, b_ih
+        if ctx.n_router:  # c = sigmoid(prior + r_out(a))
+            dl = ws["dlogit"].view(L * B, -1)
+            grads += [dl.T @ ws["a"].view(L * B, -1), dl.sum(0)]
+        dprior = ws["dlogit"].sum(-1, keepdim=True) if ag.cfg.force_c is None else None
+        dx = ws["dx"]  # a work buffer: consumed by features()' backward within this backward pass
+        cc.release(ws)
+        ctx.ws = ctx.args = None
+        return (None, None, dx, dprior, None, dh0, *grads)
+
+
+class KernelUnavailable(RuntimeError):
+    pass
+
+
+def _private(st: os.stat_result) -> bool:  # owned by this user, not writable by group or others
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _cache_dir() -> Path:
+    """~/.cache/gwt_ib (or $XDG_CACHE_HOME/gwt_ib), created 0700, if it is a directory (not a symlink)
+    that only this user can write; else a fresh private temporary directory for this process."""
+    import atexit, shutil, stat, tempfile
+    global _TMP_DIR
+    d = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gwt_ib"
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(d)
+        if stat.S_ISDIR(st.st_mode) and _private(st):
+            return d
+        why = "is not a directory that only this user can write"
+    except OSError as e:
+        why = f"cannot be created ({e.strerror})"
+    if _TMP_DIR is None:
+        _TMP_DIR = tempfile.mkdtemp(prefix="gwt_ib_")  # mode 0700, a fresh random name
+        atexit.register(shutil.rmtree, _TMP_DIR, True)
+        print(f"note: {d} {why}; the C cell is built in {_TMP_DIR}", file=sys.stderr)
+    return Path(_TMP_DIR)
+
+
+def _read_own(path: Path) -> Optional[bytes]:
+    """The bytes of a regular file of this user's that no one else can write, never through a symlink."""
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        return f.read() if stat.S_ISREG(st.st_mode) and _private(st) else None
+
+
+def _write_own(path: Path, data: bytes) -> None:
+    """Write a new file beside `path` (never following a symlink) and rename it over `path` atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def build_library() -> Path:
+    """Compile _CELL_C with the system C compiler into the private cache, unless a library whose
+    SHA-256 matches the one recorded when it was built is there already; -> its path."""
+    import hashlib, platform, shutil, subprocess, tempfile
+    if not hasattr(os, "getuid") or not hasattr(os, "O_NOFOLLOW"):
+        raise KernelUnavailable("the C cell's cache needs a POSIX system")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise KernelUnavailable("no C compiler found ($CC, cc, gcc, clang)")
+    flags = ["-O3", "-std=c99", "-ffp-contract=fast", "-shared", "-fPIC"]
+    cpu = platform.machine() + (Path("/proc/cpuinfo").read_text()[:4000] if Path("/proc/cpuinfo").exists() else "")
+    key = hashlib.sha256("\0".join([_CELL_C, cc, *flags, platform.platform(), cpu]).encode()).hexdigest()[:16]
+    d = _cache_dir()
+    so, rec = d / f"cell_{key}.so", d / f"cell_{key}.sha256"
+    data, want = _read_own(so), _read_own(rec)
+    if data is not None and want is not None and hashlib.sha256(data).hexdigest().encode() == want.strip():
+        return so
+    with tempfile.TemporaryDirectory(dir=d) as tmp:  # truncated, altered, missing or foreign: build anew
+        (Path(tmp) / "cell.c").write_text(_CELL_C)
+        for arch in (["-march=native"], []):  # the CPU's widest vectors where the compiler knows them
+            r = subprocess.run([cc, *flags, *arch, str(Path(tmp) / "cell.c"), "-o", str(Path(tmp) / "cell.so")],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+        else:
+            raise KernelUnavailable(f"{cc} failed: {r.stderr.strip()[-200:]}")
+        data = (Path(tmp) / "cell.so").read_bytes()
+    _write_own(so, data)
+    _write_own(rec, hashlib.sha256(data).hexdigest().encode())
+    return so
+
+
+_TMP_DIR: Optional[str] = None
+_LIB: Any = None  # the loaded library, or the KernelUnavailable that says why there is none
+
+
+def accelerate(agent: Agent, dev: torch.device) -> None:  # noqa: F811  (the model section's stub)
+    """Set agent.accel to the C cell if cfg.cpu_kernel is on, the run is on a CPU, the library builds
+    and it equals agent.cell on a random batch; otherwise say in one line why the reference runs."""
+    global _LIB
+    if not agent.cfg.cpu_kernel:
+        return
+    if dev.type != "cpu":
+        why = f"it runs on CPU only and this run is on {dev}"
+    else:
+        if _LIB is None:
+            try:
+                _LIB = ctypes.CDLL(str(build_library()))
+            except (KernelUnavailable, OSError) as e:
+                _LIB = e if isinstance(e, KernelUnavailable) else KernelUnavailable(f"loading failed: {e}")
+        cc = CCell(_LIB) if isinstance(_LIB, ctypes.CDLL) else None
+        why = str(_LIB) if cc is None else cc.disagreement(agent)
+        if cc is not None and why is None:
+            agent.accel = cc
+            return
+        why = why if cc is None else f"it disagrees with Agent.cell: {why}"
+    print(f"note: C cell not used ({why}); Agent.cell runs as torch ops", file=sys.stderr)
 
 
 if __name__ == "__main__":
