@@ -1424,6 +1424,20 @@ class CCell:
         router = [ag.r_out.weight, ag.r_out.bias] if ag.R and ag.cfg.force_c is None else []
         return _CUnroll.apply(self, ag, x, prior, keep, h0, ag.W_h, ag.b_h, ag.b_ih, *router)
 
+    @staticmethod
+    def _outputs(m: Agent, obs, h0, td, start) -> dict:
+        """Every output of m.unroll and m.step, and every parameter's gradient of a random loss over them."""
+        with torch.enable_grad():
+            outs = m.unroll(obs, h0, td, start)
+            w = torch.Generator().manual_seed(1)  # the same random weights for both cells: every output counts
+            loss = sum((o * torch.randn(o.shape, generator=w)).sum() for o in outs)
+            grads = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
+        with torch.no_grad():
+            step = m.step(m.features(obs[0]), *m.gate_prior(td[0], start[0]), h0)
+        return dict(zip(["logits", "value", "c", "h"], outs), step_c=step[0], step_h=step[1],
+                    **{f"grad {n}": torch.zeros_like(p) if g is None else g
+                       for (n, p), g in zip(m.named_parameters(), grads)})
+
     def disagreement(self, agent: Agent) -> Optional[str]:
         """Where this C cell and agent's reference differ on a random batch (values of every output of
         unroll and step, gradients of every parameter), or None. The agent is copied with perturbed
@@ -1444,17 +1458,10 @@ class CCell:
         start = (torch.rand(L, B, generator=g) < 0.3).float()
         res = {}
         for name, m in (("reference", ref), ("C", fast)):
-            with torch.enable_grad():
-                outs = m.unroll(obs, h0, td, start)
-                w = torch.Generator().manual_seed(1)  # the same random weights for both: every output counts
-                loss = sum((o * torch.randn(o.shape, generator=w)).sum() for o in outs)
-                grads = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
-            with torch.no_grad():
-                x0 = m.features(obs[0])
-                step = m.step(x0, *m.gate_prior(td[0], start[0]), h0)
-            res[name] = dict(zip(["logits", "value", "c", "h"], outs), step_c=step[0], step_h=step[1],
-                             **{f"grad {n}": torch.zeros_like(p) if gr is None else gr
-                                for (n, p), gr in zip(m.named_parameters(), grads)})
+            try:
+                res[name] = self._outputs(m, obs, h0, td, start)
+            except Exception as e:  # e.g. an edited router that the C cell cannot read
+                return f"the {name} cell raised {type(e).__name__}: {str(e)[:120]}"
         for k, want in res["reference"].items():
             err = (res["C"][k].detach() - want.detach()).abs().max().item()
             if not err <= 1e-5 + 1e-3 * want.detach().abs().max().item():

@@ -1,0 +1,300 @@
+"""The optional accelerator (the C cell at the end of gwt_ib.py): it equals Agent.cell in values and
+gradients for every gate variant, it is only used when it matches the agent being trained, and its
+compiled library is only ever loaded from a private cache, checked against the checksum recorded at
+build time. Without a C compiler these tests are skipped, and the trainer runs the reference."""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import shutil
+import stat
+import subprocess
+
+import pytest
+import torch
+import torch.nn as nn
+
+import gwt_ib
+from conftest import tiny_cfg
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and not os.environ.get("CC"), reason="no C compiler")
+
+VARIANTS = {
+    "learned scalar gate": {},
+    "prior-only gate": {"use_router_residual": False},
+    "vector gate": {"gate": "vector"},
+    "fixed gate 0.5": {"force_c": 0.5},
+    "fixed gate 0": {"force_c": 0.0},
+    "fixed gate 1, vector": {"force_c": 1.0, "gate": "vector"},
+    "memoryless": {"memoryless": True},
+    "memoryless, fixed gate": {"memoryless": True, "force_c": 1.0},
+}
+ACT = gwt_ib.ActSpec("discrete", 3, (3,), (0,))
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return ctypes.CDLL(str(gwt_ib.build_library()))
+
+
+def perturbed_agent(seed=0, **kw):
+    """An agent of the given variant whose parameters are all non-trivial (the router's output layer
+    starts at zero, which would hide any difference in the router)."""
+    torch.manual_seed(seed)
+    agent = gwt_ib.Agent(5, ACT, tiny_cfg(hid_dim=12, router_hid=6, enc_dim=8, head_hid=8, **kw))
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return agent
+
+
+def run_both(agent, lib, L=7, B=4, seed=1):
+    """unroll + a loss over every output, with the reference and with the C cell -> {name: tensor}."""
+    g = torch.Generator().manual_seed(seed)
+    obs, h0 = torch.randn(L, B, 5, generator=g), torch.randn(B, agent.H, generator=g)
+    td, start = 2 * torch.randn(L, B, generator=g), (torch.rand(L, B, generator=g) < 0.25).float()
+    weights = None
+    out = {}
+    for name, accel in (("ref", None), ("C", gwt_ib.CCell(lib))):
+        agent.accel = accel
+        logits, value, c, h = agent.unroll(obs, h0, td, start)
+        weights = weights or [torch.randn(t.shape, generator=g) for t in (logits, value, c, h)]
+        loss = sum((t * w).sum() for t, w in zip((logits, value, c, h), weights))
+        agent.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            x = agent.features(obs[0])
+            c1, h1 = agent.step(x, *agent.gate_prior(td[0], start[0]), h0)
+        out[name] = dict(logits=logits.detach(), value=value.detach(), c=c.detach(), h=h.detach(), step_c=c1,
+                         step_h=h1, **{f"grad {n}": p.grad.clone() for n, p in agent.named_parameters()
+                                       if p.grad is not None})
+    agent.accel = None
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_c_cell_equals_the_reference_in_values_and_every_gradient(variant, threads, lib):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = run_both(perturbed_agent(**VARIANTS[variant]), lib)
+    finally:
+        torch.set_num_threads(old)
+    assert out["C"].keys() == out["ref"].keys()  # the same parameters receive gradients
+    for k, want in out["ref"].items():
+        scale = want.abs().max().item()
+        torch.testing.assert_close(out["C"][k], want, rtol=1e-4, atol=1e-5 * (1 + scale), msg=k)
+
+
+def test_c_cell_keeps_memory_exactly_where_the_gate_is_zero(lib):
+    agent = perturbed_agent(force_c=0.0)
+    agent.accel = gwt_ib.CCell(lib)
+    g = torch.Generator().manual_seed(2)
+    obs, h0 = torch.randn(9, 4, 5, generator=g), torch.randn(4, agent.H, generator=g)
+    start = (torch.rand(9, 4, generator=g) < 0.25).float()
+    with torch.no_grad():
+        h = agent.unroll(obs, h0, torch.randn(9, 4, generator=g), start)[3]
+    prev = h0
+    for t in range(9):  # h_t = h_{t-1} * keep_t, bit for bit
+        assert torch.equal(h[t], prev * (1 - start[t])[:, None])
+        prev = h[t]
+
+
+def test_a_run_uses_the_c_cell_when_it_matches(tmp_path, capsys):
+    su = gwt_ib.build(tiny_cfg(tmp_path, cpu_kernel=True))
+    assert isinstance(su.agent.accel, gwt_ib.CCell)
+    assert "C cell not used" not in capsys.readouterr().err
+    su.envs.close()
+    su.eval_envs.close()
+
+
+class TwoLayerRouter(gwt_ib.Agent):
+    """A researcher's edit: one more hidden layer in the router's residual MLP."""
+
+    def __init__(self, obs_dim, act, cfg):
+        super().__init__(obs_dim, act, cfg)
+        R = cfg.router_hid
+        self.r_out = nn.Sequential(nn.Linear(R, R), nn.Tanh(), nn.Linear(R, self.G))  # not zero: it must matter
+
+
+def edited_gate(agent, obs, h_prev, td_prev, start):
+    """The edited formula written out: c = sigmoid(prior + W3 tanh(W2 tanh(W_z z + W_h h + b) + b2) + b3)."""
+    H, cfg = agent.H, agent.cfg
+    keep = 1 - start[:, None]
+    z = agent.enc(obs)
+    pre = z @ agent.W_x[3 * H:].T + (h_prev * keep) @ agent.W_h[3 * H:].T + agent.b_h[3 * H:]
+    l1, l2 = agent.r_out[0], agent.r_out[2]
+    residual = torch.tanh(torch.tanh(pre) @ l1.weight.T + l1.bias) @ l2.weight.T + l2.bias
+    prior = cfg.td_scale * (td_prev[:, None] * keep).abs() + cfg.base_logit + agent.bias
+    return torch.sigmoid(prior + residual)[:, 0]
+
+
+def test_an_edited_cell_runs_on_the_reference_and_trains(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gwt_ib, "Agent", TwoLayerRouter)
+    cfg = tiny_cfg(tmp_path, cpu_kernel=True, num_envs=4, rollout_steps=32, seq_len=16, minibatches=2)
+    su = gwt_ib.build(cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert su.agent.accel is None
+    assert len(err) == 1 and "C cell not used" in err[0] and "Agent.cell runs as torch ops" in err[0]
+    su.col.reset(seed=0)
+    b, last_value, _ = gwt_ib.rollout(su.col, cfg.rollout_steps)
+    with torch.no_grad():  # the rollout's gate is the edited formula, step by step
+        want = torch.stack([edited_gate(su.agent, b["obs"][t], b["h0"][t], b["td_prev"][t], b["start"][t])
+                            for t in range(cfg.rollout_steps)])
+    torch.testing.assert_close(b["c"], want, rtol=1e-5, atol=1e-6)
+    before = {n: p.detach().clone() for n, p in su.agent.r_out.named_parameters()}
+    adv, ret = gwt_ib.gae(b, last_value, cfg.gamma, cfg.gae_lambda)
+    m = gwt_ib.ppo_update(su.agent, su.opt, b, adv, ret, cfg, lam_c=0.05, update=0)
+    assert m["ratio0_maxdev"] < 1e-5
+    for n, p in su.agent.r_out.named_parameters():  # the new layers are trained
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+        assert not torch.equal(p, before[n]), n
+    su.envs.close()
+    su.eval_envs.close()
+
+
+def test_a_patched_cell_is_detected(tmp_path, capsys, monkeypatch):
+    ref_cell = gwt_ib.Agent.cell
+
+    def half_gate(self, x, prior, hp, hh):  # an edit of the formula that adds no parameter
+        c, h = ref_cell(self, x, prior, hp, hh)
+        return 0.5 * c, h
+
+    monkeypatch.setattr(gwt_ib.Agent, "cell", half_gate)
+    su = gwt_ib.build(tiny_cfg(tmp_path, cpu_kernel=True))
+    assert su.agent.accel is None
+    assert "disagrees with Agent.cell" in capsys.readouterr().err
+    su.envs.close()
+    su.eval_envs.close()
+
+
+def test_without_a_c_compiler_the_reference_runs_with_one_note(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setattr(gwt_ib, "_LIB", None)
+    su = gwt_ib.build(tiny_cfg(tmp_path, cpu_kernel=True))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert su.agent.accel is None
+    assert err == ["note: C cell not used (no C compiler found ($CC, cc, gcc, clang)); Agent.cell runs as torch ops"]
+    su.envs.close()
+    su.eval_envs.close()
+    monkeypatch.setattr(gwt_ib, "_LIB", None)  # let later tests load the real library
+
+
+# ----------------------------------------------------------------------------- the kernel cache
+PLANTED_C = r"""#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    const char *p = getenv("GWT_PLANTED_MARK");
+    FILE *f = p ? fopen(p, "w") : NULL;
+    if (f) fclose(f);
+}
+void cell_fwd(void) {}
+void cell_bwd(void) {}
+"""
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty XDG cache home, a marker path, and a planted library that creates the marker when loaded."""
+    home = tmp_path / "xdg"
+    home.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    monkeypatch.setattr(gwt_ib, "_TMP_DIR", None)
+    mark = tmp_path / "planted_ran"
+    monkeypatch.setenv("GWT_PLANTED_MARK", str(mark))
+    src = tmp_path / "planted.c"
+    src.write_text(PLANTED_C)
+    planted = tmp_path / "planted.so"
+    subprocess.run([os.environ.get("CC") or "cc", "-shared", "-fPIC", str(src), "-o", str(planted)], check=True)
+    return home / "gwt_ib", mark, planted
+
+
+def load_and_check(so, mark):
+    """Load what build_library returned and check it is the real cell, and that nothing planted ran."""
+    lib = ctypes.CDLL(str(so))
+    assert hasattr(lib, "cell_fwd") and not mark.exists()
+    out = run_both(perturbed_agent(), lib)
+    torch.testing.assert_close(out["C"]["h"], out["ref"]["h"], rtol=1e-4, atol=1e-5)
+
+
+def test_library_is_built_once_into_a_private_directory_with_its_checksum(cache, monkeypatch):
+    d, mark, _ = cache
+    so = gwt_ib.build_library()
+    assert so.parent == d
+    assert stat.S_IMODE(os.lstat(d).st_mode) == 0o700
+    rec = so.with_suffix(".sha256")
+    for f in (so, rec):
+        st = os.lstat(f)
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+    import hashlib
+    assert rec.read_bytes().strip() == hashlib.sha256(so.read_bytes()).hexdigest().encode()
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a valid cached library"))
+    assert gwt_ib.build_library() == so
+    load_and_check(so, mark)
+
+
+def test_a_truncated_cached_library_is_rebuilt_not_loaded(cache):
+    d, mark, _ = cache
+    so = gwt_ib.build_library()
+    size = so.stat().st_size
+    with open(so, "r+b") as f:
+        f.truncate(size // 3)
+    assert gwt_ib.build_library() == so and so.stat().st_size == size
+    load_and_check(so, mark)
+
+
+def test_an_altered_cached_library_is_rebuilt_not_loaded(cache):
+    d, mark, planted = cache
+    so = gwt_ib.build_library()
+    shutil.copyfile(planted, so)  # same name, other contents, checksum record untouched
+    assert gwt_ib.build_library() == so
+    assert so.read_bytes() != planted.read_bytes()
+    load_and_check(so, mark)
+
+
+def test_a_symlinked_cached_library_is_not_followed(cache):
+    d, mark, planted = cache
+    so = gwt_ib.build_library()
+    so.unlink()
+    so.symlink_to(planted)
+    so.with_suffix(".sha256").write_bytes(__import__("hashlib").sha256(planted.read_bytes()).hexdigest().encode())
+    assert gwt_ib.build_library() == so
+    assert not so.is_symlink() and planted.exists()
+    load_and_check(so, mark)
+
+
+@pytest.mark.parametrize("how", ["symlinked directory", "world-writable directory", "another user's directory"])
+def test_a_cache_directory_others_can_write_is_not_used(cache, how, tmp_path, capsys):
+    d, mark, planted = cache
+    if how == "symlinked directory":
+        target = tmp_path / "elsewhere"
+        target.mkdir(mode=0o700)
+        d.symlink_to(target)
+    else:
+        d.mkdir(mode=0o700)
+        if how == "world-writable directory":
+            os.chmod(d, 0o777)
+        else:
+            if os.getuid() != 0:
+                pytest.skip("needs root to create a directory owned by another user")
+            os.chown(d, 65534, 65534)
+    so = gwt_ib.build_library()
+    assert so.parent != d and so.parent.resolve() != d.resolve()
+    st = os.lstat(so.parent)
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
+    assert "the C cell is built in" in capsys.readouterr().err
+    load_and_check(so, mark)
+
+
+def test_the_accelerated_default_run_trains_like_the_reference(tmp_path):
+    """Two tiny training runs, C cell and reference, agree on every logged loss to float32 accuracy."""
+    cfg = tiny_cfg(tmp_path, total_timesteps=128, eval_every=0)
+    runs = [gwt_ib.train(dataclasses.replace(cfg, cpu_kernel=k, run_name=f"k{k}")) for k in (False, True)]
+    import json
+    rows = [[json.loads(l) for l in open(f"{r['run_dir']}/metrics.jsonl")] for r in runs]
+    for a, b in zip(*rows):
+        for k in ("pg_loss", "v_loss", "entropy", "ib_loss", "mean_c", "td_std"):
+            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), k
