@@ -26,7 +26,7 @@ import re
 import signal
 import sys
 import time
-from collections import deque
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -46,7 +46,7 @@ class Cfg:
     num_envs: int = 16  # environments stepped in parallel during the rollout
     seed: int = 42  # seeds python, numpy, torch and the environments
     prev_action: bool = False  # append the previous action (one-hot; raw for Box) to the observation, as POPGym's benchmark does
-    async_envs: bool = False  # step each environment in its own subprocess (gymnasium AsyncVectorEnv)
+    async_envs: bool = False  # step each environment in its own subprocess (env_workers = num_envs)
     env_workers: int = 0  # step the envs in this many subprocesses, num_envs/env_workers each; 0 = in this process
     # --- budget
     total_timesteps: int = 500_000  # environment steps over the whole run (all envs together)
@@ -112,7 +112,6 @@ class Cfg:
     halt_after: int = 0  # stop cleanly (checkpoint + summary) after this many updates in this invocation; 0 = never
     cpu_kernel: bool = True  # on CPU, run Agent.cell as the C accelerator at the end of this file if it matches the reference at start-up
 
-
 class ConfigError(ValueError):
     """A bad setting: names the field, the value and what is allowed."""
 
@@ -120,43 +119,35 @@ class ConfigError(ValueError):
         super().__init__(f"--{name.replace('_', '-')} {value!r}: {allowed}")
         self.name, self.value, self.allowed = name, value, allowed
 
-
 def field_docs() -> dict[str, str]:
     """One-line docs of Cfg's fields, read from the comment beside each field above."""
     lines = inspect.getsource(Cfg).splitlines()
     return {m[1]: m[2] for m in (re.match(r"\s+(\w+): [^=]+=.*?  # (.+)$", l) for l in lines) if m}
 
-
 def _field_kind(f: dataclasses.Field) -> tuple[type, bool]:
     """(base type, optional) of a Cfg field from its annotation string."""
-    ann = str(f.type)
-    optional = ann.startswith("Optional[")
-    return {"int": int, "float": float, "bool": bool, "str": str}[ann[9:-1] if optional else ann], optional
+    optional = str(f.type).startswith("Optional[")
+    return {"int": int, "float": float, "bool": bool, "str": str}[str(f.type).removeprefix("Optional[").rstrip("]")], optional
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 def _convert(name: str, raw: str, typ: type, optional: bool) -> Any:
     if optional and raw.lower() in ("none", "null", ""):
         return None
-    bools = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
     try:
-        if typ is bool:
-            return bools[raw.lower()]
-        return int(raw.replace("_", "")) if typ is int else typ(raw)
+        return _BOOLS[raw.lower()] if typ is bool else int(raw.replace("_", "")) if typ is int else typ(raw)
     except (KeyError, ValueError):
         what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[typ]
         raise ConfigError(name, raw, f"must be {what}{' or none' if optional else ''}") from None
 
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, suggestions for a mistyped flag
-        m = re.search(r"unrecognized arguments: (\S+)", message)
-        if m:
+        if m := re.search(r"unrecognized arguments: (\S+)", message):
             flags = [s for a in self._actions for s in a.option_strings]
             close = difflib.get_close_matches(m.group(1).split("=")[0], flags, n=3)
             message += f" (did you mean {', '.join(close)}?)" if close else ""
         print(f"gwt_ib.py: error: {message}", file=sys.stderr)
         sys.exit(2)
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -165,78 +156,66 @@ def build_parser() -> argparse.ArgumentParser:
                        "--total-timesteps 100000 --force-c 1.0\n  python gwt_ib.py --resume runs/<run>")
     docs = field_docs()
     for f in dataclasses.fields(Cfg):
-        typ, _ = _field_kind(f)
-        kw = dict(nargs="?", const="true") if typ is bool else {}
+        typ = _field_kind(f)[0]
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=typ.__name__.upper(), default=None,
-                       help=f"{docs.get(f.name, '')} (default: {f.default})", **kw)
+                       help=f"{docs.get(f.name, '')} (default: {f.default})",
+                       **(dict(nargs="?", const="true") if typ is bool else {}))
     p.add_argument("--list-envs", action="store_true", help="print POPGym ids with their spaces and exit")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
                    "(its config.json is used; flags given here override it)")
     return p
 
-
 def parse_overrides(ns: argparse.Namespace, base: Cfg) -> Cfg:
     """Typed Cfg from argparse strings; only flags that were given override `base`."""
-    changes = {f.name: _convert(f.name, getattr(ns, f.name), *_field_kind(f))
-               for f in dataclasses.fields(Cfg) if getattr(ns, f.name) is not None}
-    return dataclasses.replace(base, **changes)
-
+    return dataclasses.replace(base, **{f.name: _convert(f.name, getattr(ns, f.name), *_field_kind(f))
+                                        for f in dataclasses.fields(Cfg) if getattr(ns, f.name) is not None})
 
 _CHOICES = {"gate": ("scalar", "vector"), "ib_loss": ("sq", "kl"), "td_scale_mode": ("ema", "quantile", "ema_quantile")}
-
+_RANGES = [  # (fields, test, what is allowed)
+    (("num_envs", "rollout_steps", "seq_len", "epochs", "minibatches", "enc_dim", "hid_dim", "router_hid", "head_hid",
+      "eval_episodes", "log_every", "checkpoint_every", "gatecheck_rollouts"), lambda v: v >= 1, "must be an integer >= 1"),
+    (("seed", "budget_warmup_updates", "eval_every", "torch_threads", "halt_after", "env_workers"), lambda v: v >= 0,
+     "must be an integer >= 0"),
+    (("td_window",), lambda v: v >= 2, "must be an integer >= 2"),
+    (("lr", "vf_coef", "ent_coef", "lambda_c", "td_scale", "eval_ok_margin"), lambda v: v >= 0, "must be >= 0"),
+    (("clip_eps", "max_grad_norm", "td_std_min", "td_norm_clip"), lambda v: v > 0, "must be > 0"),
+    (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    (("target_c", "td_ema", "td_scale_ema2", "td_quantile"), lambda v: 0 < v < 1, "must be in (0, 1)"),
+    (("force_c",), lambda v: v is None or 0 <= v <= 1, "must be in [0, 1] or none"),
+    (("lambda_c_end",), lambda v: v is None or v >= 0, "must be >= 0 or none"),
+    (("env_id", "out_dir"), lambda v: v.strip() != "", "must not be empty"),
+    (("run_name",), lambda v: "/" not in v and v not in (".", ".."), "must be a plain directory name"),
+] + [((k,), lambda v, ch=ch: v in ch, f"must be one of {', '.join(ch)}") for k, ch in _CHOICES.items()]
 
 def validate(cfg: Cfg) -> None:
     """Check every field's type and range before anything starts; raise ConfigError on the first bad one."""
-    for f in dataclasses.fields(Cfg):
-        v = getattr(cfg, f.name)
-        typ, opt = _field_kind(f)
-        ok = (v is None and opt) or (isinstance(v, typ) and not (typ is int and isinstance(v, bool))) \
-            or (typ is float and isinstance(v, int) and not isinstance(v, bool))
-        if not ok:
-            raise ConfigError(f.name, v, f"must be {typ.__name__}{' or None' if opt else ''}")
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f.name, v, "must be finite")
-
     def need(name, cond, allowed):
         if not cond:
             raise ConfigError(name, getattr(cfg, name), allowed)
 
+    for f in dataclasses.fields(Cfg):
+        v, (typ, opt) = getattr(cfg, f.name), _field_kind(f)
+        need(f.name, (v is None and opt) or (type(v) is typ) or (typ is float and type(v) is int),
+             f"must be {typ.__name__}{' or None' if opt else ''}")
+        need(f.name, not isinstance(v, float) or math.isfinite(v), "must be finite")
+    for names, test, allowed in _RANGES:
+        for name in names:
+            need(name, test(getattr(cfg, name)), allowed)
     c = cfg
-    need("env_id", c.env_id.strip() != "", "must name a registered gymnasium environment")
-    for name in ("num_envs", "rollout_steps", "seq_len", "epochs", "minibatches", "enc_dim", "hid_dim",
-                 "router_hid", "head_hid", "eval_episodes", "log_every", "checkpoint_every", "gatecheck_rollouts"):
-        need(name, getattr(c, name) >= 1, "must be an integer >= 1")
-    for name in ("seed", "budget_warmup_updates", "eval_every", "torch_threads", "halt_after", "env_workers"):
-        need(name, getattr(c, name) >= 0, "must be an integer >= 0")
     need("seq_len", c.rollout_steps % c.seq_len == 0, f"must divide rollout_steps ({c.rollout_steps})")
     n_seq = c.num_envs * c.rollout_steps // c.seq_len  # sequences per rollout
     need("minibatches", n_seq % c.minibatches == 0,
          f"must divide the number of sequences per rollout (num_envs*rollout_steps/seq_len = {n_seq})")
     need("total_timesteps", c.total_timesteps >= c.num_envs * c.rollout_steps,
          f"must be >= num_envs*rollout_steps ({c.num_envs * c.rollout_steps}) for at least one update")
-    for name in ("lr", "vf_coef", "ent_coef", "lambda_c", "td_scale", "eval_ok_margin"):
-        need(name, getattr(c, name) >= 0, "must be >= 0")
-    for name in ("clip_eps", "max_grad_norm", "td_std_min", "td_norm_clip"):
-        need(name, getattr(c, name) > 0, "must be > 0")
-    for name in ("gamma", "gae_lambda"):
-        need(name, 0 <= getattr(c, name) <= 1, "must be in [0, 1]")
-    for name in ("target_c", "td_ema", "td_scale_ema2", "td_quantile"):
-        need(name, 0 < getattr(c, name) < 1, "must be in (0, 1)")
-    need("td_window", c.td_window >= 2, "must be an integer >= 2")
     need("bias_clamp_min", c.bias_clamp_min < c.bias_clamp_max, f"must be < bias_clamp_max ({c.bias_clamp_max})")
     need("bias_init", c.bias_clamp_min <= c.bias_init <= c.bias_clamp_max,
          f"must lie in [bias_clamp_min, bias_clamp_max] = [{c.bias_clamp_min}, {c.bias_clamp_max}]")
     need("td_std_min", c.td_std_min < c.td_std_max, f"must be < td_std_max ({c.td_std_max})")
-    need("force_c", c.force_c is None or 0 <= c.force_c <= 1, "must be in [0, 1] or none")
-    need("lambda_c_end", c.lambda_c_end is None or c.lambda_c_end >= 0, "must be >= 0 or none")
-    for name, choices in _CHOICES.items():
-        need(name, getattr(c, name) in choices, f"must be one of {', '.join(choices)}")
     need("gate", c.gate == "scalar" or c.use_router_residual,
          "vector gates need use_router_residual=true (the prior alone is one number per step)")
     need("env_workers", c.env_workers <= c.num_envs, f"must be <= num_envs ({c.num_envs})")
     need("env_workers", not (c.env_workers and c.async_envs), "cannot be combined with async_envs=true")
-    need("out_dir", c.out_dir.strip() != "", "must be a directory path")
-    need("run_name", "/" not in c.run_name and c.run_name not in (".", ".."), "must be a plain directory name")
     m = re.fullmatch(r"(auto|cpu|cuda)(:(\d+))?", c.device)
     need("device", m is not None and (m.group(2) is None or m.group(1) == "cuda"), "must be auto, cpu, cuda or cuda:N")
     if m.group(1) == "cuda":
@@ -244,35 +223,24 @@ def validate(cfg: Cfg) -> None:
         need("device", n > 0, "no CUDA device is available here (use cpu or auto)")
         need("device", m.group(3) is None or int(m.group(3)) < n, f"must index one of the {n} CUDA devices")
 
-
 def resolve_device(cfg: Cfg) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
 
 
-def seed_everything(seed: int) -> None:
-    """The one place where randomness is seeded (envs are seeded at their first reset)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
 # ============================================================================ environments
 def _gym():
-    """gymnasium with POPGym's ids registered (popgym is imported only when an env is made)."""
+    """gymnasium with POPGym's ids registered (imported only when an env is made: it is slow)."""
     try:
-        import popgym  # noqa: F401  registers popgym-*-v0
+        import popgym  # noqa: F401
     except ImportError:
         pass
     return gym
 
-
 def check_env_id(env_id: str) -> None:
-    gym = _gym()
-    if env_id not in gym.registry:
+    if env_id not in _gym().registry:
         close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see `python gwt_ib.py --list-envs`"
         raise ConfigError("env_id", env_id, f"is not a registered gymnasium id; {hint}")
-
 
 def check_obs_space(space, path: str = "obs") -> None:
     """Observations are flattened (FlatObs: Discrete and MultiDiscrete parts one-hot, as POPGym's
@@ -284,7 +252,6 @@ def check_obs_space(space, path: str = "obs") -> None:
     elif not isinstance(space, (S.Box, S.Discrete, S.MultiDiscrete, S.MultiBinary)):
         raise ConfigError("env_id", path, f"has unsupported observation space {space}; supported: Box, Discrete, "
                                           "MultiDiscrete, MultiBinary and Tuple/Dict of these")
-
 
 @dataclass
 class ActSpec:
@@ -302,21 +269,18 @@ class ActSpec:
     def enc_dim(self) -> int:  # size of the previous-action encoding
         return sum(self.nvec) if self.kind == "discrete" else self.n_out
 
-
 def action_spec(space) -> ActSpec:
     S = gym.spaces
     if isinstance(space, S.Discrete):
         return ActSpec("discrete", int(space.n), (int(space.n),), (int(space.start),))
     if isinstance(space, S.MultiDiscrete) and space.nvec.ndim == 1:
-        nvec = tuple(int(n) for n in space.nvec)
-        return ActSpec("discrete", sum(nvec), nvec, tuple(int(s) for s in np.broadcast_to(space.start, space.nvec.shape)),
-                       multi=True)
+        nvec, start = tuple(map(int, space.nvec)), tuple(map(int, np.broadcast_to(space.start, space.nvec.shape)))
+        return ActSpec("discrete", sum(nvec), nvec, start, multi=True)
     if isinstance(space, S.Box) and np.issubdtype(space.dtype, np.floating):
         return ActSpec("box", int(np.prod(space.shape)), low=space.low.reshape(-1).astype(np.float32),
                        high=space.high.reshape(-1).astype(np.float32), shape=tuple(space.shape))
     raise ConfigError("env_id", str(space), "has an unsupported action space; supported: Discrete, "
                                             "MultiDiscrete (1-D) and float Box")
-
 
 class FlatObs(gym.ObservationWrapper):
     """Observations as flat vectors by gymnasium.spaces.flatten. gymnasium's FlattenObservation does
@@ -329,46 +293,34 @@ class FlatObs(gym.ObservationWrapper):
     def observation(self, obs):
         return gym.spaces.flatten(self.env.observation_space, obs)
 
-
 def make_env(env_id: str):
     env = _gym().make(env_id, disable_env_checker=True)  # the checker only warns about popgym infos
     check_obs_space(env.observation_space)
     return FlatObs(env)
 
-
 def make_envs(cfg: Cfg, n: int, async_envs: bool = False, workers: int = 0):
     """A gymnasium vector env with SAME_STEP autoreset: when an episode ends, step() returns the new
     episode's first observation and puts the real last one in info["final_obs"], so every stored
     transition is one the env really made (no dummy reset step enters the buffer)."""
-    import functools
-    from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
-    if workers:
-        return ShardedVectorEnv(cfg.env_id, n, workers)
-    cls = AsyncVectorEnv if async_envs else SyncVectorEnv
-    return cls([functools.partial(make_env, cfg.env_id) for _ in range(n)], autoreset_mode=AutoresetMode.SAME_STEP)
-
+    if workers or async_envs:
+        return ShardedVectorEnv(cfg.env_id, n, n if async_envs else workers)
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+    return SyncVectorEnv([lambda: make_env(cfg.env_id)] * n, autoreset_mode=AutoresetMode.SAME_STEP)
 
 def _shard_worker(pipe, env_id: str, n: int) -> None:
     envs = make_envs(Cfg(env_id=env_id), n)
-    try:
-        while True:
-            cmd, arg = pipe.recv()
-            if cmd == "step":
-                obs, r, term, trunc, info = envs.step(arg)
-                pipe.send((obs, r, term, trunc, info.get("final_obs", np.full(n, None, object))))
-            elif cmd == "reset":
-                pipe.send(envs.reset(seed=arg)[0])
-            else:
-                break
-    finally:
-        envs.close()
-
+    while (msg := pipe.recv())[0] != "close":
+        if msg[0] == "reset":
+            pipe.send(envs.reset(seed=msg[1])[0])
+        else:
+            obs, r, term, trunc, info = envs.step(msg[1])
+            pipe.send((obs, r, term, trunc, info.get("final_obs", np.full(n, None, object))))
+    envs.close()
 
 class ShardedVectorEnv:
-    """num_envs envs stepped by `workers` subprocesses, each a SAME_STEP SyncVectorEnv over its share.
-    gymnasium's AsyncVectorEnv gives every env its own process, which costs more in messages than a
-    POPGym env costs to step; many envs per process make the step parallel and the messages few.
-    Env i gets seed `seed + i` at reset, as in SyncVectorEnv, so a run is the same as in-process."""
+    """n envs stepped by `workers` subprocesses, each a SAME_STEP SyncVectorEnv over its share: unlike
+    one process per env (gymnasium's AsyncVectorEnv) the messages stay few. Env i gets seed `seed + i`
+    at reset, as in SyncVectorEnv, so a run is the same as in-process."""
 
     def __init__(self, env_id: str, n: int, workers: int):
         import multiprocessing as mp
@@ -377,13 +329,11 @@ class ShardedVectorEnv:
         self.single_observation_space, self.single_action_space = probe.observation_space, probe.action_space
         probe.close()
         self.num_envs, self.sizes = n, [len(a) for a in np.array_split(np.arange(n), workers)]
-        self.pipes, self.procs = [], []
-        for k in self.sizes:
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_shard_worker, args=(child, env_id, k), daemon=True)
+        self.pipes, children = zip(*[ctx.Pipe() for _ in self.sizes])
+        self.procs = [ctx.Process(target=_shard_worker, args=(c, env_id, k), daemon=True)
+                      for c, k in zip(children, self.sizes)]
+        for p in self.procs:
             p.start()
-            self.pipes.append(parent)
-            self.procs.append(p)
 
     def reset(self, seed: Optional[int] = None):
         for pipe, o in zip(self.pipes, np.cumsum([0] + self.sizes[:-1])):
@@ -393,28 +343,20 @@ class ShardedVectorEnv:
     def step(self, actions):
         for pipe, a in zip(self.pipes, np.split(actions, np.cumsum(self.sizes)[:-1])):
             pipe.send(("step", a))
-        res = [p.recv() for p in self.pipes]
-        return (*(np.concatenate([r[i] for r in res]) for i in range(4)),
-                {"final_obs": np.concatenate([r[4] for r in res])})
+        obs, r, term, trunc, final = (np.concatenate(z) for z in zip(*[p.recv() for p in self.pipes]))
+        return obs, r, term, trunc, {"final_obs": final}
 
     def close(self):
-        for pipe in self.pipes:
+        for pipe, p in zip(self.pipes, self.procs):
             try:
                 pipe.send(("close", None))
             except (BrokenPipeError, OSError):
                 pass
-        for p in self.procs:
             p.join(timeout=5)
 
-
 def list_envs() -> str:
-    gym = _gym()
-    lines = []
-    for env_id in sorted(k for k in gym.registry if k.startswith("popgym-")):
-        env = gym.make(env_id)
-        lines.append(f"{env_id:45s} obs {env.observation_space}  act {env.action_space}".replace("\n", ""))
-        env.close()
-    return "\n".join(lines)
+    envs = {i: gym.make(i) for i in sorted(_gym().registry) if i.startswith("popgym-")}
+    return "\n".join(f"{i:45s} obs {e.observation_space}  act {e.action_space}" for i, e in envs.items())
 
 
 # ============================================================================ model
@@ -423,18 +365,15 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
     nn.init.constant_(layer.bias, bias)
     return layer
 
-
 class Agent(nn.Module):
     """Encoder -> router (gate c) -> gated GRU memory h -> actor and critic heads.
 
-    `cell` is the one definition of the recurrent step. Everything that does not depend on h runs
-    batched over whole sequences: `features` (encoder and every input projection), `gate_prior`
-    (the TD prior) and `heads`; inside the time loop only `recur` (one matmul on h) and `cell` run.
-    Parameter layout, E = enc_dim, H = hid_dim, R = router_hid (0 without the residual MLP):
+    `cell` is the one definition of the recurrent step. What does not depend on h runs batched over
+    whole sequences (`features`, `gate_prior`, `heads`); the time loop runs only `recur` and `cell`.
+    Parameters, E = enc_dim, H = hid_dim, R = router_hid (0 without the residual MLP):
       W_x (3H+R, E) = [GRU W_ih ; router W_z]    W_h (3H+R, H) = [GRU W_hh ; router W_h]
       b_h (3H+R)    = [GRU b_hh ; router b]      b_ih (3H) = GRU b_ih
-    GRU(c*z, h) is nn.GRUCell with input projection W_ih (c z) + b_ih = c (W_ih z) + b_ih, so W_ih z is
-    computed once per step outside the loop."""
+    The GRU's input projection W_ih (c z) + b_ih = c (W_ih z) + b_ih: W_ih z is computed outside the loop."""
 
     def __init__(self, obs_dim: int, act: ActSpec, cfg: Cfg):
         super().__init__()
@@ -452,9 +391,8 @@ class Agent(nn.Module):
             nn.init.zeros_(self.r_out.weight)  # residual starts at 0: the TD prior rules at initialization
             nn.init.zeros_(self.r_out.bias)
         self.bias = nn.Parameter(torch.tensor(float(cfg.bias_init)))
-        hh = cfg.head_hid
-        self.actor = nn.Sequential(layer_init(nn.Linear(H, hh)), nn.Tanh(), layer_init(nn.Linear(hh, act.n_out), 0.01))
-        self.critic = nn.Sequential(layer_init(nn.Linear(H, hh)), nn.Tanh(), layer_init(nn.Linear(hh, 1), 1.0))
+        self.actor, self.critic = (nn.Sequential(layer_init(nn.Linear(H, cfg.head_hid)), nn.Tanh(),
+                                                 layer_init(nn.Linear(cfg.head_hid, n), std)) for n, std in ((act.n_out, 0.01), (1, 1.0)))
         self.log_std = nn.Parameter(torch.zeros(act.n_out)) if act.kind == "box" else None
         self.accel = None  # set by build() when the accelerator (end of file) matches cell() for this agent
 
@@ -516,15 +454,12 @@ class Agent(nn.Module):
         if self.accel is not None:  # the same loop as one autograd node, its backward in C
             hs, cs = self.accel.unroll(self, x, prior, keep, h0)
         else:
-            h, cs, hs = h0, [], []
-            for xt, pt, kt in zip(x.unbind(0), prior.unbind(0), keep.unbind(0)):
-                c, h = self.step(xt, pt, kt, h)
-                cs.append(c)
-                hs.append(h)
-            hs, cs = torch.stack(hs), torch.stack(cs)
+            out = [(None, h0)]
+            for xt, pt, kt in zip(x.unbind(0), prior.unbind(0), keep.unbind(0)):  # unbind: one backward node
+                out.append(self.step(xt, pt, kt, out[-1][1]))
+            cs, hs = (torch.stack(z) for z in zip(*out[1:]))
         logits, value = self.heads(hs)  # batched over all L*B steps
         return logits, value, cs, hs
-
 
 # --- action distributions (plain tensor code: torch.distributions costs per-step overhead)
 def _cat_logits(act: ActSpec, logits: torch.Tensor) -> torch.Tensor:
@@ -535,10 +470,8 @@ def _cat_logits(act: ActSpec, logits: torch.Tensor) -> torch.Tensor:
     parts = [F.pad(p, (0, m - p.shape[-1]), value=-1e9) for p in logits.split(list(act.nvec), -1)]
     return F.log_softmax(torch.stack(parts, -2), -1)
 
-
-def _gauss_logp(a, mean, log_std):
+def _gauss_logp(a, mean, log_std):  # diagonal Gaussian, components summed
     return (-0.5 * ((a - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-
 
 def sample_action(agent: Agent, logits: torch.Tensor, greedy: bool):
     """-> action (B, K) long or (B, dim) float, log-prob (B,)."""
@@ -549,7 +482,6 @@ def sample_action(agent: Agent, logits: torch.Tensor, greedy: bool):
     a = logits if greedy else logits + agent.log_std.exp() * torch.randn_like(logits)
     return a, _gauss_logp(a, logits, agent.log_std)
 
-
 def logp_entropy(agent: Agent, logits: torch.Tensor, a: torch.Tensor):
     """Log-prob and entropy of stored actions under new logits; components summed."""
     if agent.act.kind == "discrete":
@@ -558,48 +490,38 @@ def logp_entropy(agent: Agent, logits: torch.Tensor, a: torch.Tensor):
     ent = (0.5 + 0.5 * math.log(2 * math.pi) + agent.log_std).sum(-1).expand(logits.shape[:-1])
     return _gauss_logp(a, logits, agent.log_std), ent
 
-
 def accelerate(agent: Agent, dev: torch.device) -> None:
     """Replaced by the accelerator section at the end of the file; without it the reference runs."""
 
 
 # ============================================================================ TD normalizer
 class TDNormalizer:
-    """Online normalization of TD errors, td_norm = clip((delta - mu) / s, -td_norm_clip, td_norm_clip).
-
-    Updated once per vector step with the batch d of N TD errors (first batch: direct estimates).
+    """td_norm = clip((delta - mu) / s, -td_norm_clip, td_norm_clip), updated once per vector step with the
+    batch d of TD errors (first batch: direct estimates); a = td_ema, a2 = td_scale_ema2, q = td_quantile:
       "ema":          mu <- a*mu + (1-a)*mean(d);  v <- a*v + (1-a)*mean((d-mu)^2);  s = sqrt(v)
       "ema_quantile": mu <- a*mu + (1-a)*median(d);  s <- a2*s + (1-a2)*quantile_q(|d-mu|)
-      "quantile":     over a sliding window W of the last td_window errors:
-                      mu = median(W);  s = quantile_q(|W-mu|)
-    with a = td_ema, a2 = td_scale_ema2, q = td_quantile; s is clamped to [td_std_min, td_std_max].
-    The quantile modes use medians and quantiles so one huge outlier cannot blow up mu or s; "ema" is
-    the plain mean/variance. Everything stays on the device: no host sync per step."""
+      "quantile":     mu = median(W);  s = quantile_q(|W-mu|) over the last td_window errors W
+    s is clamped to [td_std_min, td_std_max]. Medians and quantiles: one huge outlier cannot blow up mu
+    or s. Everything stays on the device: no host sync per step."""
 
     def __init__(self, cfg: Cfg, device: torch.device):
-        self.cfg, self.mode = cfg, cfg.td_scale_mode
-        self.mean = torch.zeros((), device=device)
-        self.var = torch.ones((), device=device)
-        self.scale = torch.ones((), device=device)
-        self.count = 0
+        self.cfg, self.mode, self.count, self.wpos, self.wfill = cfg, cfg.td_scale_mode, 0, 0, 0
+        self.mean, self.var, self.scale = (torch.full((), v, device=device) for v in (0.0, 1.0, 1.0))
         self.window = torch.zeros(cfg.td_window, device=device)
-        self.wpos = self.wfill = 0
 
     def update(self, d: torch.Tensor) -> None:
         cfg, a, first = self.cfg, self.cfg.td_ema, self.count == 0
         d = d.detach().float().reshape(-1)
         if self.mode == "ema":
-            m = d.mean()
-            self.mean = m if first else a * self.mean + (1 - a) * m
+            self.mean = d.mean() if first else torch.lerp(self.mean, d.mean(), 1 - a)  # a*mean + (1-a)*m in one op
             v = ((d - self.mean) ** 2).mean()
-            self.var = (v if first else a * self.var + (1 - a) * v).clamp(cfg.td_std_min ** 2, cfg.td_std_max ** 2)
+            self.var = (v if first else torch.lerp(self.var, v, 1 - a)).clamp(cfg.td_std_min ** 2, cfg.td_std_max ** 2)
             self.scale = self.var.sqrt()
         elif self.mode == "ema_quantile":
-            m = d.median()
-            self.mean = m if first else torch.lerp(self.mean, m, 1 - a)  # a*mean + (1-a)*m in one op
+            self.mean = d.median() if first else torch.lerp(self.mean, d.median(), 1 - a)
             q = self.quantile((d - self.mean).abs(), cfg.td_quantile)
-            q = q if first else torch.lerp(self.scale, q, 1 - cfg.td_scale_ema2)
-            self.scale = q.clamp(cfg.td_std_min, cfg.td_std_max)
+            self.scale = (q if first else torch.lerp(self.scale, q, 1 - cfg.td_scale_ema2)).clamp(cfg.td_std_min,
+                                                                                                 cfg.td_std_max)
         else:  # quantile over a sliding window
             n, W = d.numel(), self.window.numel()
             self.window[(self.wpos + torch.arange(n, device=d.device)) % W] = d
@@ -630,27 +552,23 @@ class TDNormalizer:
 
 # ============================================================================ rollout
 class Collector:
-    """Steps a vector env with the agent, carrying the recurrent state (h, td_prev, episode_start)
-    between steps through Agent.step, the function the update unrolls. One `step()` serves training
-    rollouts and greedy evaluation alike.
-
-    Episode boundaries: `start[i] = 1` marks the first observation of an episode (the env reset in
-    the same step that ended the last one); gate_prior zeroes h_prev and td_prev there. Terminated
-    steps are not bootstrapped; truncated ones (time limits) are bootstrapped from the value of the
-    real final observation, computed like every TD target here with td_prev = 0 ("clean")."""
+    """Steps a vector env with Agent.step (the function the update unrolls), carrying h, td_prev and
+    episode_start between steps; serves training rollouts and greedy evaluation alike.
+    `start[i] = 1` marks the first observation of an episode (the env reset in the same step that ended
+    the last one). Terminated steps are not bootstrapped; truncated ones (time limits) are bootstrapped
+    from the value of the real final observation, computed like every TD target with td_prev = 0."""
+    STATE = ("obs", "h", "td_prev", "start", "prev_a", "ep_ret", "ep_len")  # what a checkpoint stores
 
     def __init__(self, cfg: Cfg, envs, agent: Agent, norm: TDNormalizer, device: torch.device):
         self.cfg, self.envs, self.agent, self.norm, self.dev = cfg, envs, agent, norm, device
         self.N, self.act = envs.num_envs, agent.act
 
     def reset(self, seed: Optional[int]) -> None:
-        raw, _ = self.envs.reset(seed=seed)
         N = self.N
         self.prev_a = np.zeros((N, self.act.enc_dim), np.float32)
-        self.obs = self._obs(raw, self.prev_a)
+        self.obs = self._obs(self.envs.reset(seed=seed)[0], self.prev_a)
         self.h = torch.zeros(N, self.agent.H, device=self.dev)
-        self.td_prev = torch.zeros(N, device=self.dev)
-        self.start = torch.ones(N, device=self.dev)
+        self.td_prev, self.start = torch.zeros(N, device=self.dev), torch.ones(N, device=self.dev)
         self.ep_ret, self.ep_len = np.zeros(N), np.zeros(N, np.int64)
         self.refresh()
 
@@ -661,14 +579,12 @@ class Collector:
 
     def _obs(self, flat: np.ndarray, prev_a: Optional[np.ndarray]) -> torch.Tensor:
         flat = np.asarray(flat, np.float32)
-        if self.cfg.prev_action:
-            flat = np.concatenate([flat, prev_a], 1)
-        return torch.from_numpy(flat).to(self.dev, non_blocking=True)
+        return torch.from_numpy(np.concatenate([flat, prev_a], 1) if self.cfg.prev_action else flat).to(self.dev)
 
-    def _encode_action(self, a: np.ndarray) -> np.ndarray:
+    def _prev_action(self, a: np.ndarray, env_a) -> np.ndarray:
         """Previous-action features: one-hot per component (discrete) or the clipped action (box)."""
         if self.act.kind == "box":
-            return a.astype(np.float32)
+            return env_a.reshape(self.N, -1).astype(np.float32)
         out = np.zeros((len(a), self.act.enc_dim), np.float32)
         np.put_along_axis(out, a + np.cumsum((0,) + self.act.nvec[:-1]), 1.0, axis=1)
         return out
@@ -677,26 +593,7 @@ class Collector:
         act = self.act
         if act.kind == "box":
             return np.clip(a, act.low, act.high).reshape(len(a), *act.shape)  # clip only what the env sees
-        a = a + np.asarray(act.start)
-        return a if act.multi else a[:, 0]
-
-    def state_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("obs", "h", "td_prev", "start", "prev_a", "ep_ret", "ep_len")}
-        try:  # env state, for a bit-identical resume (in-process envs that pickle)
-            d["envs"] = pickle.dumps(self.envs.envs)
-        except Exception:
-            d["envs"] = None
-        return d
-
-    def load_state_dict(self, d: dict) -> bool:
-        for k in ("obs", "h", "td_prev", "start"):
-            setattr(self, k, d[k].to(self.dev))
-        self.prev_a, self.ep_ret, self.ep_len = d["prev_a"], d["ep_ret"], d["ep_len"]
-        self.refresh()
-        if d.get("envs") is not None and hasattr(self.envs, "envs"):
-            self.envs.envs = pickle.loads(d["envs"])
-            return True
-        return False  # the caller must reset(): h and obs above belong to episodes that are gone
+        return a + np.asarray(act.start) if act.multi else a[:, 0] + act.start[0]
 
     @torch.no_grad()
     def value(self) -> torch.Tensor:
@@ -717,9 +614,8 @@ class Collector:
         env_a = self._to_env(a_np)
         raw, r, term, trunc, info = self.envs.step(env_a)
         done = term | trunc
-        a_enc = None
-        if cfg.prev_action:  # skipped when the observation does not carry it
-            a_enc = self._encode_action(env_a.reshape(self.N, -1) if self.act.kind == "box" else a_np)
+        a_enc = self._prev_action(a_np, env_a) if cfg.prev_action else None
+        if cfg.prev_action:
             self.prev_a = a_enc * (~done)[:, None]  # a new episode starts with no previous action
         next_obs = self._obs(raw, self.prev_a)
         x_next = x_boot = ag.features(next_obs)
@@ -732,7 +628,7 @@ class Collector:
         zero = torch.zeros_like(td_prev)
         v_boot = ag.value(ag.step(x_boot, *ag.gate_prior(zero, zero), h)[1])
         host = np.stack([r, term, trunc, done, cfg.gamma * ~term, ~done]).astype(np.float32)  # one copy in
-        r_t, term_t, trunc_t, done_t, disc_t, alive_t = torch.from_numpy(host).to(self.dev, non_blocking=True)
+        r_t, term_t, trunc_t, done_t, disc_t, alive_t = torch.from_numpy(host).to(self.dev)
         delta = r_t + disc_t * v_boot - value  # r + gamma*(1-term)*V_clean(o_{t+1}) - V(o_t)
         if update_norm:
             self.norm.update(delta)
@@ -742,10 +638,8 @@ class Collector:
         self.ep_len += 1
         finished = [(int(i), float(self.ep_ret[i]), int(self.ep_len[i])) for i in np.flatnonzero(done)]
         self.ep_ret[done], self.ep_len[done] = 0.0, 0
-        rec = dict(obs=obs, h0=h0, td_prev=td_prev, start=start, act=a, logp=logp, value=value, reward=r_t,
-                   term=term_t, trunc=trunc_t, c=c.mean(-1), td=delta, v_boot=v_boot)
-        return rec, finished
-
+        return dict(obs=obs, h0=h0, td_prev=td_prev, start=start, act=a, logp=logp, value=value, reward=r_t,
+                    term=term_t, trunc=trunc_t, c=c.mean(-1), td=delta, v_boot=v_boot), finished
 
 def gae(b: dict, last_value: torch.Tensor, gamma: float, lam: float):
     """GAE(gamma, lambda) over (T, N). The value after step t is values[t+1] within an episode,
@@ -759,7 +653,6 @@ def gae(b: dict, last_value: torch.Tensor, gamma: float, lam: float):
     for t in reversed(range(v.shape[0])):
         last = adv[t] = delta[t] + decay[t] * last
     return adv, adv + v
-
 
 @torch.no_grad()
 def rollout(col: Collector, steps: int):
@@ -782,14 +675,12 @@ def ib_weight(cfg: Cfg, update: int, num_updates: int) -> float:
         lam += (cfg.lambda_c_end - cfg.lambda_c) * update / max(1, num_updates - 1)
     return lam * (1.0 if cfg.budget_warmup_updates == 0 else min(1.0, update / cfg.budget_warmup_updates))
 
-
 def ib_loss(c_seq: torch.Tensor, cfg: Cfg) -> torch.Tensor:
     """c_seq: (L, B, G) gates of B sequences. "sq": mean over sequences of (mean_t c - target)^2."""
     if cfg.ib_loss == "sq":
         return ((c_seq.mean(dim=(0, 2)) - cfg.target_c) ** 2).mean()
     c, p = c_seq.clamp(1e-6, 1 - 1e-6), cfg.target_c
     return (c * torch.log(c / p) + (1 - c) * torch.log((1 - c) / (1 - p))).mean()
-
 
 def to_sequences(b: dict, L: int) -> dict:
     """(T, N, ...) -> (L, S, ...) with S = (T/L)*N sequences; h0 -> (S, H) state at each sequence start."""
@@ -801,22 +692,17 @@ def to_sequences(b: dict, L: int) -> dict:
     out["h0"] = out["h0"][0]  # (S, H): the hidden state stored before each sequence's first step
     return out
 
-
 class NonFinite(RuntimeError):
     pass
-
 
 def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Tensor, ret: torch.Tensor,
                cfg: Cfg, lam_c: float, update: int) -> dict:
     """Recurrent PPO + IB over shuffled sequences; returns metrics averaged over every minibatch."""
     seq = to_sequences({**b, "adv": adv, "ret": ret}, cfg.seq_len)
-    S = seq["h0"].shape[0]
-    sums = torch.zeros(8, device=adv.device)
-    n_mb, ratio0 = 0, float("nan")
+    sums, n_mb, ratio0 = torch.zeros(8, device=adv.device), 0, float("nan")
     for epoch in range(cfg.epochs):
-        for mb in torch.randperm(S, device=adv.device).chunk(cfg.minibatches):
-            logits, value, c, _ = agent.unroll(seq["obs"][:, mb], seq["h0"][mb], seq["td_prev"][:, mb],
-                                               seq["start"][:, mb])
+        for mb in torch.randperm(seq["h0"].shape[0], device=adv.device).chunk(cfg.minibatches):
+            logits, value, c, _ = agent.unroll(seq["obs"][:, mb], seq["h0"][mb], seq["td_prev"][:, mb], seq["start"][:, mb])
             newlogp, ent = logp_entropy(agent, logits, seq["act"][:, mb])
             logratio = newlogp - seq["logp"][:, mb]
             ratio = logratio.exp()
@@ -845,10 +731,8 @@ def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Ten
                 clipfrac = ((ratio - 1).abs() > cfg.clip_eps).float().mean()
                 sums += torch.stack([pg, vl, en, ib, kl, clipfrac, gn, loss]).detach()
             n_mb += 1
-    m = (sums / n_mb).tolist()
-    return dict(zip(["pg_loss", "v_loss", "entropy", "ib_loss", "approx_kl", "clipfrac", "grad_norm", "loss"], m),
-                ratio0_maxdev=ratio0)
-
+    names = ["pg_loss", "v_loss", "entropy", "ib_loss", "approx_kl", "clipfrac", "grad_norm", "loss"]
+    return dict(zip(names, (sums / n_mb).tolist()), ratio0_maxdev=ratio0)
 
 def explained_variance(v: torch.Tensor, ret: torch.Tensor) -> float:
     var = ret.var()
@@ -857,19 +741,14 @@ def explained_variance(v: torch.Tensor, ret: torch.Tensor) -> float:
 
 # ============================================================================ GateCheck
 def _corr(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
+    return float("nan") if len(x) < 3 or x.std() == 0 or y.std() == 0 else float(np.corrcoef(x, y)[0, 1])
 
 def gatecheck(td_abs: np.ndarray, c: np.ndarray, dc: np.ndarray, dc_ok: np.ndarray, td_std: float,
               evals: list, cfg: Cfg) -> dict:
-    """Does the gate track surprise, and did the agent learn?
-    td_abs, c: |td_prev| fed to the router and the gate it produced, per step of the final rollouts;
-    dc = c_t - c_{t-1}, valid where dc_ok (not at an episode start). rho = Pearson correlation;
-    the tail versions use the steps whose |td| is in the top 20%. eval_ok compares the mean of the
-    first k evaluations (the first is before any training) with the mean of the last k,
-    k = max(1, min(3, n_evals // 4))."""
+    """Does the gate track surprise, and did the agent learn? td_abs, c: |td_prev| fed to the router and the
+    gate, per step of the last rollouts; dc = c_t - c_{t-1} where dc_ok (not at an episode start). rho:
+    Pearson; tail: steps with |td| in the top 20%. eval_ok: mean of the last k evaluations beats the first
+    k (the first is before training) by eval_ok_margin, k = max(1, min(3, n_evals // 4))."""
     tail = td_abs >= np.quantile(td_abs, 0.8) if len(td_abs) else np.zeros(0, bool)
     tdd, dcc = td_abs[dc_ok], dc[dc_ok]
     taild = tdd >= np.quantile(tdd, 0.8) if len(tdd) else np.zeros(0, bool)
@@ -883,7 +762,6 @@ def gatecheck(td_abs: np.ndarray, c: np.ndarray, dc: np.ndarray, dc_ok: np.ndarr
                 rho_tail_dc=_corr(tdd[taild], dcc[taild]), td_std=float(td_std), std_ok=std_ok,
                 early_eval=early, late_eval=late, eval_k=k, eval_ok=eval_ok,
                 verdict="PASS" if (std_ok and eval_ok) else "FAIL")
-
 
 def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float) -> str:
     return (f"GATECHECK\n"
@@ -903,30 +781,19 @@ def new_run_dir(cfg: Cfg) -> Path:
     d.mkdir(parents=True)
     return d
 
-
-def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill during the write never corrupts the last good file
-
-
 def write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
+    os.replace(tmp, path)  # a kill during the write never corrupts the last good file
 
 class StopFlag:
     """First Ctrl-C/SIGTERM: finish the current update, then save and exit. Second: abandon it now."""
 
-    def __init__(self):
-        self.signum = 0
-        self._old = {}
-
     def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
+        self.signum, self._old = 0, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                self._old[s] = signal.signal(s, self._handle)
+                self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 pass
         return self
@@ -935,13 +802,11 @@ class StopFlag:
         if self.signum:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n[{signal.Signals(signum).name}] stopping after this update (again to abandon it)",
-              file=sys.stderr, flush=True)
+        print(f"\n[{signal.Signals(signum).name}] stopping after this update (again to abandon it)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 def plot_training(run_dir: Path, cfg: Cfg) -> None:
     """training.png: returns, gate use vs budget, TD scale and explained variance over env steps."""
@@ -949,75 +814,53 @@ def plot_training(run_dir: Path, cfg: Cfg) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    if not rows:
-        return
     x = [r["env_steps"] for r in rows]
     fig, ax = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
-    ax[0, 0].plot(x, [r["ep100"] for r in rows], label="ep100 (train, stochastic)")
+    for a, (title, key, line, line_label) in zip(ax.flat, [
+            ("return", "ep100", None, ""), ("gate use", "mean_c", cfg.target_c, "target_c"),
+            ("TD scale", "td_std", 5 * cfg.td_std_min, "5 x td_std_min"), ("explained variance", "ev", None, "")]):
+        a.plot(x, [r[key] for r in rows], label=key)
+        if line is not None:
+            a.axhline(line, ls="--", c="k", label=line_label)
+        a.set_title(title)
     ev = [(r["env_steps"], r["eval"]) for r in rows if r.get("eval_fresh")]
     if ev:
         ax[0, 0].plot(*zip(*ev), "o-", label="eval (greedy)")
-    ax[0, 0].set_title("return")
-    ax[0, 0].legend(fontsize=8)
-    ax[0, 1].plot(x, [r["mean_c"] for r in rows], label="mean c")
-    ax[0, 1].axhline(cfg.target_c, ls="--", c="k", label="target_c")
-    ax[0, 1].set_title("gate use")
-    ax[0, 1].legend(fontsize=8)
-    ax[1, 0].plot(x, [r["td_std"] for r in rows])
-    ax[1, 0].axhline(cfg.td_std_min * 5, ls=":", c="r", label="5 x td_std_min")
     ax[1, 0].set_yscale("log")
-    ax[1, 0].set_title("TD scale")
-    ax[1, 0].legend(fontsize=8)
-    ax[1, 1].plot(x, [r["ev"] for r in rows])
-    ax[1, 1].set_title("explained variance")
-    for a in ax[1]:
+    for a in ax.flat:
+        a.legend(fontsize=8)
         a.set_xlabel("env steps")
-    fig.suptitle(f"{run_dir.name}")
+    fig.suptitle(run_dir.name)
     fig.tight_layout()
     fig.savefig(run_dir / "training.png", dpi=90)
     plt.close(fig)
-
 
 @torch.no_grad()
 def evaluate(ev: Collector, cfg: Cfg, trace: bool = False):
     """Mean greedy return of one episode in each eval env (fixed seeds, frozen TD normalizer).
     With trace, also env 0's first episode as lists of c, |td_norm| fed to the router, reward."""
     ev.reset(seed=cfg.seed + 1_000_003)
-    rets = [None] * ev.N
-    tr = {"c": [], "td_abs": [], "reward": []}
-    steps = 0
-    while any(r is None for r in rets) and steps < 100_000:
+    rets, tr = {}, {"c": [], "td_abs": [], "reward": []}
+    for _ in range(100_000):
         rec, fin = ev.step(greedy=True, update_norm=False)
-        if trace and rets[0] is None:
-            tr["c"].append(rec["c"][0].item())
-            tr["td_abs"].append(rec["td_prev"][0].abs().item())
-            tr["reward"].append(rec["reward"][0].item())
-        for i, R, _ in fin:
-            rets[i] = R if rets[i] is None else rets[i]
-        steps += 1
-    done = [r for r in rets if r is not None]
-    return float(np.mean(done)) if done else float("nan"), tr
+        if trace and 0 not in rets:
+            for k, v in (("c", rec["c"]), ("td_abs", rec["td_prev"].abs()), ("reward", rec["reward"])):
+                tr[k].append(v[0].item())
+        rets.update({i: R for i, R, _ in fin if i not in rets})
+        if len(rets) == ev.N:
+            break
+    return float(np.mean(list(rets.values()))) if rets else float("nan"), tr
 
-
-@dataclass
-class Setup:
-    """Everything a run is made of, built from a Cfg (tests build one to poke at the pieces)."""
-    cfg: Cfg
-    dev: torch.device
-    envs: Any
-    eval_envs: Any
-    agent: Agent
-    opt: torch.optim.Optimizer
-    norm: TDNormalizer
-    col: Collector
-    evc: Collector
-
+# everything a run is made of, built from a Cfg (tests build one to poke at the pieces)
+Setup = namedtuple("Setup", "cfg dev envs eval_envs agent opt norm col evc")
 
 def build(cfg: Cfg) -> Setup:
     """Validate, seed, make envs and model. Every check that can fail does so here, before any output."""
     validate(cfg)
     check_env_id(cfg.env_id)
-    seed_everything(cfg.seed)
+    random.seed(cfg.seed)  # the one place where randomness is seeded (envs: at their first reset)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # also seeds every CUDA device
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     dev = resolve_device(cfg)
@@ -1035,177 +878,156 @@ def build(cfg: Cfg) -> Setup:
     return Setup(cfg, dev, envs, eval_envs, agent, opt, norm, Collector(cfg, envs, agent, norm, dev),
                  Collector(cfg, eval_envs, agent, norm, dev))
 
+def save_checkpoint(su: Setup, st: dict, run_dir: Path) -> None:
+    col = {k: getattr(su.col, k) for k in Collector.STATE}
+    try:  # env state, for a bit-identical resume (in-process envs that pickle)
+        col["envs"] = pickle.dumps(su.envs.envs)
+    except Exception:
+        col["envs"] = None
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(dict(agent=su.agent.state_dict(), opt=su.opt.state_dict(), norm=su.norm.state_dict(), collector=col,
+                    state=st, cfg=dataclasses.asdict(su.cfg), rng=rng), run_dir / "checkpoint.pt.tmp")
+    os.replace(run_dir / "checkpoint.pt.tmp", run_dir / "checkpoint.pt")  # the last good checkpoint stays whole
+
+def load_checkpoint(su: Setup, run_dir: Path) -> dict:
+    """Restore modules, env state and RNGs from run_dir/checkpoint.pt; drop metrics rows logged after it."""
+    ck = torch.load(run_dir / "checkpoint.pt", map_location=su.dev, weights_only=False)
+    su.agent.load_state_dict(ck["agent"])
+    su.opt.load_state_dict(ck["opt"])
+    su.norm.load_state_dict(ck["norm"])
+    st, col = ck["state"], ck["collector"]
+    su.envs.reset(seed=su.cfg.seed)
+    if col["envs"] is not None and hasattr(su.envs, "envs"):
+        su.envs.envs = pickle.loads(col["envs"])
+        for k in Collector.STATE:
+            setattr(su.col, k, col[k].to(su.dev) if torch.is_tensor(col[k]) else col[k])
+        su.col.refresh()
+    else:  # e.g. async envs: their state lives in subprocesses, and h and obs belong to episodes that are gone
+        print("note: env state could not be restored; all envs start fresh episodes", file=sys.stderr)
+        su.col.reset(seed=su.cfg.seed + 7919 * st["update"])
+    random.setstate(ck["rng"]["python"])
+    np.random.set_state(ck["rng"]["numpy"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    if torch.cuda.is_available() and ck["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["update"] <= st["update"]))
+    return st
 
 def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
     """Train GWT-IB with `cfg`; returns the summary (also written to <run_dir>/summary.json).
     summary["status"] is "completed", "halted" (halt_after), "interrupted" or "diverged"."""
     su = build(cfg)
-    dev, envs, eval_envs, agent, opt, norm, col, evc = (su.dev, su.envs, su.eval_envs, su.agent, su.opt,
-                                                         su.norm, su.col, su.evc)
-    batch = cfg.num_envs * cfg.rollout_steps
+    agent, opt, norm, batch = su.agent, su.opt, su.norm, cfg.num_envs * cfg.rollout_steps
     num_updates = cfg.total_timesteps // batch
-
-    # state that a checkpoint carries
-    start_update, env_steps, wall_before = 0, 0, 0.0
-    ep_hist: deque = deque(maxlen=100)
-    evals: list = []  # (update, eval return)
-    gc_hist: deque = deque(maxlen=cfg.gatecheck_rollouts)  # per rollout: (td_abs, c, dc, dc_ok)
+    # what a checkpoint carries besides modules and RNGs; evals: (update, return); gc_hist: GateCheck samples
+    st = dict(update=0, env_steps=0, wall_s=0.0, ep_hist=[], evals=[], gc_hist=[])
+    run_dir = Path(resume) if resume else new_run_dir(cfg)
     if resume:
-        run_dir = Path(resume)
-        ck = torch.load(run_dir / "checkpoint.pt", map_location=dev, weights_only=False)
-        agent.load_state_dict(ck["agent"])
-        opt.load_state_dict(ck["opt"])
-        norm.load_state_dict(ck["norm"])
-        start_update, env_steps, wall_before = ck["update"], ck["env_steps"], ck["wall_s"]
-        envs.reset(seed=cfg.seed)
-        if not col.load_state_dict(ck["collector"]):  # e.g. async envs: their state lives in subprocesses
-            print("note: env state could not be restored; all envs start fresh episodes", file=sys.stderr)
-            col.reset(seed=cfg.seed + 7919 * start_update)
-        ep_hist.extend(ck["ep_hist"])
-        evals, gc_hist = ck["evals"], deque(ck["gc_hist"], maxlen=cfg.gatecheck_rollouts)
-        random.setstate(ck["rng"]["python"])
-        np.random.set_state(ck["rng"]["numpy"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if torch.cuda.is_available() and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()  # drop updates after the checkpoint
-        (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["update"] <= start_update))
+        st = load_checkpoint(su, run_dir)
     else:
-        run_dir = new_run_dir(cfg)
-        col.reset(seed=cfg.seed)
+        su.col.reset(seed=cfg.seed)
     write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     metrics_f = open(run_dir / "metrics.jsonl", "a")
-
-    def checkpoint(update: int) -> None:
-        atomic_save(dict(agent=agent.state_dict(), opt=opt.state_dict(), norm=norm.state_dict(),
-                         collector=col.state_dict(), update=update, env_steps=env_steps,
-                         wall_s=wall_before + time.perf_counter() - t0, ep_hist=list(ep_hist), evals=evals,
-                         gc_hist=list(gc_hist), cfg=dataclasses.asdict(cfg),
-                         rng=dict(python=random.getstate(), numpy=np.random.get_state(),
-                                  torch=torch.get_rng_state(),
-                                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)),
-                    run_dir / "checkpoint.pt")
-
-    status, message, last = "completed", "", {}
+    status, message, last, start_update, steps0, wall0 = "completed", "", {}, st["update"], st["env_steps"], st["wall_s"]
     t0 = time.perf_counter()
-    steps0 = env_steps
     from tqdm import tqdm
     bar = tqdm(total=num_updates, initial=start_update, disable=not cfg.progress, dynamic_ncols=True,
                desc=cfg.env_id, unit="upd", file=sys.stderr)
-    update = start_update
-    last_eval = evals[-1][1] if evals else float("nan")
     with StopFlag() as stop:
         try:
-            if not evals:  # before any training: GateCheck's early baseline
-                last_eval = evaluate(evc, cfg)[0]
-                evals.append((0, last_eval))
+            if not st["evals"]:  # before any training: GateCheck's early baseline
+                st["evals"].append((0, evaluate(su.evc, cfg)[0]))
             for update in range(start_update, num_updates):
                 if cfg.anneal_lr:
                     opt.param_groups[0]["lr"] = cfg.lr * (1 - update / num_updates)
-                # --- rollout
                 tr0 = time.perf_counter()
-                b, last_value, fin = rollout(col, cfg.rollout_steps)
-                ep_hist.extend(R for _, R, _ in fin)
+                b, last_value, fin = rollout(su.col, cfg.rollout_steps)
                 adv, ret = gae(b, last_value, cfg.gamma, cfg.gae_lambda)
-                env_steps += batch
                 t_roll = time.perf_counter() - tr0
                 for name, t in (("TD mean", norm.mean), ("TD scale", norm.scale), ("value", b["value"])):
                     if not torch.isfinite(t).all():
                         raise NonFinite(f"update {update}: {name} is not finite during the rollout")
-                # --- update
-                tu0 = time.perf_counter()
                 lam_c = ib_weight(cfg, update, num_updates)
                 m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c, update)
-                t_upd = time.perf_counter() - tu0
-                bad = [n for n, p in agent.named_parameters() if not torch.isfinite(p).all()]
-                if bad:
-                    raise NonFinite(f"update {update}: parameter {bad[0]} is not finite")
-                # --- GateCheck samples from the latest rollouts
-                with torch.no_grad():
-                    c_cpu, td_cpu, st = b["c"].cpu().numpy(), b["td_prev"].abs().cpu().numpy(), b["start"].cpu().numpy()
-                    dc = np.diff(c_cpu, axis=0, prepend=c_cpu[:1])
-                    dc_ok = (st == 0) & (np.arange(len(st))[:, None] > 0)
-                    gc_hist.append((td_cpu.ravel(), c_cpu.ravel(), dc.ravel(), dc_ok.ravel()))
-                done_updates = update + 1
-                fresh = done_updates % cfg.eval_every == 0 if cfg.eval_every else False
-                if fresh or done_updates == num_updates:
-                    last_eval = evaluate(evc, cfg)[0]
-                    evals.append((done_updates, last_eval))
-                    fresh = True
-                wall = wall_before + time.perf_counter() - t0
-                last = dict(update=done_updates, env_steps=env_steps, **m, lambda_c=lam_c,
-                            mean_c=b["c"].mean().item(), c_std=b["c"].std().item(),
-                            td_mean=norm.mean.item(), td_std=norm.scale.item(),
+                t_upd = time.perf_counter() - tr0 - t_roll
+                for n, p in agent.named_parameters():
+                    if not torch.isfinite(p).all():
+                        raise NonFinite(f"update {update}: parameter {n} is not finite")
+                c, td, start = (b[k].cpu().numpy() for k in ("c", "td_prev", "start"))  # GateCheck's samples
+                dc_ok = (start == 0) & (np.arange(len(start))[:, None] > 0)  # c_t - c_{t-1} within an episode
+                st["gc_hist"] = (st["gc_hist"] + [(np.abs(td).ravel(), c.ravel(), np.diff(c, axis=0, prepend=c[:1])
+                                                    .ravel(), dc_ok.ravel())])[-cfg.gatecheck_rollouts:]
+                st["ep_hist"] = (st["ep_hist"] + [R for _, R, _ in fin])[-100:]
+                done = st["update"] = update + 1
+                st["env_steps"] += batch
+                fresh = done == num_updates or (cfg.eval_every and done % cfg.eval_every == 0)
+                if fresh:
+                    st["evals"].append((done, evaluate(su.evc, cfg)[0]))
+                st["wall_s"] = wall0 + time.perf_counter() - t0
+                last = dict(update=done, env_steps=st["env_steps"], **m, lambda_c=lam_c, mean_c=b["c"].mean().item(),
+                            c_std=b["c"].std().item(), td_mean=norm.mean.item(), td_std=norm.scale.item(),
                             td_raw_std=b["td"].std().item(), ev=explained_variance(b["value"], ret),
-                            ep100=float(np.mean(ep_hist)) if ep_hist else float("nan"), episodes=len(ep_hist),
-                            bias=agent.bias.item(), eval=last_eval, eval_fresh=fresh,
-                            lr=opt.param_groups[0]["lr"], rollout_s=t_roll, update_s=t_upd,
-                            steps_per_s=(env_steps - steps0) / (time.perf_counter() - t0), wall_s=wall)
+                            ep100=float(np.mean(st["ep_hist"])) if st["ep_hist"] else float("nan"),
+                            episodes=len(st["ep_hist"]), bias=agent.bias.item(), eval=st["evals"][-1][1],
+                            eval_fresh=bool(fresh), lr=opt.param_groups[0]["lr"], rollout_s=t_roll, update_s=t_upd,
+                            steps_per_s=(st["env_steps"] - steps0) / (time.perf_counter() - t0), wall_s=st["wall_s"])
                 metrics_f.write(json.dumps(last) + "\n")
                 metrics_f.flush()
                 bar.update(1)
-                if done_updates % cfg.log_every == 0 or done_updates == num_updates:
+                if done % cfg.log_every == 0 or done == num_updates:
                     bar.write(log_line(last, num_updates, cfg), file=sys.stdout)
                     sys.stdout.flush()  # tqdm.write does not flush: keep `| tee log` and nohup logs live
-                if done_updates % cfg.checkpoint_every == 0 or done_updates == num_updates:
-                    checkpoint(done_updates)
-                if stop.signum:
-                    status, message = "interrupted", f"stopped by {signal.Signals(stop.signum).name}"
-                    checkpoint(done_updates)
-                    break
-                if cfg.halt_after and done_updates - start_update >= cfg.halt_after and done_updates < num_updates:
-                    status = "halted"
-                    checkpoint(done_updates)
+                halt = cfg.halt_after and done - start_update >= cfg.halt_after and done < num_updates
+                if done % cfg.checkpoint_every == 0 or done == num_updates or stop.signum or halt:
+                    save_checkpoint(su, st, run_dir)
+                if stop.signum or halt:
+                    status, message = ("interrupted", f"stopped by {signal.Signals(stop.signum).name}") if stop.signum \
+                        else ("halted", "")
                     break
         except KeyboardInterrupt:
-            status = "interrupted"
-            message = "update abandoned; the last checkpoint is the one written before it"
+            status, message = "interrupted", "update abandoned; the last checkpoint is the one written before it"
             stop.signum = stop.signum or signal.SIGINT
         except NonFinite as e:
             status, message = "diverged", str(e)
-            print(f"\nDIVERGED: {e}. Kept: the last good checkpoint, metrics so far and summary.json "
-                  f"in {run_dir}", file=sys.stderr)
+            print(f"\nDIVERGED: {e}. Kept: the last good checkpoint, metrics so far and summary.json in {run_dir}",
+                  file=sys.stderr)
         finally:
             bar.close()
             metrics_f.close()
-    wall = wall_before + time.perf_counter() - t0
+    st["wall_s"] = wall0 + time.perf_counter() - t0
     if status != "diverged":  # a diverged model is not worth keeping; checkpoint.pt holds the last good one
         torch.save(agent.state_dict(), run_dir / "model.pt")
     try:
         code = {"completed": 0, "halted": 0, "diverged": 3}.get(status, 128 + int(stop.signum or signal.SIGINT))
-        return finish_run(cfg, run_dir, status, message, last, evals, gc_hist, norm, env_steps, steps0, wall,
-                          time.perf_counter() - t0, ep_hist, evc, code)
+        return finish_run(su, run_dir, st, status, message, last, code,
+                          (st["env_steps"] - steps0) / max(time.perf_counter() - t0, 1e-9))
     finally:
-        envs.close()
-        eval_envs.close()
-
+        su.envs.close()
+        su.eval_envs.close()
 
 def log_line(m: dict, num_updates: int, cfg: Cfg) -> str:
     return (f"upd {m['update']:4d}/{num_updates} | td_mean {m['td_mean']:+.3f} td_std {m['td_std']:.4f} | "
             f"mean_c {m['mean_c']:.3f} (tgt {cfg.target_c:.2f}) | EV {m['ev']:.3f} | ep100 {m['ep100']:.2f} | "
             f"bias {m['bias']:+.3f} | {m['steps_per_s']:,.0f} steps/s | eval {m['eval']:.2f}")
 
-
-def finish_run(cfg, run_dir, status, message, last, evals, gc_hist, norm, env_steps, steps0, wall, wall_here,
-               ep_hist, evc, exit_code) -> dict:
+def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, last: dict, exit_code: int,
+               steps_per_s: float) -> dict:
     """GateCheck on whatever exists, summary.json, training.png; prints the GateCheck block."""
-    if gc_hist:
-        td_abs, c, dc, dc_ok = (np.concatenate(z) for z in zip(*gc_hist))
-    else:
-        td_abs = c = dc = np.zeros(0)
-        dc_ok = np.zeros(0, bool)
-    g = gatecheck(td_abs, c, dc, dc_ok, norm.scale.item(), evals, cfg)
+    cfg = su.cfg
+    td_abs, c, dc, dc_ok = (np.concatenate([h[i] for h in st["gc_hist"]] or [np.zeros(0, t)]) for i, t in
+                            enumerate((float, float, float, bool)))
+    g = gatecheck(td_abs, c, dc, dc_ok, su.norm.scale.item(), st["evals"], cfg)
     np.savez_compressed(run_dir / "gate_samples.npz", td_abs=td_abs, c=c, dc=dc, dc_ok=dc_ok)  # for plots
     mean_c = float(c.mean()) if len(c) else float("nan")
-    ev, ep100 = last.get("ev", float("nan")), float(np.mean(ep_hist)) if ep_hist else float("nan")
+    ev, ep100 = last.get("ev", float("nan")), float(np.mean(st["ep_hist"])) if st["ep_hist"] else float("nan")
     if status == "completed":  # one greedy episode's gate/TD/reward timeline, for plots
-        with torch.no_grad():
-            write_json(evaluate(evc, cfg, trace=True)[1], run_dir / "eval_trace.json")
-    summary = dict(status=status, message=message, exit_code=exit_code, run_dir=str(run_dir), env_id=cfg.env_id, seed=cfg.seed,
-                   updates=last.get("update", 0), gatecheck=g, final_eval=evals[-1][1] if evals else float("nan"),
-                   evals=evals, mean_c=mean_c, ev=ev, ep100=ep100,
-                   steps_per_s=(env_steps - steps0) / wall_here if wall_here > 0 else float("nan"),
-                   env_steps=env_steps, wall_s=wall)
+        write_json(evaluate(su.evc, cfg, trace=True)[1], run_dir / "eval_trace.json")
+    summary = dict(status=status, message=message, exit_code=exit_code, run_dir=str(run_dir), env_id=cfg.env_id,
+                   seed=cfg.seed, updates=last.get("update", 0), gatecheck=g, final_eval=st["evals"][-1][1]
+                   if st["evals"] else float("nan"), evals=st["evals"], mean_c=mean_c, ev=ev, ep100=ep100,
+                   steps_per_s=steps_per_s, env_steps=st["env_steps"], wall_s=st["wall_s"])
     write_json(summary, run_dir / "summary.json")
     if cfg.save_plot:
         try:
@@ -1213,7 +1035,7 @@ def finish_run(cfg, run_dir, status, message, last, evals, gc_hist, norm, env_st
         except Exception as e:
             print(f"note: training.png not written ({e})", file=sys.stderr)
     print("\n" + format_gatecheck(g, mean_c, ev, ep100), flush=True)
-    print(f"run: {run_dir}  ({status}, {env_steps:,} env steps, {wall:.1f} s)", flush=True)
+    print(f"run: {run_dir}  ({status}, {st['env_steps']:,} env steps, {st['wall_s']:.1f} s)", flush=True)
     if status in ("interrupted", "halted"):
         print(f"resume with: python gwt_ib.py --resume {run_dir}", flush=True)
     return summary
@@ -1222,36 +1044,30 @@ def finish_run(cfg, run_dir, status, message, last, evals, gc_hist, norm, env_st
 # ============================================================================ main
 def main(argv: Optional[list] = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.list_envs:
+        print(list_envs())
+        return 0
     try:
-        if ns.list_envs:
-            print(list_envs())
-            return 0
-        base = Cfg()
+        base, p = Cfg(), Path(ns.resume or ".")
+        if ns.resume and not ((p / "checkpoint.pt").exists() and (p / "config.json").exists()):
+            raise ConfigError("resume", ns.resume, "must be a run directory with config.json and checkpoint.pt")
         if ns.resume:
-            p = Path(ns.resume)
-            if not (p / "checkpoint.pt").exists() or not (p / "config.json").exists():
-                raise ConfigError("resume", ns.resume, "must be a run directory with config.json and checkpoint.pt")
             saved = json.loads((p / "config.json").read_text())
             base = Cfg(**{f.name: saved[f.name] for f in dataclasses.fields(Cfg) if f.name in saved})
-        cfg = parse_overrides(ns, base)
-        validate(cfg)
-        check_env_id(cfg.env_id)
-        summary = train(cfg, resume=ns.resume)
+        summary = train(parse_overrides(ns, base), resume=ns.resume)  # build() validates before anything runs
     except ConfigError as e:
         print(f"gwt_ib.py: error: {e}", file=sys.stderr)
         return 2
     return summary["exit_code"]  # 0 completed/halted, 3 diverged, 128+signal interrupted
 
 
-
 # ============================================================================ accelerator (optional)
 # Agent.cell's elementwise math, forward and backward, in C for CPU float32: one C call per time step
 # around torch's own matmul (Agent.recur). On a CPU the time loop is bound by per-op overhead (cell is
-# ~15 small torch ops per step, its autograd backward ~30 nodes); here a step is one matmul + one call,
-# and the weight gradients are summed over all L*B steps in one matmul after the loop. Used only when
-# it equals Agent.cell for the configured agent on a random batch (values and every parameter's
-# gradient); any other agent, device or dtype runs the reference. Deleting this section and
-# Cfg.cpu_kernel leaves a working trainer.
+# ~15 small torch ops per step, its autograd backward ~30 nodes); here a step is one matmul and one call,
+# and the weight gradients are summed over all L*B steps in one matmul after the loop. Used only if it
+# equals Agent.cell for the configured agent on a random batch (values and every parameter's gradient);
+# else the reference runs. Deleting this section and Cfg.cpu_kernel leaves a working trainer.
 _CELL_C = r"""/* One time step t of a (L, B) batch, forward and backward. Row-major float32; X = 3H+R. */
 #include <math.h>
 #include <stdint.h>
@@ -1265,23 +1081,16 @@ typedef struct {
     float *dgn, *dhh, *dlogit, *dhp, *dmm, *dx;  /* (L,B,H) (L,B,X) (L,B,G) (B,H) (B,H) (L,B,X) */
 } Cell;
 
-/* e^x to ~2 ulp (Cephes' polynomial after Cody-Waite reduction), written so that compilers vectorize
-   it; 0 below -87.3 and inf above 88.7, so sigmoid saturates to exactly 0 and 1 as torch's does. */
+/* e^x to ~2 ulp (Cephes' polynomial after Cody-Waite reduction), written so that compilers vectorize it;
+   0 below -87.3 and inf above 88.7, so sigmoid saturates to exactly 0 and 1 as torch's does; NaN stays NaN */
 static inline float ex(float x0) {
-    float x = x0 < -87.f ? -87.f : x0;
-    x = x > 88.f ? 88.f : x;
-    float k = (x * 1.44269504f + 12582912.f) - 12582912.f;   /* round(x / ln 2) */
-    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
+    float x = x0 < -87.f ? -87.f : x0 > 88.f ? 88.f : x0, k = (x * 1.44269504f + 12582912.f) - 12582912.f, s;
+    float r = x - k * 0.693359375f + k * 2.12194440e-4f, p = 1.9875691500e-4f;   /* k = round(x / ln 2) */
     p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
+    p = p * r + 1.6666665459e-1f; p = (p * r + 5.0000001201e-1f) * r * r + r + 1.f;
     int32_t e = ((int32_t)k + 127) << 23;
-    float s;
     memcpy(&s, &e, 4);
-    p *= s;
-    p = x0 < -87.3f ? 0.f : p;
-    return x0 > 88.7f ? INFINITY : p;
+    return x0 < -87.3f ? 0.f : x0 > 88.7f ? INFINITY : p * s;
 }
 static inline float sigm(float x) { return 1.f / (1.f + ex(-x)); }
 static inline float tanh_(float x) {
@@ -1367,81 +1176,48 @@ void cell_bwd(const Cell *k, int64_t t, int64_t last) {
 }
 """
 
-
 class _CellArgs(ctypes.Structure):  # mirrors `Cell` in _CELL_C
     _fields_ = ([(n, ctypes.c_int64) for n in ("B", "H", "R", "G", "learned")] +
                 [(n, ctypes.c_void_p) for n in ("x", "prior", "keep", "b_ih", "w_o", "b_o", "hp", "hh", "c", "h", "ci",
                                                 "a", "tape", "d_h", "d_c", "dgn", "dhh", "dlogit", "dhp", "dmm", "dx")])
 
-
 class CCell:
-    """The C cell for one agent configuration: `cell` stands in for Agent.cell in Agent.step (the
-    rollout), `unroll` for Agent.unroll's time loop (training). Work buffers are reused between calls
-    (a fresh multi-MB tensor per minibatch costs a page fault per 4 KB)."""
+    """The C cell: `cell` stands in for Agent.cell in Agent.step (the rollout), `unroll` for the time
+    loop of Agent.unroll (training)."""
 
     def __init__(self, lib: ctypes.CDLL):
-        self.lib, self.pool = lib, {}
+        self.lib = lib
         for f in (lib.cell_fwd, lib.cell_bwd):
             f.argtypes, f.restype = [ctypes.POINTER(_CellArgs), ctypes.c_int64, ctypes.c_int64], None
 
     @staticmethod
-    def gates(ag: Agent) -> int:  # gates per row that the C code writes
-        return ag.G if ag.cfg.force_c is None and ag.R else 1
-
-    def workspace(self, ag: Agent, L: int, B: int) -> dict:
-        key = (L, B, ag.H, ag.R, self.gates(ag))  # every size a buffer below depends on
-        if self.pool.get(key):
-            return self.pool[key].pop()
-        H, X, G = ag.H, 3 * ag.H + ag.R, self.gates(ag)
-        shapes = dict(hp=(L, B, H), hh=(B, X), ci=(L, B), a=(L, B, max(ag.R, 1)), tape=(L, B, 4 * H), dgn=(L, B, H),
-                      dhh=(L, B, X), dlogit=(L, B, G), dhp=(B, H), dmm=(B, H), dx=(L, B, X))
-        return dict(key=key, **{k: torch.empty(v) for k, v in shapes.items()})
-
-    def release(self, ws: dict) -> None:
-        self.pool.setdefault(ws["key"], []).append({k: v for k, v in ws.items() if k not in ("x", "prior", "keep")})
-
-    def args(self, ag: Agent, B: int, ws: dict) -> _CellArgs:
-        """The C struct: sizes, the router's weights, and every tensor in ws by address."""
-        a = _CellArgs(B, ag.H, ag.R, self.gates(ag), int(ag.cfg.force_c is None), b_ih=ag.b_ih.data_ptr())
+    def workspace(ag: Agent, L: int, B: int, **tensors) -> tuple[dict, _CellArgs]:
+        """Work buffers for L steps of B rows, and the C struct holding their and `tensors`' addresses."""
+        H, X, G = ag.H, 3 * ag.H + ag.R, ag.G if ag.cfg.force_c is None and ag.R else 1  # G: gates per row
+        ws = {k: torch.empty(v) for k, v in dict(hp=(L, B, H), hh=(B, X), ci=(L, B), a=(L, B, max(ag.R, 1)), c=(L, B, G),
+              h=(L, B, H), tape=(L, B, 4 * H), dgn=(L, B, H), dhh=(L, B, X), dlogit=(L, B, G), dhp=(B, H), dmm=(B, H),
+              dx=(L, B, X)).items()}
+        ws.update({k: v.contiguous() for k, v in tensors.items()})
+        args = _CellArgs(B, H, ag.R, G, int(ag.cfg.force_c is None), b_ih=ag.b_ih.data_ptr(),
+                         **{k: v.data_ptr() for k, v in ws.items()})
         if ag.R:
-            a.w_o, a.b_o = ag.r_out.weight.data_ptr(), ag.r_out.bias.data_ptr()
-        for k, v in ws.items():
-            if torch.is_tensor(v):
-                setattr(a, k, v.data_ptr())
-        return a
+            args.w_o, args.b_o = ag.r_out.weight.data_ptr(), ag.r_out.bias.data_ptr()
+        return ws, args
 
     def cell(self, ag: Agent, x, prior, hp, hh):
         """Agent.cell(x, prior, hp, hh) for one step, without gradients (the rollout)."""
-        B = x.shape[0]
-        ws = self.workspace(ag, 1, B)
-        c, h = x.new_empty(B, self.gates(ag)), x.new_empty(B, ag.H)
-        ws.update(x=x.contiguous(), prior=prior.contiguous(), hp=hp.contiguous(), hh=hh.contiguous(), c=c, h=h)
-        self.lib.cell_fwd(ctypes.byref(self.args(ag, B, ws)), 0, 1)
-        self.release(ws)
-        return c, h
+        ws, args = self.workspace(ag, 1, x.shape[0], x=x, prior=prior, hp=hp, hh=hh)
+        self.lib.cell_fwd(ctypes.byref(args), 0, 1)
+        return ws["c"][0], ws["h"][0]
 
     def unroll(self, ag: Agent, x, prior, keep, h0):
         router = [ag.r_out.weight, ag.r_out.bias] if ag.R and ag.cfg.force_c is None else []
         return _CUnroll.apply(self, ag, x, prior, keep, h0, ag.W_h, ag.b_h, ag.b_ih, *router)
 
-    @staticmethod
-    def _outputs(m: Agent, obs, h0, td, start) -> dict:
-        """Every output of m.unroll and m.step, and every parameter's gradient of a random loss over them."""
-        with torch.enable_grad():
-            outs = m.unroll(obs, h0, td, start)
-            w = torch.Generator().manual_seed(1)  # the same random weights for both cells: every output counts
-            loss = sum((o * torch.randn(o.shape, generator=w)).sum() for o in outs)
-            grads = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
-        with torch.no_grad():
-            step = m.step(m.features(obs[0]), *m.gate_prior(td[0], start[0]), h0)
-        return dict(zip(["logits", "value", "c", "h"], outs), step_c=step[0], step_h=step[1],
-                    **{f"grad {n}": torch.zeros_like(p) if g is None else g
-                       for (n, p), g in zip(m.named_parameters(), grads)})
-
     def disagreement(self, agent: Agent) -> Optional[str]:
-        """Where this C cell and agent's reference differ on a random batch (values of every output of
-        unroll and step, gradients of every parameter), or None. The agent is copied with perturbed
-        parameters (the router's output layer starts at zero, which would hide router edits)."""
+        """Where this C cell and agent's reference differ on a random batch (every output of unroll and
+        step, every parameter's gradient), or None. The agent is copied with perturbed parameters: its
+        router's output layer starts at zero, which would hide an edited router."""
         import copy
         if any(p.dtype != torch.float32 for p in agent.parameters()):
             return "its parameters are not float32"
@@ -1452,92 +1228,83 @@ class CCell:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
         fast = copy.deepcopy(ref)
         fast.accel = self
-        L, B = 6, 3
-        obs = torch.randn(L, B, agent.obs_dim, generator=g)
-        h0, td = torch.randn(B, agent.H, generator=g), torch.randn(L, B, generator=g)
-        start = (torch.rand(L, B, generator=g) < 0.3).float()
+        obs, h0 = torch.randn(6, 3, agent.obs_dim, generator=g), torch.randn(3, agent.H, generator=g)
+        td, start = torch.randn(6, 3, generator=g), (torch.rand(6, 3, generator=g) < 0.3).float()
         res = {}
         for name, m in (("reference", ref), ("C", fast)):
             try:
-                res[name] = self._outputs(m, obs, h0, td, start)
+                with torch.enable_grad():
+                    outs = m.unroll(obs, h0, td, start)
+                    w = torch.Generator().manual_seed(1)  # the same random weights for both: every output counts
+                    loss = sum((o * torch.randn(o.shape, generator=w)).sum() for o in outs)
+                    grads = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
+                with torch.no_grad():
+                    step = m.step(m.features(obs[0]), *m.gate_prior(td[0], start[0]), h0)
             except Exception as e:  # e.g. an edited router that the C cell cannot read
                 return f"the {name} cell raised {type(e).__name__}: {str(e)[:120]}"
+            res[name] = dict(zip(["logits", "value", "c", "h", "step c", "step h"], (*outs, *step)),
+                             **{f"grad {n}": torch.zeros_like(p) if d is None else d
+                                for (n, p), d in zip(m.named_parameters(), grads)})
         for k, want in res["reference"].items():
-            err = (res["C"][k].detach() - want.detach()).abs().max().item()
-            if not err <= 1e-5 + 1e-3 * want.detach().abs().max().item():
+            err = (res["C"][k] - want).abs().max().item()
+            if not err <= 1e-5 + 1e-3 * want.abs().max().item():
                 return f"{k} differs by {err:.2g}"
         return None
-
 
 class _CUnroll(torch.autograd.Function):
     """Agent.unroll's time loop as one autograd node: per step torch's addmm (= Agent.recur) and
     cell_fwd; backward per step cell_bwd and one matmul for d hp, then the weight gradients over all
-    L*B steps at once. Inputs x (L,B,X), prior (L,B,1), keep (L,B,1), h0 (B,H) -> hs (L,B,H), cs (L,B,G)."""
+    L*B steps at once. x (L,B,X), prior (L,B,1), keep (L,B,1), h0 (B,H) -> hs (L,B,H), cs (L,B,G)."""
 
     @staticmethod
     def forward(ctx, cc, ag, x, prior, keep, h0, W_h, b_h, b_ih, *router):
         L, B = x.shape[:2]
-        ws = cc.workspace(ag, L, B)
-        hs, cs = x.new_empty(L, B, ag.H), x.new_empty(L, B, cc.gates(ag))
-        ws.update(x=x.contiguous(), prior=prior.contiguous(), keep=keep.contiguous(), c=cs, h=hs)
-        args = cc.args(ag, B, ws)
-        hp, hh, W_t = ws["hp"], ws["hh"], W_h.t()
-        torch.mul(h0, keep[0], out=hp[0])
+        ws, args = cc.workspace(ag, L, B, x=x, prior=prior, keep=keep)
+        torch.mul(h0, keep[0], out=ws["hp"][0])
         for t in range(L):
-            torch.addmm(b_h, hp[t], W_t, out=hh)  # = Agent.recur(hp[t]); cell_fwd writes hp[t+1]
+            torch.addmm(b_h, ws["hp"][t], W_h.t(), out=ws["hh"])  # = Agent.recur(hp[t]); cell_fwd writes hp[t+1]
             cc.lib.cell_fwd(ctypes.byref(args), t, t == L - 1)
-        if any(ctx.needs_input_grad):
-            ctx.cc, ctx.ag, ctx.ws, ctx.args, ctx.n_router = cc, ag, ws, args, len(router)
-        else:  # no backward will come for this forward
-            cc.release(ws)
+        hs, cs = ws.pop("h"), ws.pop("c")
+        ctx.save_for_backward(cs)  # read by cell_bwd through args; outputs on ctx itself would leak the graph
+        ctx.cc, ctx.ag, ctx.ws, ctx.args, ctx.n_router = cc, ag, ws, args, len(router)
         return hs, cs
 
     @staticmethod
     def backward(ctx, d_hs, d_cs):
-        cc, ag, ws, args = ctx.cc, ctx.ag, ctx.ws, ctx.args
-        L, B, H = *ws["x"].shape[:2], ag.H
-        d_hs, d_cs = d_hs.contiguous(), d_cs.contiguous()
-        args.d_h, args.d_c = d_hs.data_ptr(), d_cs.data_ptr()
-        dhh, dmm, W = ws["dhh"], ws["dmm"], ag.W_h.detach()
+        ws, args, ag, H, _ = ctx.ws, ctx.args, ctx.ag, ctx.ag.H, ctx.saved_tensors
+        L, B = ws["x"].shape[:2]
+        ws["d_h"], ws["d_c"] = d_hs.contiguous(), d_cs.contiguous()  # kept alive while C reads them
+        args.d_h, args.d_c = ws["d_h"].data_ptr(), ws["d_c"].data_ptr()
         for t in range(L - 1, -1, -1):
-            cc.lib.cell_bwd(ctypes.byref(args), t, t == L - 1)
-            torch.mm(dhh[t], W, out=dmm)  # d hp[t] through hh[t] = recur(hp[t])
-        dh0 = (ws["dhp"] + dmm) * ws["keep"][0]
-        dhh2 = dhh.view(L * B, -1)
-        grads = [dhh2.T @ ws["hp"].view(L * B, H), dhh2.sum(0),
-                 torch.cat([dhh[..., :2 * H].sum((0, 1)), ws["dgn"].sum((0, 1))])]  # W_h, b_h, b_ih
+            ctx.cc.lib.cell_bwd(ctypes.byref(args), t, t == L - 1)
+            torch.mm(ws["dhh"][t], ag.W_h.detach(), out=ws["dmm"])  # d hp[t] through hh[t] = recur(hp[t])
+        dhh, dl = ws["dhh"].view(L * B, -1), ws["dlogit"].view(L * B, -1)
+        grads = [dhh.T @ ws["hp"].view(L * B, H), dhh.sum(0),  # W_h, b_h, and b_ih from d gi = [d hh_ru, d gi_n]
+                 torch.cat([ws["dhh"][..., :2 * H].sum((0, 1)), ws["dgn"].sum((0, 1))])]
         if ctx.n_router:  # c = sigmoid(prior + r_out(a))
-            dl = ws["dlogit"].view(L * B, -1)
             grads += [dl.T @ ws["a"].view(L * B, -1), dl.sum(0)]
         dprior = ws["dlogit"].sum(-1, keepdim=True) if ag.cfg.force_c is None else None
-        dx = ws["dx"]  # a work buffer: consumed by features()' backward within this backward pass
-        cc.release(ws)
+        dh0 = (ws["dhp"] + ws["dmm"]) * ws["keep"][0]
         ctx.ws = ctx.args = None
-        return (None, None, dx, dprior, None, dh0, *grads)
-
+        return (None, None, ws["dx"], dprior, None, dh0, *grads)
 
 class KernelUnavailable(RuntimeError):
     pass
 
-
 def _private(st: os.stat_result) -> bool:  # owned by this user, not writable by group or others
     return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
-
 def _cache_dir() -> Path:
-    """~/.cache/gwt_ib (or $XDG_CACHE_HOME/gwt_ib), created 0700, if it is a directory (not a symlink)
+    """$XDG_CACHE_HOME/gwt_ib (default ~/.cache/gwt_ib), created 0700, if it is a directory (not a symlink)
     that only this user can write; else a fresh private temporary directory for this process."""
     import atexit, shutil, stat, tempfile
     global _TMP_DIR
     d = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gwt_ib"
     try:
         d.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        if not d.exists():
             os.mkdir(d, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(d)
-        if stat.S_ISDIR(st.st_mode) and _private(st):
+        if stat.S_ISDIR(os.lstat(d).st_mode) and _private(os.lstat(d)):
             return d
         why = "is not a directory that only this user can write"
     except OSError as e:
@@ -1548,32 +1315,29 @@ def _cache_dir() -> Path:
         print(f"note: {d} {why}; the C cell is built in {_TMP_DIR}", file=sys.stderr)
     return Path(_TMP_DIR)
 
-
 def _read_own(path: Path) -> Optional[bytes]:
     """The bytes of a regular file of this user's that no one else can write, never through a symlink."""
     import stat
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+            st = os.fstat(f.fileno())
+            return f.read() if stat.S_ISREG(st.st_mode) and _private(st) else None
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        return f.read() if stat.S_ISREG(st.st_mode) and _private(st) else None
-
 
 def _write_own(path: Path, data: bytes) -> None:
-    """Write a new file beside `path` (never following a symlink) and rename it over `path` atomically."""
+    """A new file beside `path` (O_EXCL, never through a symlink), renamed over `path` atomically."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as f:
         f.write(data)
     os.replace(tmp, path)
 
-
 def build_library() -> Path:
-    """Compile _CELL_C with the system C compiler into the private cache, unless a library whose
-    SHA-256 matches the one recorded when it was built is there already; -> its path."""
+    """_CELL_C compiled with the system C compiler into the private cache, unless a library whose SHA-256
+    matches the one recorded when it was built is there already (a truncated, altered or foreign file is
+    rebuilt, never loaded) -> its path."""
     import hashlib, platform, shutil, subprocess, tempfile
-    if not hasattr(os, "getuid") or not hasattr(os, "O_NOFOLLOW"):
+    if not hasattr(os, "O_NOFOLLOW"):
         raise KernelUnavailable("the C cell's cache needs a POSIX system")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
@@ -1581,50 +1345,46 @@ def build_library() -> Path:
     flags = ["-O3", "-std=c99", "-ffp-contract=fast", "-shared", "-fPIC"]
     cpu = platform.machine() + (Path("/proc/cpuinfo").read_text()[:4000] if Path("/proc/cpuinfo").exists() else "")
     key = hashlib.sha256("\0".join([_CELL_C, cc, *flags, platform.platform(), cpu]).encode()).hexdigest()[:16]
-    d = _cache_dir()
-    so, rec = d / f"cell_{key}.so", d / f"cell_{key}.sha256"
-    data, want = _read_own(so), _read_own(rec)
+    so = _cache_dir() / f"cell_{key}.so"
+    data, want = _read_own(so), _read_own(so.with_suffix(".sha256"))
     if data is not None and want is not None and hashlib.sha256(data).hexdigest().encode() == want.strip():
         return so
-    with tempfile.TemporaryDirectory(dir=d) as tmp:  # truncated, altered, missing or foreign: build anew
+    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
         (Path(tmp) / "cell.c").write_text(_CELL_C)
         for arch in (["-march=native"], []):  # the CPU's widest vectors where the compiler knows them
-            r = subprocess.run([cc, *flags, *arch, str(Path(tmp) / "cell.c"), "-o", str(Path(tmp) / "cell.so")],
-                               capture_output=True, text=True)
+            r = subprocess.run([cc, *flags, *arch, f"{tmp}/cell.c", "-o", f"{tmp}/cell.so"], capture_output=True, text=True)
             if r.returncode == 0:
                 break
         else:
             raise KernelUnavailable(f"{cc} failed: {r.stderr.strip()[-200:]}")
         data = (Path(tmp) / "cell.so").read_bytes()
     _write_own(so, data)
-    _write_own(rec, hashlib.sha256(data).hexdigest().encode())
+    _write_own(so.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
     return so
-
 
 _TMP_DIR: Optional[str] = None
 _LIB: Any = None  # the loaded library, or the KernelUnavailable that says why there is none
 
-
-def accelerate(agent: Agent, dev: torch.device) -> None:  # noqa: F811  (the model section's stub)
-    """Set agent.accel to the C cell if cfg.cpu_kernel is on, the run is on a CPU, the library builds
-    and it equals agent.cell on a random batch; otherwise say in one line why the reference runs."""
+def accelerate(agent: Agent, dev: torch.device) -> None:  # noqa: F811  (replaces the model section's stub)
+    """Set agent.accel to the C cell if cfg.cpu_kernel is on, the run is on a CPU, the library builds and
+    it equals agent.cell on a random batch; otherwise say in one line why the reference runs."""
     global _LIB
     if not agent.cfg.cpu_kernel:
         return
+    if dev.type == "cpu" and _LIB is None:
+        try:
+            _LIB = ctypes.CDLL(str(build_library()))
+        except (KernelUnavailable, OSError) as e:
+            _LIB = e if isinstance(e, KernelUnavailable) else KernelUnavailable(f"loading it failed: {e}")
     if dev.type != "cpu":
         why = f"it runs on CPU only and this run is on {dev}"
+    elif isinstance(_LIB, KernelUnavailable):
+        why = str(_LIB)
+    elif (why := CCell(_LIB).disagreement(agent)) is None:
+        agent.accel = CCell(_LIB)
+        return
     else:
-        if _LIB is None:
-            try:
-                _LIB = ctypes.CDLL(str(build_library()))
-            except (KernelUnavailable, OSError) as e:
-                _LIB = e if isinstance(e, KernelUnavailable) else KernelUnavailable(f"loading failed: {e}")
-        cc = CCell(_LIB) if isinstance(_LIB, ctypes.CDLL) else None
-        why = str(_LIB) if cc is None else cc.disagreement(agent)
-        if cc is not None and why is None:
-            agent.accel = cc
-            return
-        why = why if cc is None else f"it disagrees with Agent.cell: {why}"
+        why = f"it disagrees with Agent.cell: {why}"
     print(f"note: C cell not used ({why}); Agent.cell runs as torch ops", file=sys.stderr)
 
 
