@@ -25,6 +25,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 from collections import namedtuple
 from dataclasses import dataclass
@@ -41,18 +42,15 @@ import torch.nn.functional as F
 # ============================================================================ config
 @dataclass
 class Cfg:
-    # --- environment
     env_id: str = "popgym-CountRecallEasy-v0"  # any registered gymnasium id; popgym ids are registered on demand
     num_envs: int = 16  # environments stepped in parallel during the rollout
     seed: int = 42  # seeds python, numpy, torch and the environments
     prev_action: bool = False  # append the previous action (one-hot; raw for Box) to the observation, as POPGym's benchmark does
     async_envs: bool = False  # step each environment in its own subprocess (env_workers = num_envs)
     env_workers: int = 0  # step the envs in this many subprocesses, num_envs/env_workers each; 0 = in this process
-    # --- budget
     total_timesteps: int = 500_000  # environment steps over the whole run (all envs together)
     rollout_steps: int = 256  # steps per environment per rollout
     seq_len: int = 64  # BPTT length of a training sequence; must divide rollout_steps
-    # --- PPO
     epochs: int = 4  # passes over each rollout
     minibatches: int = 4  # minibatches per epoch (sequences are shuffled as units)
     lr: float = 2.5e-4  # Adam learning rate
@@ -64,12 +62,10 @@ class Cfg:
     ent_coef: float = 0.01  # entropy-bonus weight
     max_grad_norm: float = 0.5  # global gradient-norm clip
     norm_adv: bool = True  # normalize advantages per minibatch
-    # --- model
     enc_dim: int = 128  # encoder width (obs -> enc_dim -> enc_dim, tanh)
     hid_dim: int = 256  # GRU memory size
     router_hid: int = 64  # hidden width of the router's residual MLP over [z, h_prev]
     head_hid: int = 256  # hidden width of the actor and critic MLPs
-    # --- router (gate)
     td_scale: float = 5.0  # weight of |td_norm_prev| in the gate logit
     base_logit: float = -1.0  # fixed gate logit offset (gate ~0.27 at zero TD, before bias)
     bias_init: float = -1.5  # initial value of the learnable gate bias
@@ -79,13 +75,11 @@ class Cfg:
     gate: str = "scalar"  # "scalar": one gate per step; "vector": one gate per memory unit (GWT-IB-SEC)
     force_c: Optional[float] = None  # fix the gate to this value in [0, 1] (ablations); none = learned gate
     memoryless: bool = False  # baseline: reset h to zero before every step (no memory at all)
-    # --- information bottleneck
     target_c: float = 0.35  # gate budget: target mean gate per sequence
     lambda_c: float = 0.05  # IB weight (at the start of the run if lambda_c_end is set)
     lambda_c_end: Optional[float] = None  # if set, IB weight moves linearly from lambda_c to this over the run (GWT-IB-SEC)
     budget_warmup_updates: int = 25  # IB weight ramps linearly from 0 over this many updates
     ib_loss: str = "sq"  # "sq": (mean_t c - target_c)^2 per sequence; "kl": mean KL(Bern(c) || Bern(target_c)) (GWT-IB-SEC)
-    # --- TD normalization
     td_scale_mode: str = "ema_quantile"  # "ema", "quantile" or "ema_quantile" (see TDNormalizer)
     td_ema: float = 0.99  # EMA rate of the TD mean (and of the variance in "ema" mode)
     td_scale_ema2: float = 0.995  # EMA rate of the quantile scale in "ema_quantile" mode
@@ -94,19 +88,16 @@ class Cfg:
     td_std_min: float = 1e-3  # lower clamp of the TD scale
     td_std_max: float = 50.0  # upper clamp of the TD scale
     td_norm_clip: float = 5.0  # normalized TD is clipped to [-clip, clip]
-    # --- evaluation and GateCheck
     eval_every: int = 10  # greedy evaluation every this many updates (also before training and at the end)
     eval_episodes: int = 32  # greedy episodes per evaluation, run in parallel
     eval_ok_margin: float = 0.1  # GateCheck eval_ok: late eval must exceed early eval by this much
     gatecheck_rollouts: int = 4  # the last this-many rollouts supply GateCheck's (td, c) samples
-    # --- output
     log_every: int = 10  # print the progress line every this many updates
     out_dir: str = "runs"  # parent directory of run directories
     run_name: str = ""  # run directory name; empty = <env>__s<seed>__<time>; never overwrites
     checkpoint_every: int = 10  # write checkpoint.pt (atomically) every this many updates
     save_plot: bool = True  # write training.png into the run directory at the end
     progress: bool = True  # show the tqdm progress bar
-    # --- system
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     torch_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     halt_after: int = 0  # stop cleanly (checkpoint + summary) after this many updates in this invocation; 0 = never
@@ -242,16 +233,16 @@ def check_env_id(env_id: str) -> None:
         hint = f"did you mean {', '.join(close)}?" if close else "see `python gwt_ib.py --list-envs`"
         raise ConfigError("env_id", env_id, f"is not a registered gymnasium id; {hint}")
 
-def check_obs_space(space, path: str = "obs") -> None:
+def check_obs_space(space, env_id: str, path: str = "obs") -> None:
     """Observations are flattened (FlatObs: Discrete and MultiDiscrete parts one-hot, as POPGym's
     baselines feed networks); these are the spaces whose flat form is a vector."""
     S = gym.spaces
     if isinstance(space, (S.Tuple, S.Dict)):
         for k, s in (space.spaces.items() if isinstance(space, S.Dict) else enumerate(space.spaces)):
-            check_obs_space(s, f"{path}[{k!r}]")
+            check_obs_space(s, env_id, f"{path}[{k!r}]")
     elif not isinstance(space, (S.Box, S.Discrete, S.MultiDiscrete, S.MultiBinary)):
-        raise ConfigError("env_id", path, f"has unsupported observation space {space}; supported: Box, Discrete, "
-                                          "MultiDiscrete, MultiBinary and Tuple/Dict of these")
+        raise ConfigError("env_id", env_id, f"its {path} is {space}, an unsupported observation space; supported: "
+                                            "Box, Discrete, MultiDiscrete, MultiBinary and Tuple/Dict of these")
 
 @dataclass
 class ActSpec:
@@ -295,7 +286,7 @@ class FlatObs(gym.ObservationWrapper):
 
 def make_env(env_id: str):
     env = _gym().make(env_id, disable_env_checker=True)  # the checker only warns about popgym infos
-    check_obs_space(env.observation_space)
+    check_obs_space(env.observation_space, env_id)
     return FlatObs(env)
 
 def make_envs(cfg: Cfg, n: int, async_envs: bool = False, workers: int = 0):
@@ -355,8 +346,11 @@ class ShardedVectorEnv:
             p.join(timeout=5)
 
 def list_envs() -> str:
-    envs = {i: gym.make(i) for i in sorted(_gym().registry) if i.startswith("popgym-")}
-    return "\n".join(f"{i:45s} obs {e.observation_space}  act {e.action_space}" for i, e in envs.items())
+    lines = []
+    for env_id in sorted(i for i in _gym().registry if i.startswith("popgym-")):
+        with gym.make(env_id) as e:
+            lines.append(f"{env_id:45s} obs {e.observation_space}  act {e.action_space}".replace("\n", ""))
+    return "\n".join(lines)
 
 
 # ============================================================================ model
@@ -519,7 +513,7 @@ class TDNormalizer:
             self.scale = self.var.sqrt()
         elif self.mode == "ema_quantile":
             self.mean = d.median() if first else torch.lerp(self.mean, d.median(), 1 - a)
-            q = self.quantile((d - self.mean).abs(), cfg.td_quantile)
+            q = torch.quantile((d - self.mean).abs(), cfg.td_quantile)
             self.scale = (q if first else torch.lerp(self.scale, q, 1 - cfg.td_scale_ema2)).clamp(cfg.td_std_min,
                                                                                                  cfg.td_std_max)
         else:  # quantile over a sliding window
@@ -528,16 +522,8 @@ class TDNormalizer:
             self.wpos, self.wfill = (self.wpos + n) % W, min(W, self.wfill + n)
             w = self.window[:self.wfill]
             self.mean = w.median()
-            self.scale = self.quantile((w - self.mean).abs(), cfg.td_quantile).clamp(cfg.td_std_min, cfg.td_std_max)
+            self.scale = torch.quantile((w - self.mean).abs(), cfg.td_quantile).clamp(cfg.td_std_min, cfg.td_std_max)
         self.count += d.numel()
-
-    @staticmethod
-    def quantile(v: torch.Tensor, q: float) -> torch.Tensor:
-        """torch.quantile(v, q) (linear interpolation) of a 1-D tensor, without its per-call overhead
-        (~100 us, more than the rest of the normalizer, once per env step)."""
-        s, pos = v.sort().values, np.float32(q) * np.float32(v.numel() - 1)  # float32 ranks, as torch's
-        lo = int(pos)
-        return torch.lerp(s[lo], s[min(lo + 1, v.numel() - 1)], float(pos - np.float32(lo)))
 
     def normalize(self, d: torch.Tensor) -> torch.Tensor:
         return ((d - self.mean) / self.scale).clamp(-self.cfg.td_norm_clip, self.cfg.td_norm_clip)
@@ -581,13 +567,8 @@ class Collector:
         flat = np.asarray(flat, np.float32)
         return torch.from_numpy(np.concatenate([flat, prev_a], 1) if self.cfg.prev_action else flat).to(self.dev)
 
-    def _prev_action(self, a: np.ndarray, env_a) -> np.ndarray:
-        """Previous-action features: one-hot per component (discrete) or the clipped action (box)."""
-        if self.act.kind == "box":
-            return env_a.reshape(self.N, -1).astype(np.float32)
-        out = np.zeros((len(a), self.act.enc_dim), np.float32)
-        np.put_along_axis(out, a + np.cumsum((0,) + self.act.nvec[:-1]), 1.0, axis=1)
-        return out
+    def _prev_action(self, env_a) -> np.ndarray:  # one-hot per component (discrete), the clipped action (box)
+        return np.stack([gym.spaces.flatten(self.envs.single_action_space, x) for x in env_a]).astype(np.float32)
 
     def _to_env(self, a: np.ndarray):
         act = self.act
@@ -614,7 +595,7 @@ class Collector:
         env_a = self._to_env(a_np)
         raw, r, term, trunc, info = self.envs.step(env_a)
         done = term | trunc
-        a_enc = self._prev_action(a_np, env_a) if cfg.prev_action else None
+        a_enc = self._prev_action(env_a) if cfg.prev_action else None
         if cfg.prev_action:
             self.prev_a = a_enc * (~done)[:, None]  # a new episode starts with no previous action
         next_obs = self._obs(raw, self.prev_a)
@@ -695,6 +676,11 @@ def to_sequences(b: dict, L: int) -> dict:
 class NonFinite(RuntimeError):
     pass
 
+def check_finite(update: int, when: str, tensors: dict) -> None:
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise NonFinite(f"update {update}: {name} is not finite {when}")
+
 def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Tensor, ret: torch.Tensor,
                cfg: Cfg, lam_c: float, update: int) -> dict:
     """Recurrent PPO + IB over shuffled sequences; returns metrics averaged over every minibatch."""
@@ -770,6 +756,8 @@ def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float) -> str:
             f"td_std={g['td_std']:.6f} (std_ok={g['std_ok']}) | eval_ok={g['eval_ok']} "
             f"(early {g['early_eval']:.3f} -> late {g['late_eval']:.3f}) -> {g['verdict']}\n"
             f"mean_c={mean_c:.4f}  EV={ev:.4f}  ep100={ep100:.2f}")
+
+
 # ============================================================================ run management
 def new_run_dir(cfg: Cfg) -> Path:
     name = cfg.run_name or f"{cfg.env_id.replace('/', '_')}__s{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
@@ -790,12 +778,8 @@ class StopFlag:
     """First Ctrl-C/SIGTERM: finish the current update, then save and exit. Second: abandon it now."""
 
     def __enter__(self):
-        self.signum, self._old = 0, {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
+        self.signum, main = 0, threading.current_thread() is threading.main_thread()  # handlers: main thread only
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM) if main}
         return self
 
     def _handle(self, signum, frame):
@@ -946,15 +930,11 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
                 b, last_value, fin = rollout(su.col, cfg.rollout_steps)
                 adv, ret = gae(b, last_value, cfg.gamma, cfg.gae_lambda)
                 t_roll = time.perf_counter() - tr0
-                for name, t in (("TD mean", norm.mean), ("TD scale", norm.scale), ("value", b["value"])):
-                    if not torch.isfinite(t).all():
-                        raise NonFinite(f"update {update}: {name} is not finite during the rollout")
+                check_finite(update, "during the rollout", {"TD mean": norm.mean, "TD scale": norm.scale, "value": b["value"]})
                 lam_c = ib_weight(cfg, update, num_updates)
                 m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c, update)
                 t_upd = time.perf_counter() - tr0 - t_roll
-                for n, p in agent.named_parameters():
-                    if not torch.isfinite(p).all():
-                        raise NonFinite(f"update {update}: parameter {n} is not finite")
+                check_finite(update, "after the update", {f"parameter {n}": p for n, p in agent.named_parameters()})
                 c, td, start = (b[k].cpu().numpy() for k in ("c", "td_prev", "start"))  # GateCheck's samples
                 dc_ok = (start == 0) & (np.arange(len(start))[:, None] > 0)  # c_t - c_{t-1} within an episode
                 st["gc_hist"] = (st["gc_hist"] + [(np.abs(td).ravel(), c.ravel(), np.diff(c, axis=0, prepend=c[:1])

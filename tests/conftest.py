@@ -22,11 +22,12 @@ WALL_KEYS = ("rollout_s", "update_s", "steps_per_s", "wall_s")
 
 
 def tiny_cfg(tmp_path=None, **kw) -> gwt_ib.Cfg:
-    """A Cfg small enough to train in well under a second per update on one CPU thread."""
+    """A Cfg small enough to train in well under a second per update on one CPU thread. It runs the
+    reference recurrent step (Agent.cell as torch ops): pass cpu_kernel=True for the C accelerator."""
     base = dict(env_id="popgym-CountRecallEasy-v0", num_envs=2, rollout_steps=32, seq_len=16, minibatches=2,
                 epochs=1, total_timesteps=128, eval_episodes=2, eval_every=1, log_every=1, checkpoint_every=1,
                 enc_dim=16, hid_dim=16, router_hid=8, head_hid=16, progress=False, save_plot=False,
-                device="cpu", seed=0)
+                device="cpu", seed=0, cpu_kernel=False)
     if tmp_path is not None:
         base["out_dir"] = str(tmp_path / "runs")
     base.update(kw)
@@ -43,6 +44,19 @@ def built(cfg: gwt_ib.Cfg) -> gwt_ib.Setup:
     su = gwt_ib.build(cfg)
     su.col.reset(seed=cfg.seed)
     return su
+
+
+def close(su: gwt_ib.Setup) -> None:
+    su.envs.close()
+    su.eval_envs.close()
+
+
+def step_from_obs(agent: gwt_ib.Agent, obs, h_prev, td_prev, start):
+    """One recurrent step from an observation, as the rollout takes it: features -> gate_prior -> step
+    -> heads. obs (B, obs_dim), h_prev (B, H), td_prev and start (B,) -> logits, value, c (B, G), h (B, H)."""
+    c, h = agent.step(agent.features(obs), *agent.gate_prior(td_prev, start), h_prev)
+    logits, value = agent.heads(h)
+    return logits, value, c, h
 
 
 # ----------------------------------------------------------------------------- test environments

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gwt_ib
-from conftest import ROOT, TEXT_ID, tiny_cfg
+from conftest import ROOT, TEXT_ID
 
 FIELDS = dataclasses.fields(gwt_ib.Cfg)
 
@@ -23,10 +23,11 @@ def flag(name: str) -> str:
 
 @pytest.fixture
 def no_training(monkeypatch):
-    """main() must refuse before training: if a check is missing, fail fast instead of starting a 500k-step run."""
-    def refuse(cfg, resume=None):
-        raise AssertionError(f"training started with {cfg}")
-    monkeypatch.setattr(gwt_ib, "train", refuse)
+    """A bad setting must be refused before anything starts: if a check is missing, fail fast at the first
+    environment instead of starting a 500k-step run."""
+    def refuse(cfg, *a, **kw):
+        raise AssertionError(f"environments were made for {cfg}")
+    monkeypatch.setattr(gwt_ib, "make_envs", refuse)
 
 
 def parse(argv) -> gwt_ib.Cfg:
@@ -100,12 +101,17 @@ def test_overrides_of_each_type_parse(argv, expected):
     assert all(getattr(cfg, k) == getattr(defaults, k) for k in untouched)
 
 
-def test_issue_example_command_parses_and_validates():
-    """The README example --env-id/--total-timesteps/--force-c gives that Cfg, which validates."""
-    cfg = parse(["--env-id", "popgym-BattleshipEasy-v0", "--total-timesteps", "100000", "--force-c", "1.0"])
+def test_help_examples_parse_and_validate():
+    """Every example command in --help's epilog parses to a Cfg that validates with a registered env id."""
+    lines = [l.split("gwt_ib.py", 1)[1].split() for l in gwt_ib.build_parser().epilog.splitlines()
+             if "python gwt_ib.py" in l and "--resume" not in l]
+    assert len(lines) >= 2 and any(lines)
+    for argv in lines:
+        cfg = parse(argv)
+        gwt_ib.validate(cfg)
+        gwt_ib.check_env_id(cfg.env_id)
+    cfg = parse(max(lines, key=len))  # the one with flags gives exactly what they say
     assert (cfg.env_id, cfg.total_timesteps, cfg.force_c) == ("popgym-BattleshipEasy-v0", 100000, 1.0)
-    gwt_ib.validate(cfg)
-    gwt_ib.check_env_id(cfg.env_id)
 
 
 def test_default_config_is_valid():
@@ -227,13 +233,38 @@ def test_cli_subprocess_bad_lr_exits_2_with_one_line():
 
 
 # ----------------------------------------------------------------------------- unsupported spaces
-def test_unsupported_observation_space_is_a_config_error():
-    """obs_encoder rejects spaces it cannot encode (Text, Graph, nested inside Tuple) with a ConfigError."""
+S = gymnasium.spaces
+
+
+@pytest.mark.parametrize("space,where", [
+    (S.Text(5), "obs"),
+    (S.Tuple([S.Discrete(2), S.Text(3)]), "obs[1]"),
+    (S.Dict({"ok": S.Box(0, 1, (2,)), "bad": S.Sequence(S.Discrete(2))}), "obs['bad']"),
+    (S.Tuple([S.Dict({"g": S.Graph(S.Box(0, 1, (2,)), S.Discrete(2))})]), "obs[0]['g']"),
+], ids=["text", "tuple-with-text", "dict-with-sequence", "nested-graph"])
+def test_unsupported_observation_space_is_a_config_error_naming_env_id(space, where):
+    """check_obs_space rejects spaces with no flat vector form, nested ones too: a ConfigError on env_id
+    that says where in the observation the bad part is and lists what is supported."""
     with pytest.raises(gwt_ib.ConfigError) as e:
-        gwt_ib.obs_encoder(gymnasium.spaces.Text(5))
-    assert "Text" in e.value.allowed
-    with pytest.raises(gwt_ib.ConfigError):
-        gwt_ib.obs_encoder(gymnasium.spaces.Tuple([gymnasium.spaces.Discrete(2), gymnasium.spaces.Text(3)]))
+        gwt_ib.check_obs_space(space, "some-env-v0")
+    assert e.value.name == "env_id"
+    assert e.value.value == "some-env-v0"
+    assert f"its {where} is" in e.value.allowed
+    assert "unsupported observation space" in e.value.allowed and "Box" in e.value.allowed
+
+
+def test_supported_observation_spaces_pass_the_check():
+    """Box, Discrete, MultiDiscrete, MultiBinary and any Tuple/Dict nesting of them are accepted."""
+    for space in (S.Box(0, 1, (2, 3)), S.Discrete(3, start=1), S.MultiDiscrete([[2, 3], [4, 5]]), S.MultiBinary(4),
+                  S.Tuple([S.Discrete(2), S.Dict({"a": S.Box(0, 1, (1,)), "b": S.Tuple([S.MultiBinary(2)])})])):
+        gwt_ib.check_obs_space(space, "some-env-v0")
+
+
+def test_make_env_refuses_an_env_with_an_unsupported_observation_space():
+    """make_env raises the ConfigError itself, before any env is wrapped or stepped."""
+    with pytest.raises(gwt_ib.ConfigError) as e:
+        gwt_ib.make_env(TEXT_ID)
+    assert e.value.name == "env_id" and e.value.value == TEXT_ID and "Text" in str(e.value)
 
 
 @pytest.mark.parametrize("space", [gymnasium.spaces.MultiBinary(3), gymnasium.spaces.Text(4),

@@ -1,7 +1,8 @@
-"""Environments: observation encoding, every POPGym task end to end, episode accounting, truncation bootstrap,
+"""Environments: flat observations, every POPGym task end to end, episode accounting, truncation bootstrap,
 previous-action features."""
 from __future__ import annotations
 
+import copy
 import math
 
 import gymnasium
@@ -9,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
-from gymnasium.vector.utils import batch_space
 
 import gwt_ib
-from conftest import COUNTER_ID, COUNTER_LIMIT, built, read_metrics, tiny_cfg
+from conftest import COUNTER_ID, COUNTER_LIMIT, built, close, read_metrics, step_from_obs, tiny_cfg
 
 import popgym  # noqa: F401  registers popgym-*-v0
 
 POPGYM_IDS = sorted(k for k in gymnasium.registry if k.startswith("popgym-"))
 
 
-# ----------------------------------------------------------------------------- observation encoding
+# ----------------------------------------------------------------------------- flat observations
 def ref_encode(space, x) -> list[float]:
-    """Naive one-observation reference: one-hot Discrete parts, flattened Box/MultiBinary, concatenated parts."""
+    """Naive one-observation reference: one-hot Discrete parts (value - start), flattened Box/MultiBinary,
+    Tuple parts in order, Dict parts in the space's key order."""
     if isinstance(space, spaces.Discrete):
         v = [0.0] * int(space.n)
         v[int(x) - int(space.start)] = 1.0
@@ -43,7 +44,30 @@ def ref_encode(space, x) -> list[float]:
     raise TypeError(space)
 
 
-ENC_SPACES = {
+class SpaceEnv(gymnasium.Env):
+    """Emits random observations of a given space (Dicts with their keys in reverse order) and keeps the
+    last one it emitted in `.last`, so a test can compare the trainer's observation with the env's."""
+
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, space):
+        self.observation_space = copy.deepcopy(space)
+
+    def _emit(self):
+        obs = self.observation_space.sample()
+        self.last = obs
+        return dict(reversed(list(obs.items()))) if isinstance(obs, dict) else obs
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.observation_space.seed(int(self.np_random.integers(1 << 30)))
+        return self._emit(), {}
+
+    def step(self, action):
+        return self._emit(), 0.0, False, False, {}
+
+
+OBS_SPACES = {  # name: (space, flat dim)
     "discrete": (spaces.Discrete(5), 5),
     "discrete_start": (spaces.Discrete(3, start=2), 3),
     "multidiscrete": (spaces.MultiDiscrete([2, 3, 4]), 9),
@@ -51,6 +75,7 @@ ENC_SPACES = {
     "multidiscrete_2d": (spaces.MultiDiscrete([[2, 3], [4, 2]]), 11),
     "box": (spaces.Box(-1, 1, (2, 3), np.float32), 6),
     "box_f64": (spaces.Box(-1, 1, (4,), np.float64), 4),
+    "box_int": (spaces.Box(0, 9, (3,), np.int64), 3),
     "multibinary": (spaces.MultiBinary(4), 4),
     "tuple": (spaces.Tuple([spaces.Discrete(2), spaces.Discrete(4, start=1), spaces.Box(0, 1, (2,))]), 8),
     "dict": (spaces.Dict({"pos": spaces.MultiDiscrete([3, 3]), "flag": spaces.MultiBinary(2),
@@ -60,55 +85,70 @@ ENC_SPACES = {
 }
 
 
-@pytest.mark.parametrize("name", list(ENC_SPACES))
-def test_obs_encoder_matches_reference_on_vector_env_batches(name):
-    """obs_encoder maps a vector env's batch of observations to float32 (N, dim), row i = encoding of obs i."""
-    space, dim = ENC_SPACES[name]
-    space.seed(0)
-    d, fn = gwt_ib.obs_encoder(space)
-    assert d == dim
-    bspace = batch_space(space, 6)
-    bspace.seed(1)
-    singles = [space.sample() for _ in range(6)]
-    from gymnasium.vector.utils import concatenate, create_empty_array
-    batch = concatenate(space, singles, create_empty_array(space, 6))
-    out = fn(batch)
-    assert out.dtype == np.float32 and out.shape == (6, dim)
-    expected = np.array([ref_encode(space, x) for x in singles], np.float32)
-    np.testing.assert_array_equal(out, expected)
-    out2 = fn(bspace.sample())  # a batch drawn directly from the batched space
-    assert out2.shape == (6, dim) and out2.dtype == np.float32
+def space_env_id(name: str) -> str:
+    env_id = f"gwtib-test-Space-{name}-v0"
+    if env_id not in gymnasium.registry:
+        gymnasium.register(env_id, entry_point=SpaceEnv, kwargs={"space": OBS_SPACES[name][0]})
+    return env_id
 
 
-def test_discrete_one_hot_respects_start_offset():
-    """Discrete(3, start=2): values 2, 3, 4 become one-hot rows 0, 1, 2 (python ints and numpy ints alike)."""
-    _, fn = gwt_ib.obs_encoder(spaces.Discrete(3, start=2))
-    np.testing.assert_array_equal(fn([4, 2, 3]), np.eye(3, dtype=np.float32)[[2, 0, 1]])
-    np.testing.assert_array_equal(fn(np.array([3], np.int32)), [[0, 1, 0]])
-    np.testing.assert_array_equal(fn(np.int64(2).reshape(1)), [[1, 0, 0]])
+@pytest.mark.parametrize("name", list(OBS_SPACES))
+@torch.no_grad()
+def test_vector_env_observations_are_the_flattened_env_observations(name):
+    """Row i of the observation the agent sees is gymnasium.spaces.flatten of env i's observation:
+    float32 (N, flat dim), Discrete/MultiDiscrete parts one-hot from their start, Dict parts in the
+    space's key order whatever order the env's dict has."""
+    space, dim = OBS_SPACES[name]
+    su = built(tiny_cfg(env_id=space_env_id(name), num_envs=3))
+    try:
+        assert su.envs.single_observation_space.shape == (dim,) and su.agent.obs_dim == dim
+        differ = False
+        for _ in range(4):
+            obs = su.col.obs
+            assert obs.dtype == torch.float32 and obs.shape == (3, dim)
+            differ |= not torch.equal(obs[0], obs[1])
+            for i, env in enumerate(su.envs.envs):
+                raw = env.unwrapped.last
+                expected = np.array(ref_encode(space, raw), np.float32)
+                np.testing.assert_array_equal(obs[i].numpy(), expected)
+                np.testing.assert_array_equal(obs[i].numpy(), spaces.flatten(space, raw).astype(np.float32))
+            su.col.step(greedy=False, update_norm=True)
+        assert differ  # the envs' observations differ, so the rows really are matched to their envs
+    finally:
+        close(su)
 
 
-def test_dict_obs_encoded_in_space_order():
-    """A Dict observation is encoded part by part in the space's key order, whatever order the dict has."""
-    space = spaces.Dict({"a": spaces.Discrete(2), "b": spaces.Box(-5, 5, (1,))})
-    _, fn = gwt_ib.obs_encoder(space)
-    out = fn({"b": np.array([[3.5], [-1.0]]), "a": np.array([1, 0])})
+def test_flat_obs_one_hot_respects_start_offsets_and_dict_key_order():
+    """FlatObs: Discrete(3, start=2) values 2, 3, 4 become one-hot 0, 1, 2; MultiDiscrete starts likewise;
+    a Dict is flattened in the space's key order, not the observation's."""
+    flat = lambda space, x: gwt_ib.FlatObs(SpaceEnv(space)).observation(x)  # noqa: E731
+    d = spaces.Discrete(3, start=2)
+    np.testing.assert_array_equal([flat(d, v) for v in (4, 2, np.int64(3))], np.eye(3)[[2, 0, 1]])
+    md = spaces.MultiDiscrete([2, 3], start=[1, -1])
+    np.testing.assert_array_equal(flat(md, np.array([2, -1])), [0, 1, 1, 0, 0])
+    space = spaces.Dict({"b": spaces.Box(-5, 5, (1,)), "a": spaces.Discrete(2)})
     keys = list(space.spaces)
-    exp = {"a": [[0, 1], [1, 0]], "b": [[3.5], [-1.0]]}
-    np.testing.assert_array_equal(out, np.concatenate([np.array(exp[k], np.float32) for k in keys], 1))
+    parts = {"a": [0.0, 1.0], "b": [3.5]}
+    np.testing.assert_array_equal(flat(space, {"b": np.array([3.5], np.float32), "a": 1}),
+                                  sum((parts[k] for k in keys), []))
 
 
 @pytest.mark.parametrize("env_id", POPGYM_IDS[::7] + ["CartPole-v1", "Pendulum-v1"])
-def test_obs_encoder_handles_real_vector_env_observations(env_id):
-    """Real batched observations of POPGym/classic envs encode to finite float32 rows of the advertised dim."""
-    envs = gwt_ib.make_envs(tiny_cfg(env_id=env_id), 3)
-    dim, fn = gwt_ib.obs_encoder(envs.single_observation_space)
-    obs, _ = envs.reset(seed=0)
-    for _ in range(3):
-        out = fn(obs)
-        assert out.dtype == np.float32 and out.shape == (3, dim) and np.isfinite(out).all()
-        obs, *_ = envs.step(envs.action_space.sample())
-    envs.close()
+@torch.no_grad()
+def test_real_env_observations_are_finite_float_rows_of_the_flat_dim(env_id):
+    """Observations of real POPGym/classic envs reach the agent as finite float32 (N, flatdim) rows."""
+    raw = gymnasium.make(env_id)
+    dim = spaces.flatdim(raw.observation_space)
+    raw.close()
+    su = built(tiny_cfg(env_id=env_id, num_envs=3))
+    try:
+        assert su.agent.obs_dim == dim
+        for _ in range(3):
+            obs = su.col.obs
+            assert obs.dtype == torch.float32 and obs.shape == (3, dim) and torch.isfinite(obs).all()
+            su.col.step(greedy=False, update_norm=True)
+    finally:
+        close(su)
 
 
 # ----------------------------------------------------------------------------- every env end to end
@@ -127,7 +167,8 @@ def test_tiny_training_run_completes_on_every_env(env_id, tmp_path):
     assert s["status"] == "completed", s["message"]
     assert s["env_steps"] == 64 and s["updates"] == 2
     assert math.isfinite(s["final_eval"]) and math.isfinite(s["mean_c"])
-    assert s["gatecheck"]["verdict"] in ("PASS", "FAIL")
+    g = s["gatecheck"]
+    assert g["verdict"] == ("PASS" if g["std_ok"] and g["eval_ok"] else "FAIL")
     rows = read_metrics(s["run_dir"])
     assert [r["update"] for r in rows] == [1, 2]
     for r in rows:
@@ -146,8 +187,7 @@ def counter_rollout():
     su = built(cfg)
     b, last_value, finished = gwt_ib.rollout(su.col, 48)
     yield su, b, last_value, finished
-    su.envs.close()
-    su.eval_envs.close()
+    close(su)
 
 
 def test_episode_boundaries_are_exact(counter_rollout):
@@ -204,15 +244,14 @@ def test_truncation_bootstraps_from_real_final_observation(prev_action):
         final = torch.tensor([float(COUNTER_LIMIT), float(a)] + ([1.0 - a, float(a)] if prev_action else []))
         reset = torch.zeros_like(final)
         zero = torch.zeros(1)
-        v_final = agent.step(final[None], h_t[t, n][None], zero, zero)[1].item()
-        v_reset = agent.step(reset[None], h_t[t, n][None], zero, zero)[1].item()
+        v_final = step_from_obs(agent, final[None], h_t[t, n][None], zero, zero)[1].item()
+        v_reset = step_from_obs(agent, reset[None], h_t[t, n][None], zero, zero)[1].item()
         assert b["v_boot"][t, n].item() == pytest.approx(v_final, abs=1e-5)
         expected = b["reward"][t, n].item() + cfg.gamma * v_final - b["value"][t, n].item()
         assert b["td"][t, n].item() == pytest.approx(expected, abs=1e-5)
         assert abs(v_final - v_reset) > 1e-5  # the check above could tell the two apart
     torch.testing.assert_close(b["td"][term], (b["reward"] - b["value"])[term], atol=1e-6, rtol=0)
-    su.envs.close()
-    su.eval_envs.close()
+    close(su)
 
 
 # ----------------------------------------------------------------------------- previous action
@@ -231,8 +270,7 @@ def test_prev_action_appends_one_hot_of_previous_action_discrete():
     torch.testing.assert_close(pa[1:][~start[1:]], expected[~start[1:]], atol=0, rtol=0)
     # and it is consistent with the env's own record of the last action
     torch.testing.assert_close(pa[1:][~start[1:]][:, 1], b["obs"][1:, :, 1][~start[1:]], atol=0, rtol=0)
-    su.envs.close()
-    su.eval_envs.close()
+    close(su)
 
 
 def test_prev_action_multidiscrete_one_hot_per_component():
@@ -247,8 +285,7 @@ def test_prev_action_multidiscrete_one_hot_per_component():
     assert torch.all(pa[start] == 0)
     oh = torch.cat([torch.nn.functional.one_hot(b["act"][..., k], 4) for k in range(2)], -1).float()
     torch.testing.assert_close(pa[1:][~start[1:]], oh[:-1][~start[1:]], atol=0, rtol=0)
-    su.envs.close()
-    su.eval_envs.close()
+    close(su)
 
 
 def test_prev_action_box_is_the_clipped_action():
@@ -264,5 +301,4 @@ def test_prev_action_box_is_the_clipped_action():
     start = b["start"] > 0
     assert torch.all(pa[start] == 0)
     torch.testing.assert_close(pa[1:][~start[1:]], b["act"][:-1, :, 0].clamp(-2, 2)[~start[1:]], atol=1e-6, rtol=0)
-    su.envs.close()
-    su.eval_envs.close()
+    close(su)
