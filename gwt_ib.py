@@ -5,28 +5,13 @@
     td_prev_{t+1} = normalize(r_t + gamma*(1-term_t)*V(o_{t+1}, h_t, td_prev=0) - V_t)    "clean" TD error
     loss  = PPO clip + vf_coef*value - ent_coef*entropy + lambda_c*mean_seq(mean_t c - target_c)^2
 
-One file, read top to bottom: config, environments, model (Agent.cell is the one definition of the
-recurrent step), TD normalizer, rollout, PPO+IB update, GateCheck, run management, main, and last an
-optional accelerator (the cell in C), checked against Agent.cell at start-up.
-`python gwt_ib.py --help` lists every setting.
-"""
+Read top to bottom: config, environments, model (Agent.cell defines the recurrent step), TD normalizer,
+rollout, PPO+IB update, GateCheck, run management, main; last, an optional accelerator (the cell in C,
+checked against Agent.cell at start-up). `python gwt_ib.py --help` lists every setting."""
 from __future__ import annotations
 
-import argparse
-import ctypes
-import dataclasses
-import difflib
-import inspect
-import json
-import math
-import os
-import pickle
-import random
-import re
-import signal
-import sys
-import threading
-import time
+import argparse, contextlib, copy, ctypes, dataclasses, difflib, inspect, json, math, os, pickle, random, re, signal
+import atexit, hashlib, platform, shutil, stat, subprocess, sys, tempfile, threading, time
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +30,7 @@ class Cfg:
     env_id: str = "popgym-CountRecallEasy-v0"  # any registered gymnasium id; popgym ids are registered on demand
     num_envs: int = 16  # environments stepped in parallel during the rollout
     seed: int = 42  # seeds python, numpy, torch and the environments
-    prev_action: bool = False  # append the previous action (one-hot; raw for Box) to the observation, as POPGym's benchmark does
+    prev_action: bool = False  # append the previous action (one-hot; raw for Box) to the observation, as POPGym does
     async_envs: bool = False  # step each environment in its own subprocess (env_workers = num_envs)
     env_workers: int = 0  # step the envs in this many subprocesses, num_envs/env_workers each; 0 = in this process
     total_timesteps: int = 500_000  # environment steps over the whole run (all envs together)
@@ -77,9 +62,9 @@ class Cfg:
     memoryless: bool = False  # baseline: reset h to zero before every step (no memory at all)
     target_c: float = 0.35  # gate budget: target mean gate per sequence
     lambda_c: float = 0.05  # IB weight (at the start of the run if lambda_c_end is set)
-    lambda_c_end: Optional[float] = None  # if set, IB weight moves linearly from lambda_c to this over the run (GWT-IB-SEC)
+    lambda_c_end: Optional[float] = None  # if set, the IB weight moves linearly from lambda_c to this (GWT-IB-SEC)
     budget_warmup_updates: int = 25  # IB weight ramps linearly from 0 over this many updates
-    ib_loss: str = "sq"  # "sq": (mean_t c - target_c)^2 per sequence; "kl": mean KL(Bern(c) || Bern(target_c)) (GWT-IB-SEC)
+    ib_loss: str = "sq"  # "sq": (mean_t c - target_c)^2 per sequence; "kl": mean KL(Bern(c) || Bern(target_c))
     td_scale_mode: str = "ema_quantile"  # "ema", "quantile" or "ema_quantile" (see TDNormalizer)
     td_ema: float = 0.99  # EMA rate of the TD mean (and of the variance in "ema" mode)
     td_scale_ema2: float = 0.995  # EMA rate of the quantile scale in "ema_quantile" mode
@@ -101,11 +86,10 @@ class Cfg:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     torch_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     halt_after: int = 0  # stop cleanly (checkpoint + summary) after this many updates in this invocation; 0 = never
-    cpu_kernel: bool = True  # on CPU, run Agent.cell as the C accelerator at the end of this file if it matches the reference at start-up
+    cpu_kernel: bool = True  # on CPU, run Agent.cell as C (end of file) if it matches Agent.cell at start-up
 
 class ConfigError(ValueError):
     """A bad setting: names the field, the value and what is allowed."""
-
     def __init__(self, name: str, value: Any, allowed: str):
         super().__init__(f"--{name.replace('_', '-')} {value!r}: {allowed}")
         self.name, self.value, self.allowed = name, value, allowed
@@ -117,11 +101,10 @@ def field_docs() -> dict[str, str]:
 
 def _field_kind(f: dataclasses.Field) -> tuple[type, bool]:
     """(base type, optional) of a Cfg field from its annotation string."""
-    optional = str(f.type).startswith("Optional[")
-    return {"int": int, "float": float, "bool": bool, "str": str}[str(f.type).removeprefix("Optional[").rstrip("]")], optional
+    base = str(f.type).removeprefix("Optional[").removesuffix("]")
+    return {"int": int, "float": float, "bool": bool, "str": str}[base], base != str(f.type)
 
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-
 def _convert(name: str, raw: str, typ: type, optional: bool) -> Any:
     if optional and raw.lower() in ("none", "null", ""):
         return None
@@ -164,7 +147,8 @@ def parse_overrides(ns: argparse.Namespace, base: Cfg) -> Cfg:
 _CHOICES = {"gate": ("scalar", "vector"), "ib_loss": ("sq", "kl"), "td_scale_mode": ("ema", "quantile", "ema_quantile")}
 _RANGES = [  # (fields, test, what is allowed)
     (("num_envs", "rollout_steps", "seq_len", "epochs", "minibatches", "enc_dim", "hid_dim", "router_hid", "head_hid",
-      "eval_episodes", "log_every", "checkpoint_every", "gatecheck_rollouts"), lambda v: v >= 1, "must be an integer >= 1"),
+      "eval_episodes", "log_every", "checkpoint_every", "gatecheck_rollouts"), lambda v: v >= 1,
+     "must be an integer >= 1"),
     (("seed", "budget_warmup_updates", "eval_every", "torch_threads", "halt_after", "env_workers"), lambda v: v >= 0,
      "must be an integer >= 0"),
     (("td_window",), lambda v: v >= 2, "must be an integer >= 2"),
@@ -192,7 +176,7 @@ def validate(cfg: Cfg) -> None:
     for names, test, allowed in _RANGES:
         for name in names:
             need(name, test(getattr(cfg, name)), allowed)
-    c = cfg
+    c = cfg  # the fields' relations
     need("seq_len", c.rollout_steps % c.seq_len == 0, f"must divide rollout_steps ({c.rollout_steps})")
     n_seq = c.num_envs * c.rollout_steps // c.seq_len  # sequences per rollout
     need("minibatches", n_seq % c.minibatches == 0,
@@ -209,10 +193,9 @@ def validate(cfg: Cfg) -> None:
     need("env_workers", not (c.env_workers and c.async_envs), "cannot be combined with async_envs=true")
     m = re.fullmatch(r"(auto|cpu|cuda)(:(\d+))?", c.device)
     need("device", m is not None and (m.group(2) is None or m.group(1) == "cuda"), "must be auto, cpu, cuda or cuda:N")
-    if m.group(1) == "cuda":
-        n = torch.cuda.device_count()
-        need("device", n > 0, "no CUDA device is available here (use cpu or auto)")
-        need("device", m.group(3) is None or int(m.group(3)) < n, f"must index one of the {n} CUDA devices")
+    n = torch.cuda.device_count() if m.group(1) == "cuda" else 1
+    need("device", n > 0, "no CUDA device is available here (use cpu or auto)")
+    need("device", m.group(3) is None or int(m.group(3)) < n, f"must index one of the {n} CUDA devices")
 
 def resolve_device(cfg: Cfg) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
@@ -234,8 +217,7 @@ def check_env_id(env_id: str) -> None:
         raise ConfigError("env_id", env_id, f"is not a registered gymnasium id; {hint}")
 
 def check_obs_space(space, env_id: str, path: str = "obs") -> None:
-    """Observations are flattened (FlatObs: Discrete and MultiDiscrete parts one-hot, as POPGym's
-    baselines feed networks); these are the spaces whose flat form is a vector."""
+    """The spaces FlatObs turns into a vector (Discrete, MultiDiscrete one-hot, as POPGym's baselines do)."""
     S = gym.spaces
     if isinstance(space, (S.Tuple, S.Dict)):
         for k, s in (space.spaces.items() if isinstance(space, S.Dict) else enumerate(space.spaces)):
@@ -276,7 +258,6 @@ def action_spec(space) -> ActSpec:
 class FlatObs(gym.ObservationWrapper):
     """Observations as flat vectors by gymnasium.spaces.flatten. gymnasium's FlattenObservation does
     the same through a lambda, which does not pickle (checkpoints store in-process env state)."""
-
     def __init__(self, env):
         super().__init__(env)
         self.observation_space = gym.spaces.flatten_space(env.observation_space)
@@ -290,9 +271,8 @@ def make_env(env_id: str):
     return FlatObs(env)
 
 def make_envs(cfg: Cfg, n: int, async_envs: bool = False, workers: int = 0):
-    """A gymnasium vector env with SAME_STEP autoreset: when an episode ends, step() returns the new
-    episode's first observation and puts the real last one in info["final_obs"], so every stored
-    transition is one the env really made (no dummy reset step enters the buffer)."""
+    """SAME_STEP autoreset: step() returns the new episode's first observation and puts the real last one
+    in info["final_obs"], so every stored transition is one the env made (no dummy reset step)."""
     if workers or async_envs:
         return ShardedVectorEnv(cfg.env_id, n, n if async_envs else workers)
     from gymnasium.vector import AutoresetMode, SyncVectorEnv
@@ -312,13 +292,11 @@ class ShardedVectorEnv:
     """n envs stepped by `workers` subprocesses, each a SAME_STEP SyncVectorEnv over its share: unlike
     one process per env (gymnasium's AsyncVectorEnv) the messages stay few. Env i gets seed `seed + i`
     at reset, as in SyncVectorEnv, so a run is the same as in-process."""
-
     def __init__(self, env_id: str, n: int, workers: int):
         import multiprocessing as mp
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        probe = make_env(env_id)
-        self.single_observation_space, self.single_action_space = probe.observation_space, probe.action_space
-        probe.close()
+        with make_env(env_id) as probe:
+            self.single_observation_space, self.single_action_space = probe.observation_space, probe.action_space
         self.num_envs, self.sizes = n, [len(a) for a in np.array_split(np.arange(n), workers)]
         self.pipes, children = zip(*[ctx.Pipe() for _ in self.sizes])
         self.procs = [ctx.Process(target=_shard_worker, args=(c, env_id, k), daemon=True)
@@ -339,10 +317,8 @@ class ShardedVectorEnv:
 
     def close(self):
         for pipe, p in zip(self.pipes, self.procs):
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):  # a worker that died already
                 pipe.send(("close", None))
-            except (BrokenPipeError, OSError):
-                pass
             p.join(timeout=5)
 
 def list_envs() -> str:
@@ -368,7 +344,6 @@ class Agent(nn.Module):
       W_x (3H+R, E) = [GRU W_ih ; router W_z]    W_h (3H+R, H) = [GRU W_hh ; router W_h]
       b_h (3H+R)    = [GRU b_hh ; router b]      b_ih (3H) = GRU b_ih
     The GRU's input projection W_ih (c z) + b_ih = c (W_ih z) + b_ih: W_ih z is computed outside the loop."""
-
     def __init__(self, obs_dim: int, act: ActSpec, cfg: Cfg):
         super().__init__()
         E, H, R = cfg.enc_dim, cfg.hid_dim, (cfg.router_hid if cfg.use_router_residual else 0)
@@ -385,8 +360,9 @@ class Agent(nn.Module):
             nn.init.zeros_(self.r_out.weight)  # residual starts at 0: the TD prior rules at initialization
             nn.init.zeros_(self.r_out.bias)
         self.bias = nn.Parameter(torch.tensor(float(cfg.bias_init)))
-        self.actor, self.critic = (nn.Sequential(layer_init(nn.Linear(H, cfg.head_hid)), nn.Tanh(),
-                                                 layer_init(nn.Linear(cfg.head_hid, n), std)) for n, std in ((act.n_out, 0.01), (1, 1.0)))
+        head = lambda n, std: nn.Sequential(layer_init(nn.Linear(H, cfg.head_hid)), nn.Tanh(),  # noqa: E731
+                                            layer_init(nn.Linear(cfg.head_hid, n), std))
+        self.actor, self.critic = head(act.n_out, 0.01), head(1, 1.0)
         self.log_std = nn.Parameter(torch.zeros(act.n_out)) if act.kind == "box" else None
         self.accel = None  # set by build() when the accelerator (end of file) matches cell() for this agent
 
@@ -458,10 +434,7 @@ class Agent(nn.Module):
 # --- action distributions (plain tensor code: torch.distributions costs per-step overhead)
 def _cat_logits(act: ActSpec, logits: torch.Tensor) -> torch.Tensor:
     """(..., sum nvec) -> (..., K, max n) log-probs; padded categories get -1e9 (probability 0)."""
-    K, m = len(act.nvec), max(act.nvec)
-    if len(set(act.nvec)) == 1:
-        return F.log_softmax(logits.view(*logits.shape[:-1], K, m), -1)
-    parts = [F.pad(p, (0, m - p.shape[-1]), value=-1e9) for p in logits.split(list(act.nvec), -1)]
+    parts = [F.pad(p, (0, max(act.nvec) - p.shape[-1]), value=-1e9) for p in logits.split(list(act.nvec), -1)]
     return F.log_softmax(torch.stack(parts, -2), -1)
 
 def _gauss_logp(a, mean, log_std):  # diagonal Gaussian, components summed
@@ -484,9 +457,6 @@ def logp_entropy(agent: Agent, logits: torch.Tensor, a: torch.Tensor):
     ent = (0.5 + 0.5 * math.log(2 * math.pi) + agent.log_std).sum(-1).expand(logits.shape[:-1])
     return _gauss_logp(a, logits, agent.log_std), ent
 
-def accelerate(agent: Agent, dev: torch.device) -> None:
-    """Replaced by the accelerator section at the end of the file; without it the reference runs."""
-
 
 # ============================================================================ TD normalizer
 class TDNormalizer:
@@ -497,7 +467,6 @@ class TDNormalizer:
       "quantile":     mu = median(W);  s = quantile_q(|W-mu|) over the last td_window errors W
     s is clamped to [td_std_min, td_std_max]. Medians and quantiles: one huge outlier cannot blow up mu
     or s. Everything stays on the device: no host sync per step."""
-
     def __init__(self, cfg: Cfg, device: torch.device):
         self.cfg, self.mode, self.count, self.wpos, self.wfill = cfg, cfg.td_scale_mode, 0, 0, 0
         self.mean, self.var, self.scale = (torch.full((), v, device=device) for v in (0.0, 1.0, 1.0))
@@ -639,13 +608,9 @@ def gae(b: dict, last_value: torch.Tensor, gamma: float, lam: float):
 def rollout(col: Collector, steps: int):
     """`steps` vector steps with the sampling policy -> (buffer dict of (T, N, ...) tensors,
     last_value (N,) for GAE, finished episodes [(env, return, length)])."""
-    recs, finished = [], []
     col.refresh()  # the parameters changed in the last update
-    for _ in range(steps):
-        rec, fin = col.step(greedy=False, update_norm=True)
-        recs.append(rec)
-        finished += fin
-    return {k: torch.stack([r[k] for r in recs]) for k in recs[0]}, col.value(), finished
+    recs, fins = zip(*[col.step(greedy=False, update_norm=True) for _ in range(steps)])
+    return {k: torch.stack([r[k] for r in recs]) for k in recs[0]}, col.value(), [f for fin in fins for f in fin]
 
 
 # ============================================================================ PPO + IB update
@@ -665,11 +630,9 @@ def ib_loss(c_seq: torch.Tensor, cfg: Cfg) -> torch.Tensor:
 
 def to_sequences(b: dict, L: int) -> dict:
     """(T, N, ...) -> (L, S, ...) with S = (T/L)*N sequences; h0 -> (S, H) state at each sequence start."""
-    out = {}
-    for k, v in b.items():
-        T, N = v.shape[:2]
-        v = v.reshape(T // L, L, N, *v.shape[2:]).transpose(0, 1)  # (L, T/L, N, ...)
-        out[k] = v.reshape(L, (T // L) * N, *v.shape[3:])
+    T, N = b["h0"].shape[:2]  # (T, N, ...) -> (T/L, L, N, ...) -> (L, T/L, N, ...) -> (L, S, ...)
+    out = {k: v.reshape(T // L, L, N, *v.shape[2:]).transpose(0, 1).reshape(L, T // L * N, *v.shape[2:])
+           for k, v in b.items()}
     out["h0"] = out["h0"][0]  # (S, H): the hidden state stored before each sequence's first step
     return out
 
@@ -688,17 +651,18 @@ def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Ten
     sums, n_mb, ratio0 = torch.zeros(8, device=adv.device), 0, float("nan")
     for epoch in range(cfg.epochs):
         for mb in torch.randperm(seq["h0"].shape[0], device=adv.device).chunk(cfg.minibatches):
-            logits, value, c, _ = agent.unroll(seq["obs"][:, mb], seq["h0"][mb], seq["td_prev"][:, mb], seq["start"][:, mb])
-            newlogp, ent = logp_entropy(agent, logits, seq["act"][:, mb])
-            logratio = newlogp - seq["logp"][:, mb]
+            m = {k: v[mb] if k == "h0" else v[:, mb] for k, v in seq.items()}  # whole sequences
+            logits, value, c, _ = agent.unroll(m["obs"], m["h0"], m["td_prev"], m["start"])
+            newlogp, ent = logp_entropy(agent, logits, m["act"])
+            logratio = newlogp - m["logp"]
             ratio = logratio.exp()
             if n_mb == 0:  # first minibatch: the recomputation must reproduce the rollout exactly
                 ratio0 = (ratio - 1).abs().max().item()
-            a = seq["adv"][:, mb]
+            a = m["adv"]
             if cfg.norm_adv:
                 a = (a - a.mean()) / (a.std() + 1e-8)
             pg = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)).mean()
-            vl = 0.5 * ((value - seq["ret"][:, mb]) ** 2).mean()
+            vl = 0.5 * ((value - m["ret"]) ** 2).mean()
             en = ent.mean()
             ib = ib_loss(c, cfg)
             loss = pg + cfg.vf_coef * vl - cfg.ent_coef * en + lam_c * ib
@@ -776,7 +740,6 @@ def write_json(obj: Any, path: Path) -> None:
 
 class StopFlag:
     """First Ctrl-C/SIGTERM: finish the current update, then save and exit. Second: abandon it now."""
-
     def __enter__(self):
         self.signum, main = 0, threading.current_thread() is threading.main_thread()  # handlers: main thread only
         self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM) if main}
@@ -793,27 +756,22 @@ class StopFlag:
             signal.signal(sig, handler)
 
 def plot_training(run_dir: Path, cfg: Cfg) -> None:
-    """training.png: returns, gate use vs budget, TD scale and explained variance over env steps."""
+    """training.png: returns, gate use vs budget, TD scale (log) and explained variance over env steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    x = [r["env_steps"] for r in rows]
     fig, ax = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
-    for a, (title, key, line, line_label) in zip(ax.flat, [
-            ("return", "ep100", None, ""), ("gate use", "mean_c", cfg.target_c, "target_c"),
-            ("TD scale", "td_std", 5 * cfg.td_std_min, "5 x td_std_min"), ("explained variance", "ev", None, "")]):
-        a.plot(x, [r[key] for r in rows], label=key)
+    for a, k, line in zip(ax.flat, ("ep100", "mean_c", "td_std", "ev"), (None, cfg.target_c, cfg.td_std_min * 5, None)):
+        a.plot([r["env_steps"] for r in rows], [r[k] for r in rows], label=k)
         if line is not None:
-            a.axhline(line, ls="--", c="k", label=line_label)
-        a.set_title(title)
-    ev = [(r["env_steps"], r["eval"]) for r in rows if r.get("eval_fresh")]
-    if ev:
-        ax[0, 0].plot(*zip(*ev), "o-", label="eval (greedy)")
+            a.axhline(line, ls="--", c="k", label=f"{line:g}")
+        a.set_xlabel("env steps")
+    ax[0, 0].plot(*zip(*[(r["env_steps"], r["eval"]) for r in rows if r.get("eval_fresh")] or [[], []]), "o-",
+                  label="eval (greedy)")
     ax[1, 0].set_yscale("log")
     for a in ax.flat:
         a.legend(fontsize=8)
-        a.set_xlabel("env steps")
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     fig.savefig(run_dir / "training.png", dpi=90)
@@ -835,8 +793,7 @@ def evaluate(ev: Collector, cfg: Cfg, trace: bool = False):
             break
     return float(np.mean(list(rets.values()))) if rets else float("nan"), tr
 
-# everything a run is made of, built from a Cfg (tests build one to poke at the pieces)
-Setup = namedtuple("Setup", "cfg dev envs eval_envs agent opt norm col evc")
+Setup = namedtuple("Setup", "cfg dev envs eval_envs agent opt norm col evc")  # what build(cfg) makes of a run
 
 def build(cfg: Cfg) -> Setup:
     """Validate, seed, make envs and model. Every check that can fail does so here, before any output."""
@@ -853,7 +810,8 @@ def build(cfg: Cfg) -> Setup:
     act = action_spec(envs.single_action_space)
     obs_dim = envs.single_observation_space.shape[0] + (act.enc_dim if cfg.prev_action else 0)
     agent = Agent(obs_dim, act, cfg).to(dev)
-    accelerate(agent, dev)  # sets agent.accel if the C cell matches agent.cell here; else one line on stderr
+    if "accelerate" in globals():  # the optional section at the end: sets agent.accel if it matches agent.cell
+        accelerate(agent, dev)
     try:  # fused Adam: one kernel for all parameters (5x faster per step on CPU than the per-tensor loop)
         opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
     except (RuntimeError, TypeError, ValueError):  # older torch, or a device without a fused Adam
@@ -895,8 +853,8 @@ def load_checkpoint(su: Setup, run_dir: Path) -> dict:
     torch.set_rng_state(ck["rng"]["torch"])
     if torch.cuda.is_available() and ck["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["update"] <= st["update"]))
+    rows = [l for l in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(l)["update"] <= st["update"]]
+    (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in rows))
     return st
 
 def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
@@ -913,12 +871,11 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
     else:
         su.col.reset(seed=cfg.seed)
     write_json(dataclasses.asdict(cfg), run_dir / "config.json")
-    metrics_f = open(run_dir / "metrics.jsonl", "a")
-    status, message, last, start_update, steps0, wall0 = "completed", "", {}, st["update"], st["env_steps"], st["wall_s"]
-    t0 = time.perf_counter()
+    metrics_f, t0 = open(run_dir / "metrics.jsonl", "a"), time.perf_counter()
+    status, message, last = "completed", "", {}
+    start_update, steps0, wall0 = st["update"], st["env_steps"], st["wall_s"]
     from tqdm import tqdm
-    bar = tqdm(total=num_updates, initial=start_update, disable=not cfg.progress, dynamic_ncols=True,
-               desc=cfg.env_id, unit="upd", file=sys.stderr)
+    bar = tqdm(total=num_updates, initial=start_update, disable=not cfg.progress, desc=cfg.env_id, unit="upd")
     with StopFlag() as stop:
         try:
             if not st["evals"]:  # before any training: GateCheck's early baseline
@@ -930,7 +887,7 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
                 b, last_value, fin = rollout(su.col, cfg.rollout_steps)
                 adv, ret = gae(b, last_value, cfg.gamma, cfg.gae_lambda)
                 t_roll = time.perf_counter() - tr0
-                check_finite(update, "during the rollout", {"TD mean": norm.mean, "TD scale": norm.scale, "value": b["value"]})
+                check_finite(update, "in the rollout", {"TD mean": norm.mean, "TD scale": norm.scale, "return": ret})
                 lam_c = ib_weight(cfg, update, num_updates)
                 m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c, update)
                 t_upd = time.perf_counter() - tr0 - t_roll
@@ -940,8 +897,8 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
                 st["gc_hist"] = (st["gc_hist"] + [(np.abs(td).ravel(), c.ravel(), np.diff(c, axis=0, prepend=c[:1])
                                                     .ravel(), dc_ok.ravel())])[-cfg.gatecheck_rollouts:]
                 st["ep_hist"] = (st["ep_hist"] + [R for _, R, _ in fin])[-100:]
-                done = st["update"] = update + 1
-                st["env_steps"] += batch
+                done, st["env_steps"] = update + 1, st["env_steps"] + batch
+                st["update"] = done
                 fresh = done == num_updates or (cfg.eval_every and done % cfg.eval_every == 0)
                 if fresh:
                     st["evals"].append((done, evaluate(su.evc, cfg)[0]))
@@ -954,7 +911,7 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
                             eval_fresh=bool(fresh), lr=opt.param_groups[0]["lr"], rollout_s=t_roll, update_s=t_upd,
                             steps_per_s=(st["env_steps"] - steps0) / (time.perf_counter() - t0), wall_s=st["wall_s"])
                 metrics_f.write(json.dumps(last) + "\n")
-                metrics_f.flush()
+                metrics_f.flush()  # a kill loses at most the update in progress
                 bar.update(1)
                 if done % cfg.log_every == 0 or done == num_updates:
                     bar.write(log_line(last, num_updates, cfg), file=sys.stdout)
@@ -1009,11 +966,11 @@ def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, la
                    if st["evals"] else float("nan"), evals=st["evals"], mean_c=mean_c, ev=ev, ep100=ep100,
                    steps_per_s=steps_per_s, env_steps=st["env_steps"], wall_s=st["wall_s"])
     write_json(summary, run_dir / "summary.json")
-    if cfg.save_plot:
-        try:
+    try:
+        if cfg.save_plot:
             plot_training(run_dir, cfg)
-        except Exception as e:
-            print(f"note: training.png not written ({e})", file=sys.stderr)
+    except Exception as e:  # a missing font or backend must not lose the run's summary
+        print(f"note: training.png not written ({e})", file=sys.stderr)
     print("\n" + format_gatecheck(g, mean_c, ev, ep100), flush=True)
     print(f"run: {run_dir}  ({status}, {st['env_steps']:,} env steps, {st['wall_s']:.1f} s)", flush=True)
     if status in ("interrupted", "halted"):
@@ -1042,17 +999,15 @@ def main(argv: Optional[list] = None) -> int:
 
 
 # ============================================================================ accelerator (optional)
-# Agent.cell's elementwise math, forward and backward, in C for CPU float32: one C call per time step
-# around torch's own matmul (Agent.recur). On a CPU the time loop is bound by per-op overhead (cell is
-# ~15 small torch ops per step, its autograd backward ~30 nodes); here a step is one matmul and one call,
-# and the weight gradients are summed over all L*B steps in one matmul after the loop. Used only if it
-# equals Agent.cell for the configured agent on a random batch (values and every parameter's gradient);
-# else the reference runs. Deleting this section and Cfg.cpu_kernel leaves a working trainer.
+# Agent.cell's elementwise math, forward and backward, in C for CPU float32, one call per time step around
+# torch's matmul (Agent.recur): on a CPU the time loop is bound by per-op overhead (cell: ~15 small torch
+# ops per step, its backward ~30 autograd nodes). Used only if it equals Agent.cell for the agent being
+# trained (values and every parameter's gradient on a random batch). Delete this section and
+# Cfg.cpu_kernel, and the reference runs.
 _CELL_C = r"""/* One time step t of a (L, B) batch, forward and backward. Row-major float32; X = 3H+R. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-
 typedef struct {
     int64_t B, H, R, G, learned;                 /* G: gates per row (1 for a scalar or fixed gate) */
     const float *x, *prior, *keep, *b_ih, *w_o, *b_o;   /* (L,B,X) (L,B) (L,B) (3H) (G,R) (G) */
@@ -1060,7 +1015,6 @@ typedef struct {
     const float *d_h, *d_c;                      /* (L,B,H) (L,B,G): gradients arriving at h and c */
     float *dgn, *dhh, *dlogit, *dhp, *dmm, *dx;  /* (L,B,H) (L,B,X) (L,B,G) (B,H) (B,H) (L,B,X) */
 } Cell;
-
 /* e^x to ~2 ulp (Cephes' polynomial after Cody-Waite reduction), written so that compilers vectorize it;
    0 below -87.3 and inf above 88.7, so sigmoid saturates to exactly 0 and 1 as torch's does; NaN stays NaN */
 static inline float ex(float x0) {
@@ -1082,7 +1036,6 @@ static float dot(const float *restrict a, const float *restrict b, int64_t n) {
     for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
     return s;
 }
-
 /* c, h and the tape (r, u, n, hh_n) of step t from x, prior, hp[t] and hh; then hp[t+1] = h * keep[t+1]. */
 void cell_fwd(const Cell *k, int64_t t, int64_t last) {
     const int64_t B = k->B, H = k->H, R = k->R, G = k->G, X = 3 * H + R;
@@ -1096,10 +1049,9 @@ void cell_fwd(const Cell *k, int64_t t, int64_t last) {
             for (int64_t j = 0; j < R; j++) a[j] = tanh_(x[3 * H + j] + hh[3 * H + j]);
             for (int64_t g = 0; g < G; g++) c[g] = sigm(k->prior[row] + (dot(k->w_o + g * R, a, R) + k->b_o[g]));
         } else c[0] = sigm(k->prior[row]);
-        float ci = 0.f;
+        float ci = 0.f;   /* gate on the input: the mean of a vector gate */
         for (int64_t g = 0; g < G; g++) ci += c[g];
-        ci /= (float)G;
-        k->ci[row] = ci;
+        k->ci[row] = ci /= (float)G;
         const int64_t cs = G > 1;   /* c[j * cs]: one gate per unit, or the one gate */
         for (int64_t j = 0; j < H; j++) {
             const float r = sigm((bi[j] + ci * x[j]) + hh[j]);
@@ -1109,11 +1061,9 @@ void cell_fwd(const Cell *k, int64_t t, int64_t last) {
             tp[j] = r; tp[H + j] = u; tp[2 * H + j] = n; tp[3 * H + j] = hh[2 * H + j];
             h[j] = hp[j] + c[j * cs] * (q - hp[j]);
         }
-        if (!last)
-            for (int64_t j = 0; j < H; j++) k->hp[(row + B) * H + j] = h[j] * k->keep[row + B];
+        if (!last) for (int64_t j = 0; j < H; j++) k->hp[(row + B) * H + j] = h[j] * k->keep[row + B];
     }
 }
-
 /* Backward of step t, walking t = L-1 ... 0. Unless last, dmm holds dhh[t+1] @ W_h (the caller's
    matmul) and dhp the direct part of d hp[t+1]; on return dhp holds step t's direct part. */
 void cell_bwd(const Cell *k, int64_t t, int64_t last) {
@@ -1146,10 +1096,9 @@ void cell_bwd(const Cell *k, int64_t t, int64_t last) {
             dl[g] = dc * c[g] * (1.f - c[g]);
         }
         if (R) {   /* a = tanh(x_r + hh_r) */
-            const float *a = k->a + row * R;
             for (int64_t j = 0; j < R; j++) ds[j] = 0.f;
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t j = 0; j < R; j++) ds[j] += dl[g] * k->w_o[g * R + j];
+            for (int64_t g = 0; g < G; g++) for (int64_t j = 0; j < R; j++) ds[j] += dl[g] * k->w_o[g * R + j];
+            const float *a = k->a + row * R;
             for (int64_t j = 0; j < R; j++) dhh[3 * H + j] = dx[3 * H + j] = ds[j] * (1.f - a[j] * a[j]);
         }
     }
@@ -1157,26 +1106,23 @@ void cell_bwd(const Cell *k, int64_t t, int64_t last) {
 """
 
 class _CellArgs(ctypes.Structure):  # mirrors `Cell` in _CELL_C
-    _fields_ = ([(n, ctypes.c_int64) for n in ("B", "H", "R", "G", "learned")] +
-                [(n, ctypes.c_void_p) for n in ("x", "prior", "keep", "b_ih", "w_o", "b_o", "hp", "hh", "c", "h", "ci",
-                                                "a", "tape", "d_h", "d_c", "dgn", "dhh", "dlogit", "dhp", "dmm", "dx")])
+    _fields_ = [(n, ctypes.c_int64) for n in "B H R G learned".split()] + [(n, ctypes.c_void_p) for n in (
+        "x prior keep b_ih w_o b_o hp hh c h ci a tape d_h d_c dgn dhh dlogit dhp dmm dx").split()]
 
 class CCell:
-    """The C cell: `cell` stands in for Agent.cell in Agent.step (the rollout), `unroll` for the time
-    loop of Agent.unroll (training)."""
-
+    """`cell` stands in for Agent.cell in Agent.step (rollout), `unroll` for Agent.unroll's loop (training)."""
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
-        for f in (lib.cell_fwd, lib.cell_bwd):
+        for f in (lib.cell_fwd, lib.cell_bwd):  # (struct, step t, is t the last step?)
             f.argtypes, f.restype = [ctypes.POINTER(_CellArgs), ctypes.c_int64, ctypes.c_int64], None
 
     @staticmethod
     def workspace(ag: Agent, L: int, B: int, **tensors) -> tuple[dict, _CellArgs]:
         """Work buffers for L steps of B rows, and the C struct holding their and `tensors`' addresses."""
         H, X, G = ag.H, 3 * ag.H + ag.R, ag.G if ag.cfg.force_c is None and ag.R else 1  # G: gates per row
-        ws = {k: torch.empty(v) for k, v in dict(hp=(L, B, H), hh=(B, X), ci=(L, B), a=(L, B, max(ag.R, 1)), c=(L, B, G),
-              h=(L, B, H), tape=(L, B, 4 * H), dgn=(L, B, H), dhh=(L, B, X), dlogit=(L, B, G), dhp=(B, H), dmm=(B, H),
-              dx=(L, B, X)).items()}
+        ws = {k: torch.empty(v) for k, v in dict(hp=(L, B, H), hh=(B, X), ci=(L, B), a=(L, B, max(ag.R, 1)),
+              c=(L, B, G), h=(L, B, H), tape=(L, B, 4 * H), dgn=(L, B, H), dhh=(L, B, X), dlogit=(L, B, G),
+              dhp=(B, H), dmm=(B, H), dx=(L, B, X)).items()}
         ws.update({k: v.contiguous() for k, v in tensors.items()})
         args = _CellArgs(B, H, ag.R, G, int(ag.cfg.force_c is None), b_ih=ag.b_ih.data_ptr(),
                          **{k: v.data_ptr() for k, v in ws.items()})
@@ -1195,10 +1141,8 @@ class CCell:
         return _CUnroll.apply(self, ag, x, prior, keep, h0, ag.W_h, ag.b_h, ag.b_ih, *router)
 
     def disagreement(self, agent: Agent) -> Optional[str]:
-        """Where this C cell and agent's reference differ on a random batch (every output of unroll and
-        step, every parameter's gradient), or None. The agent is copied with perturbed parameters: its
-        router's output layer starts at zero, which would hide an edited router."""
-        import copy
+        """Where this C cell and agent's reference differ on a random batch (every output of unroll and step,
+        every parameter's gradient), or None; on a copy with perturbed parameters (a zero router hides edits)."""
         if any(p.dtype != torch.float32 for p in agent.parameters()):
             return "its parameters are not float32"
         g = torch.Generator().manual_seed(0)  # never the global generators: runs must not depend on this check
@@ -1232,10 +1176,8 @@ class CCell:
         return None
 
 class _CUnroll(torch.autograd.Function):
-    """Agent.unroll's time loop as one autograd node: per step torch's addmm (= Agent.recur) and
-    cell_fwd; backward per step cell_bwd and one matmul for d hp, then the weight gradients over all
-    L*B steps at once. x (L,B,X), prior (L,B,1), keep (L,B,1), h0 (B,H) -> hs (L,B,H), cs (L,B,G)."""
-
+    """Agent.unroll's time loop as one autograd node; weight gradients summed over all L*B steps at once.
+    x (L,B,X), prior (L,B,1), keep (L,B,1), h0 (B,H) -> hs (L,B,H), cs (L,B,G)."""
     @staticmethod
     def forward(ctx, cc, ag, x, prior, keep, h0, W_h, b_h, b_ih, *router):
         L, B = x.shape[:2]
@@ -1261,14 +1203,12 @@ class _CUnroll(torch.autograd.Function):
         dhh, dl = ws["dhh"].view(L * B, -1), ws["dlogit"].view(L * B, -1)
         grads = [dhh.T @ ws["hp"].view(L * B, H), dhh.sum(0),  # W_h, b_h, and b_ih from d gi = [d hh_ru, d gi_n]
                  torch.cat([ws["dhh"][..., :2 * H].sum((0, 1)), ws["dgn"].sum((0, 1))])]
-        if ctx.n_router:  # c = sigmoid(prior + r_out(a))
-            grads += [dl.T @ ws["a"].view(L * B, -1), dl.sum(0)]
+        grads += [dl.T @ ws["a"].view(L * B, -1), dl.sum(0)][:ctx.n_router]  # c = sigmoid(prior + r_out(a))
         dprior = ws["dlogit"].sum(-1, keepdim=True) if ag.cfg.force_c is None else None
-        dh0 = (ws["dhp"] + ws["dmm"]) * ws["keep"][0]
         ctx.ws = ctx.args = None
-        return (None, None, ws["dx"], dprior, None, dh0, *grads)
+        return None, None, ws["dx"], dprior, None, (ws["dhp"] + ws["dmm"]) * ws["keep"][0], *grads
 
-class KernelUnavailable(RuntimeError):
+class KernelUnavailable(RuntimeError):  # why the C cell cannot run here
     pass
 
 def _private(st: os.stat_result) -> bool:  # owned by this user, not writable by group or others
@@ -1277,33 +1217,25 @@ def _private(st: os.stat_result) -> bool:  # owned by this user, not writable by
 def _cache_dir() -> Path:
     """$XDG_CACHE_HOME/gwt_ib (default ~/.cache/gwt_ib), created 0700, if it is a directory (not a symlink)
     that only this user can write; else a fresh private temporary directory for this process."""
-    import atexit, shutil, stat, tempfile
     global _TMP_DIR
     d = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gwt_ib"
-    try:
+    with contextlib.suppress(OSError):
         d.parent.mkdir(parents=True, exist_ok=True)
-        if not d.exists():
+        if not os.path.lexists(d):
             os.mkdir(d, 0o700)
         if stat.S_ISDIR(os.lstat(d).st_mode) and _private(os.lstat(d)):
             return d
-        why = "is not a directory that only this user can write"
-    except OSError as e:
-        why = f"cannot be created ({e.strerror})"
     if _TMP_DIR is None:
         _TMP_DIR = tempfile.mkdtemp(prefix="gwt_ib_")  # mode 0700, a fresh random name
         atexit.register(shutil.rmtree, _TMP_DIR, True)
-        print(f"note: {d} {why}; the C cell is built in {_TMP_DIR}", file=sys.stderr)
+        print(f"note: {d} is not a directory only this user can write; C cell built in {_TMP_DIR}", file=sys.stderr)
     return Path(_TMP_DIR)
 
 def _read_own(path: Path) -> Optional[bytes]:
     """The bytes of a regular file of this user's that no one else can write, never through a symlink."""
-    import stat
-    try:
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
-            st = os.fstat(f.fileno())
-            return f.read() if stat.S_ISREG(st.st_mode) and _private(st) else None
-    except OSError:
-        return None
+    with contextlib.suppress(OSError), os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+        st = os.fstat(f.fileno())
+        return f.read() if stat.S_ISREG(st.st_mode) and _private(st) else None
 
 def _write_own(path: Path, data: bytes) -> None:
     """A new file beside `path` (O_EXCL, never through a symlink), renamed over `path` atomically."""
@@ -1313,15 +1245,11 @@ def _write_own(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 def build_library() -> Path:
-    """_CELL_C compiled with the system C compiler into the private cache, unless a library whose SHA-256
-    matches the one recorded when it was built is there already (a truncated, altered or foreign file is
-    rebuilt, never loaded) -> its path."""
-    import hashlib, platform, shutil, subprocess, tempfile
-    if not hasattr(os, "O_NOFOLLOW"):
-        raise KernelUnavailable("the C cell's cache needs a POSIX system")
+    """Path of _CELL_C compiled into the private cache; a library there is reused only if its SHA-256 is the
+    one recorded when it was built (a truncated, altered or foreign file is rebuilt, never loaded)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise KernelUnavailable("no C compiler found ($CC, cc, gcc, clang)")
+    if not cc or not hasattr(os, "O_NOFOLLOW"):
+        raise KernelUnavailable("no C compiler found ($CC, cc, gcc, clang)" if not cc else "needs a POSIX system")
     flags = ["-O3", "-std=c99", "-ffp-contract=fast", "-shared", "-fPIC"]
     cpu = platform.machine() + (Path("/proc/cpuinfo").read_text()[:4000] if Path("/proc/cpuinfo").exists() else "")
     key = hashlib.sha256("\0".join([_CELL_C, cc, *flags, platform.platform(), cpu]).encode()).hexdigest()[:16]
@@ -1329,10 +1257,11 @@ def build_library() -> Path:
     data, want = _read_own(so), _read_own(so.with_suffix(".sha256"))
     if data is not None and want is not None and hashlib.sha256(data).hexdigest().encode() == want.strip():
         return so
-    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # private too: mode 0700
         (Path(tmp) / "cell.c").write_text(_CELL_C)
         for arch in (["-march=native"], []):  # the CPU's widest vectors where the compiler knows them
-            r = subprocess.run([cc, *flags, *arch, f"{tmp}/cell.c", "-o", f"{tmp}/cell.so"], capture_output=True, text=True)
+            r = subprocess.run([cc, *flags, *arch, f"{tmp}/cell.c", "-o", f"{tmp}/cell.so"], capture_output=True,
+                               text=True)
             if r.returncode == 0:
                 break
         else:
@@ -1342,10 +1271,9 @@ def build_library() -> Path:
     _write_own(so.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
     return so
 
-_TMP_DIR: Optional[str] = None
-_LIB: Any = None  # the loaded library, or the KernelUnavailable that says why there is none
+_TMP_DIR, _LIB = None, None  # this process's private build directory if needed; the library or why there is none
 
-def accelerate(agent: Agent, dev: torch.device) -> None:  # noqa: F811  (replaces the model section's stub)
+def accelerate(agent: Agent, dev: torch.device) -> None:
     """Set agent.accel to the C cell if cfg.cpu_kernel is on, the run is on a CPU, the library builds and
     it equals agent.cell on a random batch; otherwise say in one line why the reference runs."""
     global _LIB
@@ -1355,16 +1283,16 @@ def accelerate(agent: Agent, dev: torch.device) -> None:  # noqa: F811  (replace
         try:
             _LIB = ctypes.CDLL(str(build_library()))
         except (KernelUnavailable, OSError) as e:
-            _LIB = e if isinstance(e, KernelUnavailable) else KernelUnavailable(f"loading it failed: {e}")
+            _LIB = KernelUnavailable(str(e) if isinstance(e, KernelUnavailable) else f"loading it failed: {e}")
     if dev.type != "cpu":
         why = f"it runs on CPU only and this run is on {dev}"
     elif isinstance(_LIB, KernelUnavailable):
         why = str(_LIB)
-    elif (why := CCell(_LIB).disagreement(agent)) is None:
+    elif (diff := CCell(_LIB).disagreement(agent)) is not None:
+        why = f"it disagrees with Agent.cell: {diff}"
+    else:
         agent.accel = CCell(_LIB)
         return
-    else:
-        why = f"it disagrees with Agent.cell: {why}"
     print(f"note: C cell not used ({why}); Agent.cell runs as torch ops", file=sys.stderr)
 
 

@@ -285,7 +285,7 @@ def test_a_cache_directory_others_can_write_is_not_used(cache, how, tmp_path, ca
     assert so.parent != d and so.parent.resolve() != d.resolve()
     st = os.lstat(so.parent)
     assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
-    assert "the C cell is built in" in capsys.readouterr().err
+    assert "only this user can write; C cell built in" in capsys.readouterr().err
     load_and_check(so, mark)
 
 
