@@ -236,17 +236,21 @@ def main():
                new=[], old=[], peer=[], sweep={}, ratios={})
     with tempfile.TemporaryDirectory(prefix="gwt_bench_") as tmp:
         old = None
+        if a.ref and a.num_envs:
+            print("note: --ref is ignored by the --num-envs sweep (new code only)")
         if a.ref and not a.num_envs:
             old, sha = extract_ref(a.ref, tmp)
             res["old_code"] = f"{a.ref} = {sha}"
         print(f"new: {res['new_code']}" + (f"\nold: {res['old_code']}" if old else ""), flush=True)
         sweep(a, tmp, res) if a.num_envs else compare(a, tmp, res, old)
-    busy = max([r["other_cores"] for r in res["new"] + res["old"] + res["peer"] + sum(res["sweep"].values(), [])],
-               default=0)
-    res["max_other_cores"] = busy
-    if busy > 0.1:  # /proc/stat CPU time (incl. VM steal) minus our subprocess's own, over each run
-        print(f"WARNING: other work kept {busy:.2f} cores busy on average during a run: torch threads "
-              f"oversubscribe the cores, so these figures are not valid")
+    runs = [(f"rep {i} {s}", r) for s in ("new", "old", "peer") for i, r in enumerate(res[s])]
+    runs += [(f"rep {i} num_envs {n}", r) for n, rs in res["sweep"].items() for i, r in enumerate(rs)]
+    loaded = [f"{name} ({r['other_cores']:.2f})" for name, r in runs if r["other_cores"] > 0.1]
+    res["max_other_cores"] = max([r["other_cores"] for _, r in runs], default=0)
+    res["loaded_runs"] = loaded
+    if loaded:  # /proc/stat CPU time (incl. VM steal) minus our subprocess's own, over each run
+        print(f"WARNING: other work kept > 0.1 core busy on average during {', '.join(loaded)}: torch threads "
+              f"oversubscribe the cores, so the figures of those runs are not valid")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2, default=str) + "\n")
         print(f"wrote {a.out}")
