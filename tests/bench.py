@@ -33,7 +33,8 @@ only: no evaluation inside). --threads sets gwt_ib's --torch-threads (both new a
 ~/.cache/gwt_ib) and warms the file cache.
 Other CPU work wrecks these figures (2 torch threads on 2 cores slow down 5-15x when oversubscribed):
 each run records "other load" (cores busy with anything but it, from /proc/stat) and the bench warns
-when that exceeds 0.1 core.
+when that exceeds 0.1 core. On a shared machine, --quiet-wait S makes each run first wait (up to S
+seconds) until a 2-second sample shows the machine idle.
 """
 import argparse, json, os, platform, resource, shlex, statistics as st, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -55,6 +56,20 @@ def cpu_clock():  # (CPU s used by the whole machine incl. steal, CPU s of our f
 def other_cores(c0):  # mean cores busy with work other than our subprocess since cpu_clock() gave c0
     c1 = cpu_clock()
     return max(0.0, (c1[0] - c0[0]) - (c1[1] - c0[1])) / (c1[2] - c0[2])
+
+
+def wait_quiet(a):
+    """With --quiet-wait S: before a timed run, wait up to S seconds for a 2-second sample with < 0.1 core busy."""
+    t_end = time.perf_counter() + a.quiet_wait
+    while a.quiet_wait > 0:
+        c0 = cpu_clock()
+        time.sleep(2)
+        busy = other_cores(c0)
+        if busy < 0.1:
+            return
+        if time.perf_counter() >= t_end:
+            print(f"  (machine still busy, {busy:.2f} cores, after {a.quiet_wait:.0f} s: running anyway)", flush=True)
+            return
 
 
 def git(*args):
@@ -81,6 +96,7 @@ def run_gwt(a, script, steps, tmp, name, num_envs=None):
     cmd += ["--torch-threads", str(a.threads)] if a.threads else []
     cmd += ["--num-envs", str(num_envs)] if num_envs else []
     cmd += shlex.split(a.extra)
+    wait_quiet(a)
     c0, t = cpu_clock(), time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     proc_s, busy = time.perf_counter() - t, other_cores(c0)
@@ -102,6 +118,7 @@ def run_gwt(a, script, steps, tmp, name, num_envs=None):
 def run_peer(a, steps):
     cmd = [a.python, "-u", str(PEER), "--env", ENV_ID, "--steps", str(steps), "--seed", str(a.seed),
            "--threads", str(a.peer_threads)]
+    wait_quiet(a)
     c0, t = cpu_clock(), time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     proc_s, busy = time.perf_counter() - t, other_cores(c0)
@@ -222,6 +239,8 @@ def main():
     ap.add_argument("--device", default="", help="gwt_ib --device (default: gwt_ib's own default)")
     ap.add_argument("--num-envs", default="", help="comma list, e.g. 16,64,256: scaling sweep, new code only")
     ap.add_argument("--extra", default="", help="other gwt_ib flags, passed to new and old alike")
+    ap.add_argument("--quiet-wait", type=float, default=0, metavar="S",
+                    help="before each run, wait up to S seconds for the machine to be idle (default 0: don't)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--python", default=str(VENV_PY) if VENV_PY.exists() else sys.executable)
     ap.add_argument("--out", help="write all raw figures as JSON here")
