@@ -29,8 +29,8 @@ evaluations and checkpoints): the figure compared with the peer and with the old
 whole process (imports, setup, final eval trace). The peer's figure is its steps_per_s (model.learn
 only: no evaluation inside). --threads sets gwt_ib's --torch-threads (both new and old); the peer uses
 --peer-threads (default 2). Before the timed repetitions each side makes one short untimed run
-(--warmup 0 to skip): it builds the C kernel of a gwt_ib.py not seen before (cached in
-~/.cache/gwt_ib) and warms the file cache.
+(--warmup 0 to skip): it takes whatever a gwt_ib.py does once per machine (today's code builds and
+calibrates its C kernel, cached in ~/.cache/gwt_ib) and warms the file cache.
 Other CPU work wrecks these figures (2 torch threads on 2 cores slow down 5-15x when oversubscribed):
 each run records "other load" (cores busy with anything but it, from /proc/stat) and the bench warns
 when that exceeds 0.1 core. On a shared machine, --quiet-wait S makes each run first wait (up to S
@@ -176,7 +176,7 @@ def sweep(a, tmp, res):  # scaling sweep: new code only, same rollout_steps, at 
 
 
 def compare(a, tmp, res, old):
-    if a.warmup:  # untimed: builds each gwt_ib.py's C kernel once, warms the file cache
+    if a.warmup:  # untimed: one-off work of each gwt_ib.py (today: its C kernel), warms the file cache
         print("warm-up (untimed): " + ", ".join(["new"] + ["old"] * bool(old) + ["peer"] * (not a.skip_peer)),
               flush=True)
         run_gwt(a, NEW, NUM_ENVS * ROLLOUT, tmp, "warm_new")
