@@ -34,7 +34,8 @@ calibrates its C kernel, cached in ~/.cache/gwt_ib) and warms the file cache.
 Other CPU work wrecks these figures (2 torch threads on 2 cores slow down 5-15x when oversubscribed):
 each run records "other load" (cores busy with anything but it, from /proc/stat) and the bench warns
 when that exceeds 0.1 core. On a shared machine, --quiet-wait S makes each run first wait (up to S
-seconds) until a 2-second sample shows the machine idle.
+seconds) until a 2-second sample shows the machine idle, and a repetition with a loaded run is
+discarded and run again (at most --retry-loaded times, default 2).
 """
 import argparse, json, os, platform, resource, shlex, statistics as st, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -184,19 +185,28 @@ def compare(a, tmp, res, old):
             run_gwt(a, old, NUM_ENVS * ROLLOUT, tmp, "warm_old")
         if not a.skip_peer:
             run_peer(a, NUM_ENVS * ROLLOUT)
-    for rep in range(a.reps):
-        r = run_gwt(a, NEW, a.steps, tmp, f"new_r{rep}")
-        res["new"].append(r)
+    rep, tries, retries = 0, 0, a.retry_loaded
+    while rep < a.reps:
+        trio = {}
+        r = trio["new"] = run_gwt(a, NEW, a.steps, tmp, f"new_r{rep}_{tries}")
         print(gwt_line(rep, "new", r), flush=True)
         if old:
-            r = run_gwt(a, old, a.steps, tmp, f"old_r{rep}")
-            res["old"].append(r)
+            r = trio["old"] = run_gwt(a, old, a.steps, tmp, f"old_r{rep}_{tries}")
             print(gwt_line(rep, "old", r), flush=True)
         if not a.skip_peer:
-            p = run_peer(a, a.steps)
-            res["peer"].append(p)
+            p = trio["peer"] = run_peer(a, a.steps)
             print(f"rep {rep} peer: e2e {p['steps_per_s']:7.0f} steps/s  ({p['wall_s']:.1f} s learn, "
                   f"{p['proc_s']:.1f} s process, other load {p['other_cores']:.2f} cores)", flush=True)
+        tries += 1
+        if retries > 0 and any(r["other_cores"] > 0.1 for r in trio.values()):
+            retries -= 1
+            res["discarded"].append(trio)
+            print(f"rep {rep} discarded: other load > 0.1 core during it; running it again "
+                  f"({retries} retr{'y' if retries == 1 else 'ies'} left)", flush=True)
+            continue
+        for side, r in trio.items():
+            res[side].append(r)
+        rep += 1
 
     sides = [s for s in ("new", "old") if res[s]]
     rows = [("e2e (steps/s)", "e2e", "%.0f"), ("process (steps/s)", "proc", "%.0f"),
@@ -241,6 +251,9 @@ def main():
     ap.add_argument("--extra", default="", help="other gwt_ib flags, passed to new and old alike")
     ap.add_argument("--quiet-wait", type=float, default=0, metavar="S",
                     help="before each run, wait up to S seconds for the machine to be idle (default 0: don't)")
+    ap.add_argument("--retry-loaded", type=int, default=2, metavar="N",
+                    help="re-run a rep (new, old and peer) whose runs saw other load > 0.1 core, at most N "
+                         "times per invocation; the discarded runs go to --out (default 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--python", default=str(VENV_PY) if VENV_PY.exists() else sys.executable)
     ap.add_argument("--out", help="write all raw figures as JSON here")
@@ -252,7 +265,7 @@ def main():
     except (subprocess.CalledProcessError, FileNotFoundError):
         head = "?"
     res = dict(machine=mach, args=vars(a), new_code=f"{NEW} (worktree at {head})", old_code=None,
-               new=[], old=[], peer=[], sweep={}, ratios={})
+               new=[], old=[], peer=[], discarded=[], sweep={}, ratios={})
     with tempfile.TemporaryDirectory(prefix="gwt_bench_") as tmp:
         old = None
         if a.ref and a.num_envs:
