@@ -1,11 +1,13 @@
-"""Ablation sweep for gwt_ib.py: run (variants x seeds x envs), report (results.csv/.md), figures (PNGs).
+"""Ablation sweep for gwt_ib.py: run (variants x seeds x envs on Ray Tune), report (results.csv/.md), figures (PNGs).
 
     python plots/sweep.py run --envs popgym-CountRecallEasy-v0,popgym-RepeatPreviousEasy-v0 \
-        --variants all --seeds 0,1,2 --total-timesteps 500000 --out plots/sweep [--jobs N] [--extra "..."]
+        --variants all --seeds 0,1,2 --total-timesteps 500000 --out plots/sweep [--extra "..."]
+    python plots/sweep.py run ... --address auto --out /shared/sweep      # on a Ray cluster (ray start --head)
     python plots/sweep.py report  --out plots/sweep      # -> plots/results.csv, plots/results.md
     python plots/sweep.py figures --out plots/sweep      # -> plots/*.png
 
-Every run is one `python gwt_ib.py` subprocess named {env}__{variant}__s{seed} under --out. Outputs of
+Every run is one Ray Tune trial that runs one `python gwt_ib.py` subprocess named {env}__{variant}__s{seed}
+under --out. `run` needs Ray Tune (pip install "ray[tune]==2.60.0"); report and figures do not. Outputs of
 report/figures go to --dest, which defaults to the parent folder of --out (plots/ for plots/sweep).
 Only gwt_ib.py's command line and output files are used (config.json, metrics.jsonl, summary.json,
 eval_trace.json); nothing is imported from it. Needs numpy and matplotlib, not scipy.
@@ -15,12 +17,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,8 +54,9 @@ VARIANT_DOC = {
 }
 RUN_RE = re.compile(r"^(?P<env>.+)__(?P<variant>[A-Za-z0-9_]+?)__s(?P<seed>\d+)$")
 # config fields that do not change what a run computes: ignored when checking an old run against the request
+# (a field that only one side has, e.g. renamed in the trainer, is not compared either)
 NON_SEMANTIC = {"out_dir", "run_name", "progress", "torch_threads", "device", "log_every", "checkpoint_every",
-                "save_plot", "compile", "halt_after", "async_envs", "env_workers"}
+                "save_plot", "compile", "cpu_kernel", "halt_after", "async_envs", "env_workers"}
 FINAL_K = 3  # "final eval" = mean of the last FINAL_K evaluations of a run
 
 
@@ -70,8 +75,12 @@ def parse_seeds(s: str) -> list[int]:
         if re.fullmatch(r"\d+-\d+", part):
             a, b = map(int, part.split("-"))
             out += list(range(a, b + 1))
-        else:
+        elif re.fullmatch(r"\d+", part):
             out.append(int(part))
+        else:
+            raise BadFlag("--seeds", s, "must be integers >= 0 or ranges, e.g. 0,1,2 or 0-4")
+    if not out:
+        raise BadFlag("--seeds", s, "must name at least one seed, e.g. 0,1,2 or 0-4")
     return list(dict.fromkeys(out))
 
 
@@ -80,8 +89,8 @@ def parse_variants(s: str) -> list[str]:
         return list(VARIANTS)
     names = [v.strip() for v in s.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
-    if bad:
-        sys.exit(f"sweep.py: unknown variant(s) {', '.join(bad)}; known: {', '.join(VARIANTS)}")
+    if bad or not names:
+        raise BadFlag("--variants", s, f"must be 'all' or a comma-separated subset of: {', '.join(VARIANTS)}")
     return names
 
 
@@ -91,7 +100,7 @@ def flags_to_fields(argv: list[str]) -> dict[str, str]:
     while i < len(argv):
         a = argv[i]
         if not a.startswith("--"):
-            sys.exit(f"sweep.py: cannot read override {a!r} in {argv}")
+            raise ValueError(f"cannot read {a!r}: expected a --flag")
         if "=" in a:
             k, v = a[2:].split("=", 1)
             i += 1
@@ -159,14 +168,17 @@ def mean_ci(xs) -> tuple[float, float, int]:
     return float(x.mean()), float(t975(n - 1) * x.std(ddof=1) / math.sqrt(n)), n
 
 
-# ============================================================================ run
-class Job:
-    def __init__(self, name, env, variant, seed, argv, resume):
-        self.name, self.env, self.variant, self.seed, self.argv, self.resume = name, env, variant, seed, argv, resume
-        self.proc = None
-        self.log_f = None
-        self.log_path = None
-        self.t0 = 0.0
+# ============================================================================ run (Ray Tune)
+RAY_PIN = "2.60.0"  # the Ray version the sweep is tested with; `run` needs it, report/figures do not
+RAY_INSTALL = f'pip install "ray[tune]=={RAY_PIN}"'
+FINISHED = ("completed", "diverged")  # statuses that are results: such a run is not started again
+
+
+class BadFlag(Exception):
+    """A command-line value that is not allowed; main() prints it as one line and exits 2."""
+
+    def __init__(self, flag: str, value, allowed: str):
+        super().__init__(f"{flag} {value!r}: {allowed}")
 
 
 def trainer_defaults() -> dict[str, str]:
@@ -175,7 +187,8 @@ def trainer_defaults() -> dict[str, str]:
     p = subprocess.run([sys.executable, str(TRAINER), "--help"], capture_output=True, text=True,
                        env={**os.environ, "COLUMNS": "100000"}, cwd=str(TRAINER.parent))  # no line wrapping
     if p.returncode != 0:
-        sys.exit(f"sweep.py: `{TRAINER.name} --help` failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"sweep.py: `{TRAINER.name} --help` failed (exit {p.returncode}): {last}")
     text = " ".join(p.stdout.split())
     return {m[1].replace("-", "_"): m[2] for m in
             re.finditer(r"--([a-z0-9-]+) (?:\[BOOL\]|BOOL|INT|FLOAT|STR) .*?\(default: ([^)]*)\)", text)}
@@ -183,59 +196,263 @@ def trainer_defaults() -> dict[str, str]:
 
 def check_existing(run_dir: Path, want: dict[str, str]) -> tuple[str, list[str]]:
     """State of an existing run dir: 'completed', 'diverged', 'resumable', 'redo' and, when its config
-    contradicts the requested overrides, the differing fields."""
+    contradicts the requested settings, the differing fields. A field missing from either side (renamed or
+    new in the trainer) is not compared."""
     cfg = read_json(run_dir / "config.json")
     summ = read_json(run_dir / "summary.json")
     diff = []
     if cfg is not None:
         diff = [f"{k}: run has {cfg[k]!r}, requested {v!r}" for k, v in want.items()
                 if k not in NON_SEMANTIC and k in cfg and not same_value(cfg[k], v)]
-    if summ and summ.get("status") in ("completed", "diverged"):
+    if summ and summ.get("status") in FINISHED:
         return summ["status"], diff
     if cfg is not None and (run_dir / "checkpoint.pt").exists():
         return "resumable", diff
     return "redo", diff
 
 
-def last_progress(run_dir: Path) -> str:
-    """'env_steps/total' from the last line of a running run's metrics.jsonl."""
-    try:
-        with open(run_dir / "metrics.jsonl", "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            line = f.read().decode(errors="ignore").strip().splitlines()[-1]
-        return f"{json.loads(line)['env_steps']:,}"
-    except Exception:
-        return "starting"
+def trainer_command(job: dict, resume: bool, python: str) -> list[str]:
+    """The gwt_ib.py command of a run. A resumed run gets only its dir and the flags that say how to run it
+    (its settings come from its config.json)."""
+    how = ["--progress", "false", "--torch-threads", str(job["cpus"]), "--device", job["device"]]
+    if resume:
+        return [python, job["trainer"], "--resume", str(Path(job["out"]) / job["name"])] + how
+    return [python, job["trainer"]] + job["argv"] + ["--out-dir", job["out"], "--run-name", job["name"]] + how
 
 
-def acquire_lock(out: Path) -> Path:
-    lock = out / ".sweep.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
+def _die_with_parent():
+    """preexec_fn (Linux): the trainer gets SIGTERM when the Ray worker that started it dies (a trial killed
+    by Tune, a sweep killed with SIGKILL), so it checkpoints and exits instead of running on unattended."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    libc, parent = ctypes.CDLL(None, use_errno=True), os.getpid()
+
+    def f():
+        libc.prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+    return f
+
+
+class TrainerRun:
+    """One run's trainer subprocess, as a Tune trial drives it (no Ray in here).
+
+    Fresh start or --resume is decided from the run dir when the trial starts, so that a trial that Tune
+    retries (trainer crashed, node lost) continues from the run's last checkpoint. `rows()` tails
+    metrics.jsonl: complete new lines, in update order."""
+
+    def __init__(self, job: dict):
+        self.job, self.out = job, Path(job["out"])
+        self.dir = self.out / job["name"]
+        self.proc, self.resume, self.t0 = None, False, time.monotonic()
+        self.offset, self.last_update, self.tailing, self.pending = 0, 0, False, []
+        self.state = check_existing(self.dir, {})[0]
+        if self.state in FINISHED:
+            return
+        if not Path(job["trainer"]).is_file():
+            raise RuntimeError(f"{job['trainer']} not found on {socket.gethostname()}: every Ray node needs the "
+                               f"repository at the same path")
+        self.resume = self.state == "resumable"
+        if not self.resume and self.dir.exists():
+            shutil.rmtree(self.dir)  # no checkpoint to continue from: the trainer would pick another dir name
+        self.cfg_before = _stat_key(self.dir / "config.json")
+        cmd = trainer_command(job, self.resume, sys.executable)
+        if self.resume:
+            self.log_path = self.dir / "sweep_log.txt"
+        else:  # the trainer makes the run dir; the log moves into it when the trainer exits
+            self.log_path = self.out / ".logs" / f"{job['name']}.txt"
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        n = str(job["cpus"])
+        env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,
+               "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "a") as log:
+            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()} {shlex.join(cmd)}\n")
+            log.flush()
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         cwd=str(Path(job["trainer"]).parent), start_new_session=True,
+                                         preexec_fn=_die_with_parent())
+
+    def rows(self) -> list[dict]:
+        """New rows of metrics.jsonl. Reading starts once the trainer has (re)written config.json: a resumed
+        trainer first drops the rows after its checkpoint. Rows are taken in increasing update only."""
+        p = self.dir / "metrics.jsonl"
+        if not self.tailing:
+            k = _stat_key(self.dir / "config.json")
+            if k is None or k == self.cfg_before:
+                return []
+            self.tailing = True
         try:
-            pid = int(lock.read_text().strip())
-            os.kill(pid, 0)
-            sys.exit(f"sweep.py: another sweep (pid {pid}) is running into {out}; remove {lock} if it is not")
-        except (ValueError, ProcessLookupError, PermissionError):
-            lock.unlink(missing_ok=True)  # stale lock of a dead sweep
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return lock
+            if p.stat().st_size < self.offset:  # rewritten shorter: read it again
+                self.offset = 0
+            with open(p, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        new = []
+        for line in data[:end].splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and r.get("update", 0) > self.last_update:
+                self.last_update = r["update"]
+                new.append(r)
+        return new
+
+    def next_result(self, poll_s: float = 0.5) -> dict:
+        """The next metrics row; the last one (or a summary-only result) carries done=True and the run's
+        summary. Raises RuntimeError with one line when the trainer failed."""
+        if self.state in FINISHED:
+            return {**self.final(), "done": True}
+        while True:
+            exited = self.proc.poll() is not None
+            self.pending += self.rows()  # read after poll(): a trainer that exited has written all its rows
+            if len(self.pending) > 1:
+                return self.pending.pop(0)
+            if exited:
+                self.finish()
+                return {**(self.pending.pop(0) if self.pending else {}), **self.final(), "done": True}
+            time.sleep(poll_s)
+
+    def _move_log(self) -> None:
+        if self.log_path.parent != self.dir and self.dir.is_dir() and self.log_path.exists():
+            shutil.move(str(self.log_path), self.dir / "sweep_log.txt")
+            self.log_path = self.dir / "sweep_log.txt"
+
+    def finish(self) -> None:
+        rc = self.proc.returncode
+        self._move_log()
+        status = (read_json(self.dir / "summary.json") or {}).get("status")
+        if rc in (0, 3) and status in ("completed", "halted", "diverged"):
+            if status == "completed" and not self.job["keep_checkpoints"]:
+                (self.dir / "checkpoint.pt").unlink(missing_ok=True)  # model.pt stays
+            return
+        try:
+            tail = [l for l in self.log_path.read_text(errors="ignore").splitlines() if l.strip()][-1].strip()
+        except (OSError, IndexError):
+            tail = "no output"
+        raise RuntimeError(f"{self.job['name']}: trainer exited with code {rc}: {tail[:300]} (log: {self.log_path})")
+
+    def final(self) -> dict:
+        s = read_json(self.dir / "summary.json") or {}
+        return dict(status=s.get("status", "none"), final_eval=final_eval(s), verdict=(s.get("gatecheck") or {}).get(
+            "verdict", ""), gate_mean_c=s.get("mean_c"), run_wall_s=time.monotonic() - self.t0,
+            resumed=self.resume, skipped=self.state in FINISHED, run_dir=str(self.dir))
+
+    def stop(self, wait_s: float = 4.0) -> None:
+        """SIGTERM: the trainer finishes its update, checkpoints and exits (waited for up to wait_s; Tune
+        gives a stopping trial about 5 s before it kills the worker, which sends the trainer SIGTERM again)."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(wait_s)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        if self.proc is not None and self.proc.poll() is not None:
+            self._move_log()
 
 
-def cmd_run(a) -> int:
-    out = Path(a.out)
+def _stat_key(p: Path):
+    try:
+        st = p.stat()
+        return st.st_ino, st.st_mtime_ns
+    except OSError:
+        return None
+
+
+def _ray_classes():
+    """The Tune trainable (one trial = one TrainerRun) and the driver's progress lines. Ray is imported here."""
+    from ray import tune
+
+    class Run(tune.Trainable):
+        def setup(self, config):
+            self.run = TrainerRun(config["job"])
+
+        def step(self):
+            return self.run.next_result()
+
+        def cleanup(self):
+            run = getattr(self, "run", None)
+            if run is not None:
+                run.stop()
+
+        def save_checkpoint(self, checkpoint_dir):  # the trainer's checkpoint.pt is the state
+            return None
+
+        def load_checkpoint(self, checkpoint):
+            pass
+
+    class Lines(tune.Callback):
+        """One line per finished (or failed) run with its final eval, ETA from this invocation's pace."""
+
+        def __init__(self, total: int, done: int, todo: int):
+            self.total, self.done, self.left, self.here, self.t0 = total, done, todo, 0, time.monotonic()
+
+        def _eta(self) -> str:
+            el = time.monotonic() - self.t0
+            eta = f", ETA ~{fmt_time(el / self.here * self.left)}" if self.here and self.left else ""
+            return f"elapsed {fmt_time(el)}{eta}"
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            self.done, self.here, self.left = self.done + 1, self.here + 1, self.left - 1
+            how = "skipped (finished before)" if r.get("skipped") else f"{r.get('status', '?')} in " \
+                f"{fmt_time(r.get('run_wall_s', 0))}{' (resumed)' if r.get('resumed') else ''}"
+            print(f"[{self.done}/{self.total}] {trial.config['job']['name']}: {how} | final_eval "
+                  f"{r.get('final_eval', float('nan')):.3f} {r.get('verdict', '')} | {self._eta()}", flush=True)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            print(f"[retry] {trial.config['job']['name']}: {_trial_error(trial)}; starting it again "
+                  f"(resumes its checkpoint if it has one)", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.left -= 1
+            print(f"[failed] {trial.config['job']['name']}: {_trial_error(trial)} | {self._eta()}", flush=True)
+
+    return Run, Lines
+
+
+def _trial_error(trial) -> str:
+    """The last line of a Tune trial's error (our RuntimeError's one-line message)."""
+    try:
+        lines = [l for l in Path(trial.error_file).read_text().splitlines() if l.strip()]
+        return lines[-1].strip()[:400]
+    except (OSError, TypeError, IndexError, AttributeError):
+        return "failed (no error file)"
+
+
+def _plan(a, out: Path):
+    """Validated (envs, variants, seeds, extra) and the jobs still to run; refuses settings mismatches."""
     envs = [e.strip() for e in a.envs.split(",") if e.strip()]
-    variants = parse_variants(a.variants)
-    seeds = parse_seeds(a.seeds)
-    extra = shlex.split(a.extra) if a.extra else []
-    extra_fields = flags_to_fields(extra)
+    if not envs:
+        raise BadFlag("--envs", a.envs, "must name at least one env id")
+    variants, seeds = parse_variants(a.variants), parse_seeds(a.seeds)
+    for flag, v, ok, allowed in (("--total-timesteps", a.total_timesteps, a.total_timesteps >= 1, "must be >= 1"),
+                                 ("--cpus-per-trial", a.cpus_per_trial, a.cpus_per_trial >= 1, "must be an integer >= 1"),
+                                 ("--gpus-per-trial", a.gpus_per_trial, a.gpus_per_trial >= 0, "must be >= 0"),
+                                 ("--num-cpus", a.num_cpus, a.num_cpus is None or a.num_cpus >= 1, "must be >= 1"),
+                                 ("--num-gpus", a.num_gpus, a.num_gpus is None or a.num_gpus >= 0, "must be >= 0"),
+                                 ("--max-failures", a.max_failures, a.max_failures >= 0, "must be >= 0")):
+        if not ok:
+            raise BadFlag(flag, v, allowed)
+    if a.address and (a.num_cpus is not None or a.num_gpus is not None):
+        raise BadFlag("--num-cpus/--num-gpus", a.num_cpus if a.num_cpus is not None else a.num_gpus,
+                      "only for the local Ray instance; with --address the cluster's nodes say what they have")
+    device = a.device or ("cuda" if a.gpus_per_trial > 0 else "cpu")
+    if device == "cuda" and a.gpus_per_trial <= 0:
+        raise BadFlag("--device", device, "needs --gpus-per-trial > 0 (Ray hides the GPUs from trials without one)")
+    try:
+        extra = shlex.split(a.extra) if a.extra else []
+        extra_fields = flags_to_fields(extra)
+    except ValueError as e:
+        raise BadFlag("--extra", a.extra, f"must be gwt_ib.py flags ({e})")
     for f in ("env_id", "seed", "out_dir", "run_name", "resume"):
         if f in extra_fields:
-            sys.exit(f"sweep.py: --extra must not set --{f.replace('_', '-')} (the sweep sets it)")
+            raise BadFlag("--extra", a.extra, f"must not set --{f.replace('_', '-')} (the sweep sets it)")
     for v in variants:
         clash = set(flags_to_fields(VARIANTS[v])) & set(extra_fields)
         if clash:
@@ -243,8 +460,6 @@ def cmd_run(a) -> int:
                   f"the variant's value wins", file=sys.stderr)
     if not TRAINER.exists():
         sys.exit(f"sweep.py: trainer not found at {TRAINER}")
-    out.mkdir(parents=True, exist_ok=True)
-    jobs_n = a.jobs or os.cpu_count() or 1
     defaults = trainer_defaults()  # old runs are checked against every setting, not only the flags given
     if "env_id" not in defaults or "total_timesteps" not in defaults:
         print("warning: could not read the trainer's defaults from its --help; existing runs are checked only "
@@ -253,159 +468,118 @@ def cmd_run(a) -> int:
 
     # seed-major order: a sweep cut short still has every variant on the first seeds
     plan = [(e, v, s) for s in seeds for e in envs for v in variants]
-    todo, skipped, mismatched = [], 0, []
+    todo, finished, mismatched = [], [], []
     for env, var, seed in plan:
         name = run_name(env, var, seed)
         # variant flags come after --extra so that a variant always is what its name says
-        over = ["--env-id", env, "--seed", str(seed), "--total-timesteps", str(a.total_timesteps)] + extra + VARIANTS[var]
-        want = {**defaults, **flags_to_fields(over)}
+        argv = ["--env-id", env, "--seed", str(seed), "--total-timesteps", str(a.total_timesteps)] + extra + VARIANTS[var]
+        job = dict(name=name, env=env, variant=var, seed=seed, argv=argv, out=str(out), trainer=str(TRAINER),
+                   cpus=a.cpus_per_trial, device=device, keep_checkpoints=a.keep_checkpoints, redo=False)
         d = out / name
-        resume = False
         if d.exists():
-            state, diff = check_existing(d, want)
+            state, diff = check_existing(d, {**defaults, **flags_to_fields(argv)})
             if diff:
-                mismatched.append((name, diff))
+                mismatched.append((job, diff))
                 continue
             if state == "completed" or (state == "diverged" and not a.redo_diverged):
-                skipped += 1
+                finished.append(job)
                 continue
-            if state == "resumable" and not a.no_resume:
-                resume = True
-            elif not a.dry_run:
-                shutil.rmtree(d)
-        todo.append(Job(name, env, var, seed, over, resume))
+            job["redo"] = state != "resumable" or a.no_resume
+        todo.append(job)
     if mismatched:
-        for name, diff in mismatched:
-            print(f"{name}: existing run differs from this request: {'; '.join(diff)}", file=sys.stderr)
+        for job, diff in mismatched:
+            print(f"{job['name']}: existing run differs from this request: {'; '.join(diff)}", file=sys.stderr)
         if not a.force:
             print(f"sweep.py: {len(mismatched)} existing run(s) in {out} were made with other settings; use another "
                   f"--out, or --force to delete and redo them", file=sys.stderr)
-            return 2
-        for name, _ in mismatched:
-            env, var, seed = next((e, v, s) for e, v, s in plan if run_name(e, v, s) == name)
-            over = ["--env-id", env, "--seed", str(seed), "--total-timesteps", str(a.total_timesteps)] + extra + VARIANTS[var]
-            if not a.dry_run:
-                shutil.rmtree(out / name)
-            todo.append(Job(name, env, var, seed, over, False))
+            return None
+        todo += [dict(job, redo=True) for job, _ in mismatched]
+    return dict(envs=envs, variants=variants, seeds=seeds, extra=extra, plan=plan, todo=todo, finished=finished)
 
-    manifest = dict(envs=envs, variants={v: VARIANTS[v] for v in variants}, seeds=seeds,
-                    total_timesteps=a.total_timesteps, extra=extra, trainer=str(TRAINER), python=sys.executable,
+
+def cmd_run(a) -> int:
+    out = Path(a.out).expanduser().resolve()  # absolute: Ray workers run elsewhere (other cwd, other nodes)
+    out.mkdir(parents=True, exist_ok=True)
+    p = _plan(a, out)
+    if p is None:
+        return 2
+    todo, total = p["todo"], len(p["plan"])
+    resume = [j for j in todo if not j["redo"] and (out / j["name"]).exists()]
+    where = f"Ray cluster at {a.address}" if a.address else \
+        f"local Ray instance ({a.num_cpus or os.cpu_count()} CPUs)"
+    print(f"sweep: {total} runs ({len(p['envs'])} envs x {len(p['variants'])} variants x {len(p['seeds'])} seeds) "
+          f"into {out}; {len(p['finished'])} already finished, {len(resume)} to resume, "
+          f"{len(todo) - len(resume)} to start; {where}, {a.cpus_per_trial} CPU + {a.gpus_per_trial:g} GPU "
+          f"per trial", flush=True)
+    if a.dry_run:
+        for j in todo:
+            print(shlex.join(trainer_command(j, j in resume, sys.executable)))
+        return 0
+    if not todo:
+        print("nothing to do")
+        return 0
+    try:
+        import ray
+        from ray import tune
+    except ImportError as e:
+        print(f"sweep.py: `run` needs Ray Tune ({e}); install it with: {RAY_INSTALL}", file=sys.stderr)
+        return 2
+    if ray.__version__ != RAY_PIN:
+        print(f"warning: Ray {ray.__version__} is installed; the sweep is tested with {RAY_PIN} ({RAY_INSTALL})",
+              file=sys.stderr)
+    for j in todo:  # settings mismatch (--force), --no-resume, --redo-diverged, or nothing to resume from
+        if j["redo"] and (out / j["name"]).exists():
+            shutil.rmtree(out / j["name"])
+
+    manifest = dict(envs=p["envs"], variants={v: VARIANTS[v] for v in p["variants"]}, seeds=p["seeds"],
+                    total_timesteps=a.total_timesteps, extra=p["extra"], trainer=str(TRAINER), python=sys.executable,
                     updated=time.strftime("%Y-%m-%d %H:%M:%S"))
     old = read_json(out / "sweep.json") or {}
     for k in ("envs", "seeds"):  # several invocations into one --out: keep the union
         manifest[k] = list(dict.fromkeys(list(old.get(k, [])) + manifest[k]))
     manifest["variants"] = {**old.get("variants", {}), **manifest["variants"]}
-
-    total = len(plan)
-    print(f"sweep: {total} runs ({len(envs)} envs x {len(variants)} variants x {len(seeds)} seeds) into {out}; "
-          f"{skipped} already finished, {sum(j.resume for j in todo)} to resume, "
-          f"{sum(not j.resume for j in todo)} to start; {jobs_n} parallel jobs", flush=True)
-
-    def command(j: Job) -> list[str]:
-        sysflags = ["--torch-threads", "1", "--progress", "false", "--device", a.device]
-        if j.resume:
-            return [sys.executable, str(TRAINER), "--resume", str(out / j.name)] + j.argv + sysflags
-        return [sys.executable, str(TRAINER)] + j.argv + ["--out-dir", str(out), "--run-name", j.name] + sysflags
-
-    if a.dry_run:
-        for j in todo:
-            print(shlex.join(command(j)))
-        return 0
-    if not todo:
-        print("nothing to do")
-        return 0
-
-    lock = acquire_lock(out)
     (out / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    logdir = out / ".logs"
-    logdir.mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}
-    pending, running, failed = list(todo), [], []
-    done = skipped
-    t_start = time.monotonic()
-    last_beat = t_start
-    stopping = [0]
 
-    def on_signal(signum, frame):
-        stopping[0] += 1
-        sig = signal.SIGTERM if stopping[0] == 1 else signal.SIGKILL
-        print(f"\n[{signal.Signals(signum).name}] stopping: {'asking' if sig == signal.SIGTERM else 'killing'} "
-              f"{len(running)} running run(s) (they checkpoint and can be resumed by running this again)"
-              + ("; again to kill them" if sig == signal.SIGTERM else ""), file=sys.stderr, flush=True)
-        for j in running:
-            try:
-                os.kill(j.proc.pid, sig)  # each child is its own session: only these pids, one by one
-            except ProcessLookupError:
-                pass
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    if a.address:
+        ray.init(address=a.address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        ray.init(num_cpus=a.num_cpus or os.cpu_count(), num_gpus=a.num_gpus, include_dashboard=False,
+                 logging_level=logging.WARNING, log_to_driver=False)
+    if __name__ != "__main__":  # imported (tests, notebooks): ship this module's classes to the workers by value
+        from ray import cloudpickle
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # SIGTERM (a scheduler, kill) stops like Ctrl-C: Tune stops the trials, each trainer checkpoints
+    signal.signal(signal.SIGTERM, lambda s, f: os.kill(os.getpid(), signal.SIGINT))
+    Run, Lines = _ray_classes()
+    exp = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    tuner = tune.Tuner(
+        tune.with_resources(Run, {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial}),
+        param_space={"job": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["job"]["name"],
+                                    trial_dirname_creator=lambda t: t.config["job"]["name"]),
+        run_config=tune.RunConfig(name=exp, storage_path=str(out / ".tune"), verbose=a.verbose,
+                                  callbacks=[Lines(total, len(p["finished"]), len(todo))],
+                                  failure_config=tune.FailureConfig(max_failures=a.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=0,
+                                                                          checkpoint_at_end=False)))
+    t0 = time.monotonic()
     try:
-        while pending or running:
-            if len(failed) >= a.max_failures and done == skipped and pending:
-                print(f"sweep: {len(failed)} runs failed and none finished: not starting the other {len(pending)} "
-                      f"(--max-failures {a.max_failures}); look at the logs above", file=sys.stderr, flush=True)
-                pending.clear()
-            while pending and len(running) < jobs_n and not stopping[0]:
-                j = pending.pop(0)
-                j.log_path = (out / j.name / "sweep_log.txt") if j.resume else (logdir / f"{j.name}.txt")
-                j.log_f = open(j.log_path, "a")
-                j.log_f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command(j))}\n")
-                j.log_f.flush()
-                j.proc = subprocess.Popen(command(j), stdout=j.log_f, stderr=subprocess.STDOUT, env=env,
-                                          cwd=str(TRAINER.parent), start_new_session=True)
-                j.t0 = time.monotonic()
-                running.append(j)
-            if stopping[0] and not running:
-                break
-            time.sleep(0.5)
-            for j in list(running):
-                rc = j.proc.poll()
-                if rc is None:
-                    continue
-                running.remove(j)
-                j.log_f.close()
-                d = out / j.name
-                if not j.resume and d.is_dir():  # the trainer made the dir: move the log into it
-                    shutil.move(str(j.log_path), d / "sweep_log.txt")
-                    j.log_path = d / "sweep_log.txt"
-                summ = read_json(d / "summary.json") or {}
-                status = summ.get("status", f"crashed (exit {rc})")
-                if status == "completed" and not a.keep_checkpoints:
-                    (d / "checkpoint.pt").unlink(missing_ok=True)  # 6 MB each; model.pt stays
-                elapsed = time.monotonic() - t_start
-                if status in ("completed", "diverged"):
-                    done += 1
-                    ge = summ.get("gatecheck", {})
-                    info = (f"final_eval {summ.get('final_eval', float('nan')):.3f} mean_c {summ.get('mean_c', float('nan')):.3f} "
-                            f"{ge.get('verdict', '?')}")
-                elif stopping[0]:
-                    info = f"stopped; resumable: {(d / 'checkpoint.pt').exists()}"
-                else:
-                    failed.append(j)
-                    info = f"see {j.log_path}"
-                    tail = j.log_path.read_text(errors="ignore").strip().splitlines()[-3:] if j.log_path.exists() else []
-                    info += "".join(f"\n      | {l}" for l in tail)
-                started_here = done - skipped
-                eta = ""
-                if started_here and (pending or running):
-                    eta = f", ETA ~{fmt_time(elapsed / started_here * (len(pending) + len(running)))}"
-                print(f"[{done}/{total}] {j.name}: {status} in {fmt_time(time.monotonic() - j.t0)} | {info} "
-                      f"| elapsed {fmt_time(elapsed)}{eta}", flush=True)
-            if a.heartbeat and time.monotonic() - last_beat >= a.heartbeat and running:
-                last_beat = time.monotonic()
-                print(f"  ... {fmt_time(last_beat - t_start)} running: "
-                      + ", ".join(f"{j.name} @ {last_progress(out / j.name)}" for j in running), flush=True)
+        tuner.fit()
     finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        lock.unlink(missing_ok=True)
-    el = time.monotonic() - t_start
-    print(f"sweep: {done}/{total} finished, {len(failed)} failed, {total - done - len(failed)} not finished "
-          f"(stopped or not started), in {fmt_time(el)}", flush=True)
-    if failed:
-        print("failed: " + ", ".join(j.name for j in failed) + " (run again to retry/resume them)", file=sys.stderr)
-    return 1 if (failed or pending or stopping[0]) else 0
+        ray.shutdown()
+    states = {j["name"]: (read_json(out / j["name"] / "summary.json") or {}).get("status", "not started")
+              for j in p["finished"] + todo}
+    counts = {}
+    for s in states.values():
+        counts[s] = counts.get(s, 0) + 1
+    done = sum(counts.get(s, 0) for s in FINISHED)
+    print(f"sweep: {done}/{total} finished ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}) in "
+          f"{fmt_time(time.monotonic() - t0)}; logs: <run dir>/sweep_log.txt; Tune results: {out / '.tune' / exp}",
+          flush=True)
+    if done < total:
+        print("sweep: not finished: " + ", ".join(n for n, s in states.items() if s not in FINISHED)
+              + " (run the same command again to retry/resume them)", file=sys.stderr)
+    return 0 if done == total else 1
 
 
 # ============================================================================ collect
@@ -831,28 +1005,43 @@ def cmd_figures(a) -> int:
 
 
 # ============================================================================ main
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        print(f"sweep.py {self.prog.split()[-1]}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=__doc__.split("\n", 1)[1])
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run variants x seeds x envs as parallel gwt_ib.py subprocesses")
+    r = sub.add_parser("run", help="run variants x seeds x envs as Ray Tune trials (one gwt_ib.py subprocess each)")
     r.add_argument("--envs", default="popgym-CountRecallEasy-v0,popgym-RepeatPreviousEasy-v0", help="comma-separated env ids")
     r.add_argument("--variants", default="all", help=f"'all' or a comma-separated subset of: {', '.join(VARIANTS)}")
     r.add_argument("--seeds", default="0,1,2", help="e.g. 0,1,2 or 0-4")
     r.add_argument("--total-timesteps", type=int, default=500_000)
-    r.add_argument("--out", default=str(HERE / "sweep"), help="parent folder of the run dirs")
-    r.add_argument("--jobs", type=int, default=0, help="parallel runs (default: os.cpu_count())")
+    r.add_argument("--out", default=str(HERE / "sweep"), help="parent folder of the run dirs (made absolute; on a "
+                   "cluster it must be a path that every node sees)")
     r.add_argument("--extra", default="", help='more gwt_ib.py flags for every run, e.g. "--num-envs 32 --eval-every 5"')
-    r.add_argument("--device", default="cpu", help="gwt_ib.py --device for every run (default cpu: one torch "
-                   "thread per run, many runs in parallel; 'auto' lets each run take a GPU if there is one)")
-    r.add_argument("--max-failures", type=int, default=3, help="stop starting runs after this many failures "
-                   "while none has finished (a broken trainer should not burn the whole sweep)")
-    r.add_argument("--heartbeat", type=float, default=300, help="seconds between 'still running' lines (0: none)")
+    r.add_argument("--address", default=None, help="join a running Ray cluster: 'auto' (on a node of it) or HOST:PORT "
+                   "of its head; default: start a local Ray instance on this machine")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: os.cpu_count()); "
+                   "runs in parallel = num-cpus / cpus-per-trial")
+    r.add_argument("--num-gpus", type=float, default=None, help="GPUs of the local Ray instance (default: Ray detects them)")
+    r.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs Ray reserves per run; also the trainer's "
+                   "--torch-threads and OMP/MKL/OPENBLAS_NUM_THREADS (default 1)")
+    r.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs Ray reserves per run, e.g. 1 or 0.5 (default 0)")
+    r.add_argument("--device", default=None, choices=("cpu", "auto", "cuda"), help="gwt_ib.py --device for every run "
+                   "(default: cuda with --gpus-per-trial > 0, else cpu)")
+    r.add_argument("--max-failures", type=int, default=1, help="times Tune starts a failed run again (trainer crashed, "
+                   "node lost); a retry resumes the run's checkpoint (default 1)")
+    r.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's console output: 0 only the sweep's "
+                   "lines, 1 also Tune's trial table now and then, 2 also every reported row (default 1)")
     r.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint.pt of completed runs (deleted by default)")
     r.add_argument("--no-resume", action="store_true", help="redo unfinished runs from scratch instead of resuming their checkpoint")
     r.add_argument("--redo-diverged", action="store_true", help="redo runs whose status is diverged (kept as results by default)")
     r.add_argument("--force", action="store_true", help="delete and redo existing runs made with other settings")
-    r.add_argument("--dry-run", action="store_true", help="print the commands; change nothing")
+    r.add_argument("--dry-run", action="store_true", help="print the commands; change nothing; no Ray needed")
     for name, h in (("report", "results.csv and results.md from the run dirs"), ("figures", "PNG figures from the run dirs")):
         s = sub.add_parser(name, help=h)
         s.add_argument("--out", default=str(HERE / "sweep"), help="the sweep folder given to run")
@@ -863,7 +1052,11 @@ def main(argv=None) -> int:
             s.add_argument("--timeline-variant", default="gwt_ib")
             s.add_argument("--timeline-seed", type=int, default=None, help="default: the lowest seed with a trace")
     a = p.parse_args(argv)
-    return {"run": cmd_run, "report": cmd_report, "figures": cmd_figures}[a.cmd](a)
+    try:
+        return {"run": cmd_run, "report": cmd_report, "figures": cmd_figures}[a.cmd](a)
+    except BadFlag as e:
+        print(f"sweep.py {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
