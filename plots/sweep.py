@@ -169,7 +169,7 @@ def mean_ci(xs) -> tuple[float, float, int]:
 
 
 # ============================================================================ run (Ray Tune)
-RAY_PIN = "2.60.0"  # the Ray version the sweep is tested with; `run` needs it, report/figures do not
+RAY_PIN = "2.60.0"  # the Ray version `run` is tested with; report and figures do not need Ray
 RAY_INSTALL = f'pip install "ray[tune]=={RAY_PIN}"'
 FINISHED = ("completed", "diverged")  # statuses that are results: such a run is not started again
 
@@ -187,8 +187,8 @@ def trainer_defaults() -> dict[str, str]:
     p = subprocess.run([sys.executable, str(TRAINER), "--help"], capture_output=True, text=True,
                        env={**os.environ, "COLUMNS": "100000"}, cwd=str(TRAINER.parent))  # no line wrapping
     if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        sys.exit(f"sweep.py: `{TRAINER.name} --help` failed (exit {p.returncode}): {last}")
+        sys.exit(f"sweep.py: `{TRAINER.name} --help` failed (exit {p.returncode}): "
+                 f"{(p.stderr.strip().splitlines() or ['no output'])[-1]}")
     text = " ".join(p.stdout.split())
     return {m[1].replace("-", "_"): m[2] for m in
             re.finditer(r"--([a-z0-9-]+) (?:\[BOOL\]|BOOL|INT|FLOAT|STR) .*?\(default: ([^)]*)\)", text)}
@@ -196,8 +196,7 @@ def trainer_defaults() -> dict[str, str]:
 
 def check_existing(run_dir: Path, want: dict[str, str]) -> tuple[str, list[str]]:
     """State of an existing run dir: 'completed', 'diverged', 'resumable', 'redo' and, when its config
-    contradicts the requested settings, the differing fields. A field missing from either side (renamed or
-    new in the trainer) is not compared."""
+    contradicts the requested settings, the differing fields (a field that only one side has is not compared)."""
     cfg = read_json(run_dir / "config.json")
     summ = read_json(run_dir / "summary.json")
     diff = []
@@ -212,77 +211,62 @@ def check_existing(run_dir: Path, want: dict[str, str]) -> tuple[str, list[str]]
 
 
 def trainer_command(job: dict, resume: bool, python: str) -> list[str]:
-    """The gwt_ib.py command of a run. A resumed run gets only its dir and the flags that say how to run it
-    (its settings come from its config.json)."""
+    """A resumed run gets only its dir and how to run (its settings are in its config.json)."""
     how = ["--progress", "false", "--torch-threads", str(job["cpus"]), "--device", job["device"]]
     if resume:
         return [python, job["trainer"], "--resume", str(Path(job["out"]) / job["name"])] + how
     return [python, job["trainer"]] + job["argv"] + ["--out-dir", job["out"], "--run-name", job["name"]] + how
 
 
-def _die_with_parent():
-    """preexec_fn (Linux): the trainer gets SIGTERM when the Ray worker that started it dies (a trial killed
-    by Tune, a sweep killed with SIGKILL), so it checkpoints and exits instead of running on unattended."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-    libc, parent = ctypes.CDLL(None, use_errno=True), os.getpid()
-
-    def f():
-        libc.prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl
-            os.kill(os.getpid(), signal.SIGTERM)
-    return f
-
-
 class TrainerRun:
-    """One run's trainer subprocess, as a Tune trial drives it (no Ray in here).
-
-    Fresh start or --resume is decided from the run dir when the trial starts, so that a trial that Tune
-    retries (trainer crashed, node lost) continues from the run's last checkpoint. `rows()` tails
-    metrics.jsonl: complete new lines, in update order."""
+    """One run's trainer subprocess as a Tune trial drives it (no Ray in here). Fresh start or --resume is
+    decided from the run dir when the trial starts, so a trial that Tune starts again (trainer crashed, node
+    lost) continues from the run's last checkpoint. next_result() tails metrics.jsonl, one row per call."""
 
     def __init__(self, job: dict):
-        self.job, self.out = job, Path(job["out"])
-        self.dir = self.out / job["name"]
-        self.proc, self.resume, self.t0 = None, False, time.monotonic()
-        self.offset, self.last_update, self.tailing, self.pending = 0, 0, False, []
+        self.job, self.dir, self.t0 = job, Path(job["out"]) / job["name"], time.monotonic()
+        self.offset, self.last_update, self.pending, self.proc = 0, 0, [], None
         self.state = check_existing(self.dir, {})[0]
+        self.resume = self.state == "resumable"
         if self.state in FINISHED:
             return
         if not Path(job["trainer"]).is_file():
             raise RuntimeError(f"{job['trainer']} not found on {socket.gethostname()}: every Ray node needs the "
                                f"repository at the same path")
-        self.resume = self.state == "resumable"
-        if not self.resume and self.dir.exists():
-            shutil.rmtree(self.dir)  # no checkpoint to continue from: the trainer would pick another dir name
-        self.cfg_before = _stat_key(self.dir / "config.json")
-        cmd = trainer_command(job, self.resume, sys.executable)
+        self.log = Path(job["out"]) / ".logs" / f"{job['name']}.txt"  # moves into the run dir once it exists
         if self.resume:
-            self.log_path = self.dir / "sweep_log.txt"
-        else:  # the trainer makes the run dir; the log moves into it when the trainer exits
-            self.log_path = self.out / ".logs" / f"{job['name']}.txt"
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        n = str(job["cpus"])
+            self._move_log()
+        elif self.dir.exists():
+            shutil.rmtree(self.dir)  # nothing to resume: the trainer would write to another dir name
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.cfg_before = _stat(self.dir / "config.json")
+        cmd, n = trainer_command(job, self.resume, sys.executable), str(job["cpus"])
         env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,
                "PYTHONUNBUFFERED": "1"}
-        with open(self.log_path, "a") as log:
-            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()} {shlex.join(cmd)}\n")
-            log.flush()
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         cwd=str(Path(job["trainer"]).parent), start_new_session=True,
-                                         preexec_fn=_die_with_parent())
+        with open(self.log, "a") as f:
+            f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()} {shlex.join(cmd)}\n")
+            f.flush()  # the trainer gets its own session: a Ctrl-C reaches it only through Tune stopping the trial
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                         cwd=str(Path(job["trainer"]).parent), start_new_session=True)
 
-    def rows(self) -> list[dict]:
-        """New rows of metrics.jsonl. Reading starts once the trainer has (re)written config.json: a resumed
-        trainer first drops the rows after its checkpoint. Rows are taken in increasing update only."""
+    def _move_log(self) -> None:
+        d = self.dir / "sweep_log.txt"
+        if self.log != d and self.dir.is_dir():
+            if self.log.exists():  # append: a resumed run's log already has the earlier parts
+                with open(d, "a") as f:
+                    f.write(self.log.read_text(errors="ignore"))
+                self.log.unlink()
+            self.log = d
+
+    def _rows(self) -> list[dict]:
+        """New complete rows of metrics.jsonl, in increasing update. Reading starts once the trainer has
+        (re)written config.json: a resumed trainer first drops the rows after its checkpoint."""
         p = self.dir / "metrics.jsonl"
-        if not self.tailing:
-            k = _stat_key(self.dir / "config.json")
-            if k is None or k == self.cfg_before:
-                return []
-            self.tailing = True
         try:
+            if self.cfg_before is not False:
+                if _stat(self.dir / "config.json") in (None, self.cfg_before):
+                    return []
+                self.cfg_before = False
             if p.stat().st_size < self.offset:  # rewritten shorter: read it again
                 self.offset = 0
             with open(p, "rb") as f:
@@ -290,38 +274,32 @@ class TrainerRun:
                 data = f.read()
         except OSError:
             return []
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        new = []
-        for line in data[:end].splitlines():
+        data = data[:data.rfind(b"\n") + 1]
+        self.offset += len(data)
+        rows = []
+        for line in data.splitlines():
             try:
                 r = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(r, dict) and r.get("update", 0) > self.last_update:
+            if r.get("update", 0) > self.last_update:
                 self.last_update = r["update"]
-                new.append(r)
-        return new
+                rows.append(r)
+        return rows
 
     def next_result(self, poll_s: float = 0.5) -> dict:
-        """The next metrics row; the last one (or a summary-only result) carries done=True and the run's
-        summary. Raises RuntimeError with one line when the trainer failed."""
-        if self.state in FINISHED:
-            return {**self.final(), "done": True}
-        while True:
+        """The next metrics row; the last one carries done=True and the run's summary. Raises RuntimeError
+        with a one-line message when the trainer failed."""
+        while self.state not in FINISHED:
             exited = self.proc.poll() is not None
-            self.pending += self.rows()  # read after poll(): a trainer that exited has written all its rows
+            self.pending += self._rows()  # read after poll(): a trainer that has exited wrote all its rows
             if len(self.pending) > 1:
                 return self.pending.pop(0)
             if exited:
                 self.finish()
                 return {**(self.pending.pop(0) if self.pending else {}), **self.final(), "done": True}
             time.sleep(poll_s)
-
-    def _move_log(self) -> None:
-        if self.log_path.parent != self.dir and self.dir.is_dir() and self.log_path.exists():
-            shutil.move(str(self.log_path), self.dir / "sweep_log.txt")
-            self.log_path = self.dir / "sweep_log.txt"
+        return {**self.final(), "done": True}
 
     def finish(self) -> None:
         rc = self.proc.returncode
@@ -332,20 +310,20 @@ class TrainerRun:
                 (self.dir / "checkpoint.pt").unlink(missing_ok=True)  # model.pt stays
             return
         try:
-            tail = [l for l in self.log_path.read_text(errors="ignore").splitlines() if l.strip()][-1].strip()
+            tail = [l for l in self.log.read_text(errors="ignore").splitlines() if l.strip()][-1].strip()[:300]
         except (OSError, IndexError):
             tail = "no output"
-        raise RuntimeError(f"{self.job['name']}: trainer exited with code {rc}: {tail[:300]} (log: {self.log_path})")
+        raise RuntimeError(f"{self.job['name']}: trainer exited with code {rc}: {tail} (log: {self.log})")
 
     def final(self) -> dict:
         s = read_json(self.dir / "summary.json") or {}
-        return dict(status=s.get("status", "none"), final_eval=final_eval(s), verdict=(s.get("gatecheck") or {}).get(
-            "verdict", ""), gate_mean_c=s.get("mean_c"), run_wall_s=time.monotonic() - self.t0,
-            resumed=self.resume, skipped=self.state in FINISHED, run_dir=str(self.dir))
+        return dict(status=s.get("status", "none"), final_eval=final_eval(s), gate_mean_c=s.get("mean_c"),
+                    verdict=(s.get("gatecheck") or {}).get("verdict", ""), run_wall_s=time.monotonic() - self.t0,
+                    resumed=self.resume, skipped=self.state in FINISHED)
 
     def stop(self, wait_s: float = 4.0) -> None:
-        """SIGTERM: the trainer finishes its update, checkpoints and exits (waited for up to wait_s; Tune
-        gives a stopping trial about 5 s before it kills the worker, which sends the trainer SIGTERM again)."""
+        """SIGTERM: the trainer finishes its update, checkpoints and exits. Tune gives a stopping trial about
+        5 s; then Ray kills the worker and its children (the run resumes from its previous checkpoint)."""
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.kill(self.proc.pid, signal.SIGTERM)
@@ -356,29 +334,27 @@ class TrainerRun:
             self._move_log()
 
 
-def _stat_key(p: Path):
+def _stat(p: Path):
     try:
-        st = p.stat()
-        return st.st_ino, st.st_mtime_ns
+        return p.stat().st_ino, p.stat().st_mtime_ns
     except OSError:
         return None
 
 
 def _ray_classes():
-    """The Tune trainable (one trial = one TrainerRun) and the driver's progress lines. Ray is imported here."""
+    """The Tune trainable (one trial = one TrainerRun) and the driver's progress lines. Imports Ray."""
     from ray import tune
 
     class Run(tune.Trainable):
-        def setup(self, config):
-            self.run = TrainerRun(config["job"])
+        def setup(self, config, jobs=None):
+            self.run = TrainerRun(jobs[config["run"]])
 
         def step(self):
             return self.run.next_result()
 
         def cleanup(self):
-            run = getattr(self, "run", None)
-            if run is not None:
-                run.stop()
+            if getattr(self, "run", None) is not None:
+                self.run.stop()
 
         def save_checkpoint(self, checkpoint_dir):  # the trainer's checkpoint.pt is the state
             return None
@@ -387,66 +363,62 @@ def _ray_classes():
             pass
 
     class Lines(tune.Callback):
-        """One line per finished (or failed) run with its final eval, ETA from this invocation's pace."""
+        """One line per finished or failed run, with its final eval; ETA from this invocation's pace."""
 
         def __init__(self, total: int, done: int, todo: int):
             self.total, self.done, self.left, self.here, self.t0 = total, done, todo, 0, time.monotonic()
 
         def _eta(self) -> str:
             el = time.monotonic() - self.t0
-            eta = f", ETA ~{fmt_time(el / self.here * self.left)}" if self.here and self.left else ""
-            return f"elapsed {fmt_time(el)}{eta}"
+            return f"elapsed {fmt_time(el)}" + (f", ETA ~{fmt_time(el / self.here * self.left)}"
+                                                if self.here and self.left else "")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
             self.done, self.here, self.left = self.done + 1, self.here + 1, self.left - 1
-            how = "skipped (finished before)" if r.get("skipped") else f"{r.get('status', '?')} in " \
-                f"{fmt_time(r.get('run_wall_s', 0))}{' (resumed)' if r.get('resumed') else ''}"
-            print(f"[{self.done}/{self.total}] {trial.config['job']['name']}: {how} | final_eval "
+            how = "finished before" if r.get("skipped") else \
+                f"{r.get('status')} in {fmt_time(r.get('run_wall_s', 0))}{' (resumed)' * bool(r.get('resumed'))}"
+            print(f"[{self.done}/{self.total}] {trial.config['run']}: {how} | final_eval "
                   f"{r.get('final_eval', float('nan')):.3f} {r.get('verdict', '')} | {self._eta()}", flush=True)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            print(f"[retry] {trial.config['job']['name']}: {_trial_error(trial)}; starting it again "
-                  f"(resumes its checkpoint if it has one)", flush=True)
+            print(f"[retry] {trial.config['run']}: {_trial_error(trial)}; starting it again", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.left -= 1
-            print(f"[failed] {trial.config['job']['name']}: {_trial_error(trial)} | {self._eta()}", flush=True)
+            print(f"[failed] {trial.config['run']}: {_trial_error(trial)} | {self._eta()}", flush=True)
 
     return Run, Lines
 
 
 def _trial_error(trial) -> str:
-    """The last line of a Tune trial's error (our RuntimeError's one-line message)."""
+    """The last line of a trial's error file: our RuntimeError's one-line message."""
     try:
-        lines = [l for l in Path(trial.error_file).read_text().splitlines() if l.strip()]
-        return lines[-1].strip()[:400]
-    except (OSError, TypeError, IndexError, AttributeError):
+        return [l for l in Path(trial.error_file).read_text().splitlines() if l.strip()][-1].strip()[:400]
+    except (OSError, TypeError, IndexError):
         return "failed (no error file)"
 
 
-def _plan(a, out: Path):
-    """Validated (envs, variants, seeds, extra) and the jobs still to run; refuses settings mismatches."""
+def cmd_run(a) -> int:
+    out = Path(a.out).expanduser().resolve()  # Ray workers run elsewhere (another cwd, other nodes)
     envs = [e.strip() for e in a.envs.split(",") if e.strip()]
     if not envs:
         raise BadFlag("--envs", a.envs, "must name at least one env id")
     variants, seeds = parse_variants(a.variants), parse_seeds(a.seeds)
-    for flag, v, ok, allowed in (("--total-timesteps", a.total_timesteps, a.total_timesteps >= 1, "must be >= 1"),
-                                 ("--cpus-per-trial", a.cpus_per_trial, a.cpus_per_trial >= 1, "must be an integer >= 1"),
-                                 ("--gpus-per-trial", a.gpus_per_trial, a.gpus_per_trial >= 0, "must be >= 0"),
-                                 ("--num-cpus", a.num_cpus, a.num_cpus is None or a.num_cpus >= 1, "must be >= 1"),
-                                 ("--num-gpus", a.num_gpus, a.num_gpus is None or a.num_gpus >= 0, "must be >= 0"),
-                                 ("--max-failures", a.max_failures, a.max_failures >= 0, "must be >= 0")):
+    for flag, ok, allowed in (("--total-timesteps", a.total_timesteps >= 1, "must be >= 1"),
+                              ("--cpus-per-trial", a.cpus_per_trial >= 1, "must be an integer >= 1"),
+                              ("--gpus-per-trial", a.gpus_per_trial >= 0, "must be >= 0"),
+                              ("--num-cpus", a.num_cpus is None or a.num_cpus >= 1, "must be an integer >= 1"),
+                              ("--max-failures", a.max_failures >= 0, "must be an integer >= 0")):
         if not ok:
-            raise BadFlag(flag, v, allowed)
-    if a.address and (a.num_cpus is not None or a.num_gpus is not None):
-        raise BadFlag("--num-cpus/--num-gpus", a.num_cpus if a.num_cpus is not None else a.num_gpus,
-                      "only for the local Ray instance; with --address the cluster's nodes say what they have")
+            raise BadFlag(flag, getattr(a, flag[2:].replace("-", "_")), allowed)
+    if a.address and a.num_cpus is not None:
+        raise BadFlag("--num-cpus", a.num_cpus, "only for the local Ray instance (a cluster's nodes say what they have)")
     device = a.device or ("cuda" if a.gpus_per_trial > 0 else "cpu")
     if device == "cuda" and a.gpus_per_trial <= 0:
         raise BadFlag("--device", device, "needs --gpus-per-trial > 0 (Ray hides the GPUs from trials without one)")
     try:
-        extra = shlex.split(a.extra) if a.extra else []
+        extra = shlex.split(a.extra)
         extra_fields = flags_to_fields(extra)
     except ValueError as e:
         raise BadFlag("--extra", a.extra, f"must be gwt_ib.py flags ({e})")
@@ -460,6 +432,7 @@ def _plan(a, out: Path):
                   f"the variant's value wins", file=sys.stderr)
     if not TRAINER.exists():
         sys.exit(f"sweep.py: trainer not found at {TRAINER}")
+    out.mkdir(parents=True, exist_ok=True)
     defaults = trainer_defaults()  # old runs are checked against every setting, not only the flags given
     if "env_id" not in defaults or "total_timesteps" not in defaults:
         print("warning: could not read the trainer's defaults from its --help; existing runs are checked only "
@@ -468,21 +441,20 @@ def _plan(a, out: Path):
 
     # seed-major order: a sweep cut short still has every variant on the first seeds
     plan = [(e, v, s) for s in seeds for e in envs for v in variants]
-    todo, finished, mismatched = [], [], []
+    todo, finished, mismatched = [], 0, []
     for env, var, seed in plan:
         name = run_name(env, var, seed)
         # variant flags come after --extra so that a variant always is what its name says
         argv = ["--env-id", env, "--seed", str(seed), "--total-timesteps", str(a.total_timesteps)] + extra + VARIANTS[var]
-        job = dict(name=name, env=env, variant=var, seed=seed, argv=argv, out=str(out), trainer=str(TRAINER),
-                   cpus=a.cpus_per_trial, device=device, keep_checkpoints=a.keep_checkpoints, redo=False)
-        d = out / name
-        if d.exists():
-            state, diff = check_existing(d, {**defaults, **flags_to_fields(argv)})
+        job = dict(name=name, argv=argv, out=str(out), trainer=str(TRAINER), cpus=a.cpus_per_trial, device=device,
+                   keep_checkpoints=a.keep_checkpoints, redo=False)
+        if (out / name).exists():
+            state, diff = check_existing(out / name, {**defaults, **flags_to_fields(argv)})
             if diff:
                 mismatched.append((job, diff))
                 continue
             if state == "completed" or (state == "diverged" and not a.redo_diverged):
-                finished.append(job)
+                finished += 1
                 continue
             job["redo"] = state != "resumable" or a.no_resume
         todo.append(job)
@@ -492,28 +464,17 @@ def _plan(a, out: Path):
         if not a.force:
             print(f"sweep.py: {len(mismatched)} existing run(s) in {out} were made with other settings; use another "
                   f"--out, or --force to delete and redo them", file=sys.stderr)
-            return None
+            return 2
         todo += [dict(job, redo=True) for job, _ in mismatched]
-    return dict(envs=envs, variants=variants, seeds=seeds, extra=extra, plan=plan, todo=todo, finished=finished)
 
-
-def cmd_run(a) -> int:
-    out = Path(a.out).expanduser().resolve()  # absolute: Ray workers run elsewhere (other cwd, other nodes)
-    out.mkdir(parents=True, exist_ok=True)
-    p = _plan(a, out)
-    if p is None:
-        return 2
-    todo, total = p["todo"], len(p["plan"])
-    resume = [j for j in todo if not j["redo"] and (out / j["name"]).exists()]
-    where = f"Ray cluster at {a.address}" if a.address else \
-        f"local Ray instance ({a.num_cpus or os.cpu_count()} CPUs)"
-    print(f"sweep: {total} runs ({len(p['envs'])} envs x {len(p['variants'])} variants x {len(p['seeds'])} seeds) "
-          f"into {out}; {len(p['finished'])} already finished, {len(resume)} to resume, "
-          f"{len(todo) - len(resume)} to start; {where}, {a.cpus_per_trial} CPU + {a.gpus_per_trial:g} GPU "
-          f"per trial", flush=True)
+    resume = [j["name"] for j in todo if not j["redo"] and (out / j["name"]).exists()]
+    where = f"Ray cluster at {a.address}" if a.address else f"local Ray instance ({a.num_cpus or os.cpu_count()} CPUs)"
+    print(f"sweep: {len(plan)} runs ({len(envs)} envs x {len(variants)} variants x {len(seeds)} seeds) into {out}; "
+          f"{finished} already finished, {len(resume)} to resume, {len(todo) - len(resume)} to start; {where}, "
+          f"{a.cpus_per_trial} CPU + {a.gpus_per_trial:g} GPU per trial", flush=True)
     if a.dry_run:
         for j in todo:
-            print(shlex.join(trainer_command(j, j in resume, sys.executable)))
+            print(shlex.join(trainer_command(j, j["name"] in resume, sys.executable)))
         return 0
     if not todo:
         print("nothing to do")
@@ -522,17 +483,13 @@ def cmd_run(a) -> int:
         import ray
         from ray import tune
     except ImportError as e:
-        print(f"sweep.py: `run` needs Ray Tune ({e}); install it with: {RAY_INSTALL}", file=sys.stderr)
+        print(f"sweep.py run: error: Ray Tune is not installed ({e}); install it with: {RAY_INSTALL}", file=sys.stderr)
         return 2
-    if ray.__version__ != RAY_PIN:
-        print(f"warning: Ray {ray.__version__} is installed; the sweep is tested with {RAY_PIN} ({RAY_INSTALL})",
-              file=sys.stderr)
     for j in todo:  # settings mismatch (--force), --no-resume, --redo-diverged, or nothing to resume from
         if j["redo"] and (out / j["name"]).exists():
             shutil.rmtree(out / j["name"])
-
-    manifest = dict(envs=p["envs"], variants={v: VARIANTS[v] for v in p["variants"]}, seeds=p["seeds"],
-                    total_timesteps=a.total_timesteps, extra=p["extra"], trainer=str(TRAINER), python=sys.executable,
+    manifest = dict(envs=envs, variants={v: VARIANTS[v] for v in variants}, seeds=seeds,
+                    total_timesteps=a.total_timesteps, extra=extra, trainer=str(TRAINER), python=sys.executable,
                     updated=time.strftime("%Y-%m-%d %H:%M:%S"))
     old = read_json(out / "sweep.json") or {}
     for k in ("envs", "seeds"):  # several invocations into one --out: keep the union
@@ -540,46 +497,38 @@ def cmd_run(a) -> int:
     manifest["variants"] = {**old.get("variants", {}), **manifest["variants"]}
     (out / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
-    if a.address:
-        ray.init(address=a.address, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        ray.init(num_cpus=a.num_cpus or os.cpu_count(), num_gpus=a.num_gpus, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False)
-    if __name__ != "__main__":  # imported (tests, notebooks): ship this module's classes to the workers by value
-        from ray import cloudpickle
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    local = {} if a.address else dict(num_cpus=a.num_cpus or os.cpu_count(), include_dashboard=False)
+    ray.init(address=a.address, logging_level=logging.WARNING, log_to_driver=False, **local)
+    if __name__ != "__main__":  # imported (tests, notebooks): workers get this module's classes by value
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     # SIGTERM (a scheduler, kill) stops like Ctrl-C: Tune stops the trials, each trainer checkpoints
     signal.signal(signal.SIGTERM, lambda s, f: os.kill(os.getpid(), signal.SIGINT))
     Run, Lines = _ray_classes()
-    exp = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp, t0 = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", time.monotonic()
     tuner = tune.Tuner(
-        tune.with_resources(Run, {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial}),
-        param_space={"job": tune.grid_search(todo)},
-        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["job"]["name"],
-                                    trial_dirname_creator=lambda t: t.config["job"]["name"]),
+        tune.with_resources(tune.with_parameters(Run, jobs={j["name"]: j for j in todo}),
+                            {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial}),
+        param_space={"run": tune.grid_search([j["name"] for j in todo])},  # the trial table shows the run names
+        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["run"],
+                                    trial_dirname_creator=lambda t: t.config["run"]),
         run_config=tune.RunConfig(name=exp, storage_path=str(out / ".tune"), verbose=a.verbose,
-                                  callbacks=[Lines(total, len(p["finished"]), len(todo))],
+                                  callbacks=[Lines(len(plan), finished, len(todo))],
                                   failure_config=tune.FailureConfig(max_failures=a.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=0,
-                                                                          checkpoint_at_end=False)))
-    t0 = time.monotonic()
+                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))
     try:
         tuner.fit()
     finally:
         ray.shutdown()
-    states = {j["name"]: (read_json(out / j["name"] / "summary.json") or {}).get("status", "not started")
-              for j in p["finished"] + todo}
-    counts = {}
-    for s in states.values():
-        counts[s] = counts.get(s, 0) + 1
-    done = sum(counts.get(s, 0) for s in FINISHED)
-    print(f"sweep: {done}/{total} finished ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}) in "
-          f"{fmt_time(time.monotonic() - t0)}; logs: <run dir>/sweep_log.txt; Tune results: {out / '.tune' / exp}",
-          flush=True)
-    if done < total:
+    states = {run_name(*r): (read_json(out / run_name(*r) / "summary.json") or {}).get("status", "not started")
+              for r in plan}
+    done = sum(s in FINISHED for s in states.values())
+    counts = {s: list(states.values()).count(s) for s in sorted(set(states.values()))}
+    print(f"sweep: {done}/{len(plan)} finished ({', '.join(f'{k} {v}' for k, v in counts.items())}) in "
+          f"{fmt_time(time.monotonic() - t0)}; Tune's results (TensorBoard, CSV): {out / '.tune' / exp}", flush=True)
+    if done < len(plan):
         print("sweep: not finished: " + ", ".join(n for n, s in states.items() if s not in FINISHED)
-              + " (run the same command again to retry/resume them)", file=sys.stderr)
-    return 0 if done == total else 1
+              + "; run the same command again to resume them", file=sys.stderr)
+    return 0 if done == len(plan) else 1
 
 
 # ============================================================================ collect
@@ -1007,7 +956,7 @@ def cmd_figures(a) -> int:
 # ============================================================================ main
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
-        print(f"sweep.py {self.prog.split()[-1]}: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -1027,7 +976,6 @@ def main(argv=None) -> int:
                    "of its head; default: start a local Ray instance on this machine")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: os.cpu_count()); "
                    "runs in parallel = num-cpus / cpus-per-trial")
-    r.add_argument("--num-gpus", type=float, default=None, help="GPUs of the local Ray instance (default: Ray detects them)")
     r.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs Ray reserves per run; also the trainer's "
                    "--torch-threads and OMP/MKL/OPENBLAS_NUM_THREADS (default 1)")
     r.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs Ray reserves per run, e.g. 1 or 0.5 (default 0)")
