@@ -416,7 +416,7 @@ def cmd_run(a) -> int:
         raise BadFlag("--num-cpus", a.num_cpus, "only for the local Ray instance (a cluster's nodes say what they have)")
     device = a.device or ("cuda" if a.gpus_per_trial > 0 else "cpu")
     if device == "cuda" and a.gpus_per_trial <= 0:
-        raise BadFlag("--device", device, "needs --gpus-per-trial > 0 (Ray hides the GPUs from trials without one)")
+        raise BadFlag("--device", device, "needs --gpus-per-trial > 0, so that Ray reserves a GPU for each run")
     try:
         extra = shlex.split(a.extra)
         extra_fields = flags_to_fields(extra)
