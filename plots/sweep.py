@@ -367,6 +367,7 @@ def _ray_classes():
 
         def __init__(self, total: int, done: int, todo: int):
             self.total, self.done, self.left, self.here, self.t0 = total, done, todo, 0, time.monotonic()
+            self.failed = set()
 
         def _eta(self) -> str:
             el = time.monotonic() - self.t0
@@ -386,6 +387,7 @@ def _ray_classes():
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.left -= 1
+            self.failed.add(trial.config["run"])
             print(f"[failed] {trial.config['run']}: {_trial_error(trial)} | {self._eta()}", flush=True)
 
     return Run, Lines
@@ -394,9 +396,18 @@ def _ray_classes():
 def _trial_error(trial) -> str:
     """The last line of a trial's error file: our RuntimeError's one-line message."""
     try:
-        return [l for l in Path(trial.error_file).read_text().splitlines() if l.strip()][-1].strip()[:400]
+        line = [l for l in Path(trial.error_file).read_text().splitlines() if l.strip()][-1].strip()
     except (OSError, TypeError, IndexError):
         return "failed (no error file)"
+    return line.removeprefix("RuntimeError: ").removeprefix(f"{trial.config['run']}: ")[:400]
+
+
+class _NoTraceback(logging.Filter):
+    """Tune logs every failed trial with a traceback; the sweep prints one line instead (the traceback
+    stays in the trial's error.txt)."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Trial task failed")
 
 
 def cmd_run(a) -> int:
@@ -503,7 +514,9 @@ def cmd_run(a) -> int:
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     # SIGTERM (a scheduler, kill) stops like Ctrl-C: Tune stops the trials, each trainer checkpoints
     signal.signal(signal.SIGTERM, lambda s, f: os.kill(os.getpid(), signal.SIGINT))
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(_NoTraceback())
     Run, Lines = _ray_classes()
+    lines = Lines(len(plan), finished, len(todo))
     exp, t0 = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", time.monotonic()
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(Run, jobs={j["name"]: j for j in todo}),
@@ -512,15 +525,15 @@ def cmd_run(a) -> int:
         tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["run"],
                                     trial_dirname_creator=lambda t: t.config["run"]),
         run_config=tune.RunConfig(name=exp, storage_path=str(out / ".tune"), verbose=a.verbose,
-                                  callbacks=[Lines(len(plan), finished, len(todo))],
+                                  callbacks=[lines],
                                   failure_config=tune.FailureConfig(max_failures=a.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))
     try:
         tuner.fit()
     finally:
         ray.shutdown()
-    states = {run_name(*r): (read_json(out / run_name(*r) / "summary.json") or {}).get("status", "not started")
-              for r in plan}
+    states = {n: "failed" if n in lines.failed else (read_json(out / n / "summary.json") or {}).get("status", "not run")
+              for n in (run_name(*r) for r in plan)}
     done = sum(s in FINISHED for s in states.values())
     counts = {s: list(states.values()).count(s) for s in sorted(set(states.values()))}
     print(f"sweep: {done}/{len(plan)} finished ({', '.join(f'{k} {v}' for k, v in counts.items())}) in "

@@ -168,6 +168,21 @@ def test_sweep_killed_midway_resumes_with_the_same_command(tmp_path, sig):
     assert not (out / ".logs" / f"{s1.name}.txt").exists()
 
 
+@needs_ray
+def test_failed_trainer_is_one_line_and_exit_1(tmp_path):
+    """A trainer that refuses its settings: the trial fails (no retry with --max-failures 0), the sweep
+    prints the trainer's one-line error without a traceback and exits 1."""
+    out = tmp_path / "sweep"
+    p = sweep("run", "--envs", ENV, "--variants", "gwt_ib", "--seeds", "0", "--total-timesteps", "1024", "--out",
+              str(out), "--verbose", "0", "--max-failures", "0", "--extra", "--num-envs 0")
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    name = f"{ENV}__gwt_ib__s0"
+    assert f"[failed] {name}: trainer exited with code 2: gwt_ib.py: error: --num-envs 0: must be an integer >= 1 " \
+           f"(log: {out / '.logs' / name}.txt)" in p.stdout
+    assert "Traceback" not in p.stdout + p.stderr
+    assert "sweep: 0/1 finished (failed 1)" in p.stdout
+
+
 def test_run_without_ray_says_how_to_install_it(tmp_path):
     p = sweep(*run_args(tmp_path / "sweep", "gwt_ib", "0", 1024), no_ray=True)
     assert p.returncode == 2
