@@ -443,7 +443,6 @@ def cmd_run(a) -> int:
                   f"the variant's value wins", file=sys.stderr)
     if not TRAINER.exists():
         sys.exit(f"sweep.py: trainer not found at {TRAINER}")
-    out.mkdir(parents=True, exist_ok=True)
     defaults = trainer_defaults()  # old runs are checked against every setting, not only the flags given
     if "env_id" not in defaults or "total_timesteps" not in defaults:
         print("warning: could not read the trainer's defaults from its --help; existing runs are checked only "
@@ -496,6 +495,7 @@ def cmd_run(a) -> int:
     except ImportError as e:
         print(f"sweep.py run: error: Ray Tune is not installed ({e}); install it with: {RAY_INSTALL}", file=sys.stderr)
         return 2
+    out.mkdir(parents=True, exist_ok=True)
     for j in todo:  # settings mismatch (--force), --no-resume, --redo-diverged, or nothing to resume from
         if j["redo"] and (out / j["name"]).exists():
             shutil.rmtree(out / j["name"])
@@ -987,8 +987,9 @@ def main(argv=None) -> int:
     r.add_argument("--extra", default="", help='more gwt_ib.py flags for every run, e.g. "--num-envs 32 --eval-every 5"')
     r.add_argument("--address", default=None, help="join a running Ray cluster: 'auto' (on a node of it) or HOST:PORT "
                    "of its head; default: start a local Ray instance on this machine")
-    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: os.cpu_count()); "
-                   "runs in parallel = num-cpus / cpus-per-trial")
+    r.add_argument("--num-cpus", "--jobs", dest="num_cpus", type=int, default=None, help="CPUs of the local Ray "
+                   "instance (default: os.cpu_count()); runs in parallel = num-cpus / cpus-per-trial. --jobs N, the "
+                   "old flag, is the same")
     r.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs Ray reserves per run; also the trainer's "
                    "--torch-threads and OMP/MKL/OPENBLAS_NUM_THREADS (default 1)")
     r.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs Ray reserves per run, e.g. 1 or 0.5 (default 0)")
