@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import math
 import os
 import re
@@ -67,31 +66,39 @@ def run_name(env: str, variant: str, seed: int) -> str:
 
 def parse_seeds(s: str) -> list[int]:
     """"0,1,2" or "0-4" or a mix ("0-2,7")."""
-    out = []
-    for part in s.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if re.fullmatch(r"\d+-\d+", part):
-            a, b = map(int, part.split("-"))
-            out += list(range(a, b + 1))
-        elif re.fullmatch(r"\d+", part):
-            out.append(int(part))
-        else:
-            raise BadFlag("--seeds", s, "must be integers >= 0 or ranges, e.g. 0,1,2 or 0-4")
-    if not out:
-        raise BadFlag("--seeds", s, "must name at least one seed, e.g. 0,1,2 or 0-4")
+    parts = [p.strip() for p in s.split(",") if p.strip()]
+    if not parts or not all(re.fullmatch(r"\d+(-\d+)?", p) for p in parts):
+        raise argparse.ArgumentTypeError(f"{s!r}: must be integers >= 0 or ranges, e.g. 0,1,2 or 0-4")
+    out = [i for p in parts for i in range(int(p.split("-")[0]), int(p.split("-")[-1]) + 1)]
     return list(dict.fromkeys(out))
 
 
 def parse_variants(s: str) -> list[str]:
-    if s.strip() == "all":
-        return list(VARIANTS)
-    names = [v.strip() for v in s.split(",") if v.strip()]
-    bad = [v for v in names if v not in VARIANTS]
-    if bad or not names:
-        raise BadFlag("--variants", s, f"must be 'all' or a comma-separated subset of: {', '.join(VARIANTS)}")
+    names = list(VARIANTS) if s.strip() == "all" else [v.strip() for v in s.split(",") if v.strip()]
+    if not names or any(v not in VARIANTS for v in names):
+        raise argparse.ArgumentTypeError(f"{s!r}: must be 'all' or a comma-separated subset of: {', '.join(VARIANTS)}")
     return names
+
+
+def parse_extra(s: str) -> list[str]:
+    try:
+        argv = shlex.split(s)
+        fields = flags_to_fields(argv)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{s!r}: must be gwt_ib.py flags ({e})")
+    for f in ("env_id", "seed", "out_dir", "run_name", "resume"):
+        if f in fields:
+            raise argparse.ArgumentTypeError(f"{s!r}: must not set --{f.replace('_', '-')} (the sweep sets it)")
+    return argv
+
+
+def at_least(lo, kind=int):
+    """An argparse type: a number of `kind` >= lo."""
+    def check(s: str):
+        if not re.fullmatch(r"\d+" if kind is int else r"\d+(\.\d*)?", s.strip()) or kind(s) < lo:
+            raise argparse.ArgumentTypeError(f"{s!r}: must be {'an integer' if kind is int else 'a number'} >= {lo}")
+        return kind(s)
+    return check
 
 
 def flags_to_fields(argv: list[str]) -> dict[str, str]:
@@ -136,11 +143,6 @@ def read_json(p: Path):
         return None
 
 
-def fmt_time(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 # 97.5% quantiles of Student's t (two-sided 95% CI), df = 1..30
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -169,324 +171,109 @@ def mean_ci(xs) -> tuple[float, float, int]:
 
 
 # ============================================================================ run (Ray Tune)
-RAY_PIN = "2.60.0"  # the Ray version `run` is tested with; report and figures do not need Ray
-RAY_INSTALL = f'pip install "ray[tune]=={RAY_PIN}"'
-FINISHED = ("completed", "diverged")  # statuses that are results: such a run is not started again
-
-
-class BadFlag(Exception):
-    """A command-line value that is not allowed; main() prints it as one line and exits 2."""
-
-    def __init__(self, flag: str, value, allowed: str):
-        super().__init__(f"{flag} {value!r}: {allowed}")
+RAY_INSTALL = 'pip install "ray[tune]==2.60.0"'  # the Ray version `run` is tested with; report/figures need no Ray
+FINISHED = ("completed", "diverged")  # a run with such a status is a result: it is not started again
 
 
 def trainer_defaults() -> dict[str, str]:
-    """Every Cfg field's default as gwt_ib.py --help prints it ('(default: X)'), as strings by field name.
-    Also a preflight: exits if the trainer cannot even print its help."""
+    """Every Cfg field's default as gwt_ib.py --help prints it ('(default: X)'), as strings by field name."""
     p = subprocess.run([sys.executable, str(TRAINER), "--help"], capture_output=True, text=True,
-                       env={**os.environ, "COLUMNS": "100000"}, cwd=str(TRAINER.parent))  # no line wrapping
-    if p.returncode != 0:
-        sys.exit(f"sweep.py: `{TRAINER.name} --help` failed (exit {p.returncode}): "
-                 f"{(p.stderr.strip().splitlines() or ['no output'])[-1]}")
-    text = " ".join(p.stdout.split())
-    return {m[1].replace("-", "_"): m[2] for m in
-            re.finditer(r"--([a-z0-9-]+) (?:\[BOOL\]|BOOL|INT|FLOAT|STR) .*?\(default: ([^)]*)\)", text)}
+                       env={**os.environ, "COLUMNS": "100000"})  # no line wrapping
+    if p.returncode:
+        sys.exit(f"sweep.py: `gwt_ib.py --help` failed (exit {p.returncode}): {p.stderr.strip()[-300:]}")
+    return {m[1].replace("-", "_"): m[2] for m in re.finditer(
+        r"--([a-z0-9-]+) (?:\[BOOL\]|BOOL|INT|FLOAT|STR) .*?\(default: ([^)]*)\)", " ".join(p.stdout.split()))}
 
 
 def check_existing(run_dir: Path, want: dict[str, str]) -> tuple[str, list[str]]:
-    """State of an existing run dir: 'completed', 'diverged', 'resumable', 'redo' and, when its config
-    contradicts the requested settings, the differing fields (a field that only one side has is not compared)."""
-    cfg = read_json(run_dir / "config.json")
-    summ = read_json(run_dir / "summary.json")
-    diff = []
-    if cfg is not None:
-        diff = [f"{k}: run has {cfg[k]!r}, requested {v!r}" for k, v in want.items()
-                if k not in NON_SEMANTIC and k in cfg and not same_value(cfg[k], v)]
+    """State of a run dir: 'completed', 'diverged', 'resumable' or 'redo' (also when there is none), and the
+    fields where its config contradicts the requested settings (a field that only one side has is not compared)."""
+    cfg, summ = read_json(run_dir / "config.json"), read_json(run_dir / "summary.json")
+    diff = [f"{k}: run has {cfg[k]!r}, requested {v!r}" for k, v in want.items()
+            if cfg is not None and k not in NON_SEMANTIC and k in cfg and not same_value(cfg[k], v)]
     if summ and summ.get("status") in FINISHED:
         return summ["status"], diff
-    if cfg is not None and (run_dir / "checkpoint.pt").exists():
-        return "resumable", diff
-    return "redo", diff
+    return ("resumable" if cfg is not None and (run_dir / "checkpoint.pt").exists() else "redo"), diff
 
 
-def trainer_command(job: dict, resume: bool, python: str) -> list[str]:
-    """A resumed run gets only its dir and how to run (its settings are in its config.json)."""
-    how = ["--progress", "false", "--torch-threads", str(job["cpus"]), "--device", job["device"]]
-    if resume:
-        return [python, job["trainer"], "--resume", str(Path(job["out"]) / job["name"])] + how
-    return [python, job["trainer"]] + job["argv"] + ["--out-dir", job["out"], "--run-name", job["name"]] + how
-
-
-class TrainerRun:
-    """One run's trainer subprocess as a Tune trial drives it (no Ray in here). Fresh start or --resume is
-    decided from the run dir when the trial starts, so a trial that Tune starts again (trainer crashed, node
-    lost) continues from the run's last checkpoint. next_result() tails metrics.jsonl, one row per call."""
-
-    def __init__(self, job: dict):
-        self.job, self.dir, self.t0 = job, Path(job["out"]) / job["name"], time.monotonic()
-        self.offset, self.last_update, self.pending, self.proc = 0, 0, [], None
-        self.state = check_existing(self.dir, {})[0]
-        self.resume = self.state == "resumable"
-        if self.state in FINISHED:
-            return
-        if not Path(job["trainer"]).is_file():
-            raise RuntimeError(f"{job['trainer']} not found on {socket.gethostname()}: every Ray node needs the "
-                               f"repository at the same path")
-        self.log = Path(job["out"]) / ".logs" / f"{job['name']}.txt"  # moves into the run dir once it exists
-        if self.resume:
-            self._move_log()
-        elif self.dir.exists():
-            shutil.rmtree(self.dir)  # nothing to resume: the trainer would write to another dir name
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.cfg_before = _stat(self.dir / "config.json")
-        cmd, n = trainer_command(job, self.resume, sys.executable), str(job["cpus"])
-        env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,
-               "PYTHONUNBUFFERED": "1"}
-        with open(self.log, "a") as f:
-            f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()} {shlex.join(cmd)}\n")
-            f.flush()  # the trainer gets its own session: a Ctrl-C reaches it only through Tune stopping the trial
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                         cwd=str(Path(job["trainer"]).parent), start_new_session=True)
-
-    def _move_log(self) -> None:
-        d = self.dir / "sweep_log.txt"
-        if self.log != d and self.dir.is_dir():
-            if self.log.exists():  # append: a resumed run's log already has the earlier parts
-                with open(d, "a") as f:
-                    f.write(self.log.read_text(errors="ignore"))
-                self.log.unlink()
-            self.log = d
-
-    def _rows(self) -> list[dict]:
-        """New complete rows of metrics.jsonl, in increasing update. Reading starts once the trainer has
-        (re)written config.json: a resumed trainer first drops the rows after its checkpoint."""
-        p = self.dir / "metrics.jsonl"
+def trainer_rows(job: dict):
+    """One run as its Tune trial sees it: gwt_ib.py as a subprocess (fresh, or --resume when the run dir has a
+    checkpoint, so that a trial that Tune starts again continues); yields its metrics.jsonl rows as the trainer
+    writes them, the last one with the run's summary and done=True. Closing the generator stops the trainer."""
+    d, n, t0, row, pos = Path(job["dir"]), str(job["cpus"]), time.monotonic(), {}, 0
+    state = check_existing(d, {})[0]
+    resume, log = state == "resumable", d.parent / ".logs" / f"{d.name}.txt"
+    if state not in FINISHED:  # (finished: a retried trial whose run completed meanwhile)
+        if not resume:
+            shutil.rmtree(d, ignore_errors=True)  # else the trainer would pick another dir name
+        wait = (d / "config.json").stat().st_mtime_ns if resume else None
+        # a resumed run gets only its dir and how to run (its settings are in its config.json)
+        cmd = [sys.executable, str(TRAINER)] + (["--resume", str(d)] if resume else job["argv"] + ["--out-dir", str(
+            d.parent), "--run-name", d.name]) + ["--progress", "false", "--torch-threads", n, "--device", job["device"]]
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "a") as f:
+            f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()} {shlex.join(cmd)}\n")
+            f.flush()  # own session: a Ctrl-C reaches the trainer only through Tune stopping the trial
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=TRAINER.parent, start_new_session=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n})
         try:
-            if self.cfg_before is not False:
-                if _stat(self.dir / "config.json") in (None, self.cfg_before):
-                    return []
-                self.cfg_before = False
-            if p.stat().st_size < self.offset:  # rewritten shorter: read it again
-                self.offset = 0
-            with open(p, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            return []
-        data = data[:data.rfind(b"\n") + 1]
-        self.offset += len(data)
-        rows = []
-        for line in data.splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if r.get("update", 0) > self.last_update:
-                self.last_update = r["update"]
-                rows.append(r)
-        return rows
-
-    def next_result(self, poll_s: float = 0.5) -> dict:
-        """The next metrics row; the last one carries done=True and the run's summary. Raises RuntimeError
-        with a one-line message when the trainer failed."""
-        while self.state not in FINISHED:
-            exited = self.proc.poll() is not None
-            self.pending += self._rows()  # read after poll(): a trainer that has exited wrote all its rows
-            if len(self.pending) > 1:
-                return self.pending.pop(0)
-            if exited:
-                self.finish()
-                return {**(self.pending.pop(0) if self.pending else {}), **self.final(), "done": True}
-            time.sleep(poll_s)
-        return {**self.final(), "done": True}
-
-    def finish(self) -> None:
-        rc = self.proc.returncode
-        self._move_log()
-        status = (read_json(self.dir / "summary.json") or {}).get("status")
-        if rc in (0, 3) and status in ("completed", "halted", "diverged"):
-            if status == "completed" and not self.job["keep_checkpoints"]:
-                (self.dir / "checkpoint.pt").unlink(missing_ok=True)  # model.pt stays
-            return
-        try:
-            tail = [l for l in self.log.read_text(errors="ignore").splitlines() if l.strip()][-1].strip()[:300]
-        except (OSError, IndexError):
-            tail = "no output"
-        raise RuntimeError(f"{self.job['name']}: trainer exited with code {rc}: {tail} (log: {self.log})")
-
-    def final(self) -> dict:
-        s = read_json(self.dir / "summary.json") or {}
-        return dict(status=s.get("status", "none"), final_eval=final_eval(s), gate_mean_c=s.get("mean_c"),
-                    verdict=(s.get("gatecheck") or {}).get("verdict", ""), run_wall_s=time.monotonic() - self.t0,
-                    resumed=self.resume, skipped=self.state in FINISHED)
-
-    def stop(self, wait_s: float = 4.0) -> None:
-        """SIGTERM: the trainer finishes its update, checkpoints and exits. Tune gives a stopping trial about
-        5 s; then Ray kills the worker and its children (the run resumes from its previous checkpoint)."""
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(wait_s)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        if self.proc is not None and self.proc.poll() is not None:
-            self._move_log()
-
-
-def _stat(p: Path):
-    try:
-        return p.stat().st_ino, p.stat().st_mtime_ns
-    except OSError:
-        return None
-
-
-def _ray_classes():
-    """The Tune trainable (one trial = one TrainerRun) and the driver's progress lines. Imports Ray."""
-    from ray import tune
-
-    class Run(tune.Trainable):
-        def setup(self, config, jobs=None):
-            self.run = TrainerRun(jobs[config["run"]])
-
-        def step(self):
-            return self.run.next_result()
-
-        def cleanup(self):
-            if getattr(self, "run", None) is not None:
-                self.run.stop()
-
-        def save_checkpoint(self, checkpoint_dir):  # the trainer's checkpoint.pt is the state
-            return None
-
-        def load_checkpoint(self, checkpoint):
-            pass
-
-    class Lines(tune.Callback):
-        """One line per finished or failed run, with its final eval; ETA from this invocation's pace."""
-
-        def __init__(self, total: int, done: int, todo: int):
-            self.total, self.done, self.left, self.here, self.t0 = total, done, todo, 0, time.monotonic()
-            self.failed = set()
-
-        def _eta(self) -> str:
-            el = time.monotonic() - self.t0
-            return f"elapsed {fmt_time(el)}" + (f", ETA ~{fmt_time(el / self.here * self.left)}"
-                                                if self.here and self.left else "")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            r = trial.last_result or {}
-            self.done, self.here, self.left = self.done + 1, self.here + 1, self.left - 1
-            how = "finished before" if r.get("skipped") else \
-                f"{r.get('status')} in {fmt_time(r.get('run_wall_s', 0))}{' (resumed)' * bool(r.get('resumed'))}"
-            print(f"[{self.done}/{self.total}] {trial.config['run']}: {how} | final_eval "
-                  f"{r.get('final_eval', float('nan')):.3f} {r.get('verdict', '')} | {self._eta()}", flush=True)
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            print(f"[retry] {trial.config['run']}: {_trial_error(trial)}; starting it again", flush=True)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.left -= 1
-            self.failed.add(trial.config["run"])
-            print(f"[failed] {trial.config['run']}: {_trial_error(trial)} | {self._eta()}", flush=True)
-
-    return Run, Lines
-
-
-def _trial_error(trial) -> str:
-    """The last line of a trial's error file: our RuntimeError's one-line message."""
-    try:
-        line = [l for l in Path(trial.error_file).read_text().splitlines() if l.strip()][-1].strip()
-    except (OSError, TypeError, IndexError):
-        return "failed (no error file)"
-    return line.removeprefix("RuntimeError: ").removeprefix(f"{trial.config['run']}: ")[:400]
-
-
-class _NoTraceback(logging.Filter):
-    """Tune logs every failed trial with a traceback; the sweep prints one line instead (the traceback
-    stays in the trial's error.txt)."""
-
-    def filter(self, record):
-        return not record.getMessage().startswith("Trial task failed")
+            while True:
+                exited = proc.poll() is not None  # poll first: a trainer that has exited wrote all its rows
+                if wait and (d / "config.json").stat().st_mtime_ns != wait:
+                    wait = None  # a resumed trainer drops the rows after its checkpoint, then rewrites config.json
+                try:
+                    with open(d / "metrics.jsonl", "rb") as m:
+                        m.seek(pos)
+                        data = b"" if wait else m.read()
+                except OSError:
+                    data = b""
+                data = data[:data.rfind(b"\n") + 1]
+                pos += len(data)
+                for line in data.splitlines():  # the newest row waits: the last one goes with the summary
+                    if row:
+                        yield row
+                    row = json.loads(line)
+                if exited:
+                    break
+                time.sleep(0.5)
+        finally:  # also when Tune stops the trial: the trainer finishes its update, checkpoints and exits
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()  # Tune kills the trial (and with it the trainer) if this takes too long
+        s = read_json(d / "summary.json") or {}
+        if proc.returncode not in (0, 3) or s.get("status") not in ("completed", "halted", "diverged"):
+            tail = ([l.strip() for l in log.read_text(errors="ignore").splitlines() if l.strip()] or ["no output"])[-1]
+            raise RuntimeError(f"{d.name}: trainer exited with code {proc.returncode}: {tail[:300]} (log: {log})")
+        if s["status"] == "completed" and not job["keep"]:
+            (d / "checkpoint.pt").unlink(missing_ok=True)  # model.pt stays
+    s = read_json(d / "summary.json") or {}
+    yield {**row, "done": True, "status": s.get("status"), "final_eval": final_eval(s), "gate_mean_c": s.get("mean_c"),
+           "verdict": (s.get("gatecheck") or {}).get("verdict", ""), "resumed": resume, "wall_s": time.monotonic() - t0}
 
 
 def cmd_run(a) -> int:
     out = Path(a.out).expanduser().resolve()  # Ray workers run elsewhere (another cwd, other nodes)
     envs = [e.strip() for e in a.envs.split(",") if e.strip()]
-    if not envs:
-        raise BadFlag("--envs", a.envs, "must name at least one env id")
-    variants, seeds = parse_variants(a.variants), parse_seeds(a.seeds)
-    for flag, ok, allowed in (("--total-timesteps", a.total_timesteps >= 1, "must be >= 1"),
-                              ("--cpus-per-trial", a.cpus_per_trial >= 1, "must be an integer >= 1"),
-                              ("--gpus-per-trial", a.gpus_per_trial >= 0, "must be >= 0"),
-                              ("--num-cpus", a.num_cpus is None or a.num_cpus >= 1, "must be an integer >= 1"),
-                              ("--max-failures", a.max_failures >= 0, "must be an integer >= 0")):
-        if not ok:
-            raise BadFlag(flag, getattr(a, flag[2:].replace("-", "_")), allowed)
-    if a.address and a.num_cpus is not None:
-        raise BadFlag("--num-cpus", a.num_cpus, "only for the local Ray instance (a cluster's nodes say what they have)")
-    device = a.device or ("cuda" if a.gpus_per_trial > 0 else "cpu")
-    if device == "cuda" and a.gpus_per_trial <= 0:
-        raise BadFlag("--device", device, "needs --gpus-per-trial > 0, so that Ray reserves a GPU for each run")
-    try:
-        extra = shlex.split(a.extra)
-        extra_fields = flags_to_fields(extra)
-    except ValueError as e:
-        raise BadFlag("--extra", a.extra, f"must be gwt_ib.py flags ({e})")
-    for f in ("env_id", "seed", "out_dir", "run_name", "resume"):
-        if f in extra_fields:
-            raise BadFlag("--extra", a.extra, f"must not set --{f.replace('_', '-')} (the sweep sets it)")
-    for v in variants:
-        clash = set(flags_to_fields(VARIANTS[v])) & set(extra_fields)
-        if clash:
-            print(f"warning: --extra sets {', '.join(sorted(clash))}, which variant {v} defines; "
-                  f"the variant's value wins", file=sys.stderr)
-    if not TRAINER.exists():
-        sys.exit(f"sweep.py: trainer not found at {TRAINER}")
     defaults = trainer_defaults()  # old runs are checked against every setting, not only the flags given
-    if "env_id" not in defaults or "total_timesteps" not in defaults:
-        print("warning: could not read the trainer's defaults from its --help; existing runs are checked only "
-              "against the flags this sweep passes", file=sys.stderr)
-        defaults = {}
-
-    # seed-major order: a sweep cut short still has every variant on the first seeds
-    plan = [(e, v, s) for s in seeds for e in envs for v in variants]
-    todo, finished, mismatched = [], 0, []
+    plan = [(e, v, s) for s in a.seeds for e in envs for v in a.variants]  # seed-major: a sweep cut short
+    jobs, finished, resumable, diffs = {}, 0, 0, []                         # has every variant on the first seeds
     for env, var, seed in plan:
         name = run_name(env, var, seed)
-        # variant flags come after --extra so that a variant always is what its name says
-        argv = ["--env-id", env, "--seed", str(seed), "--total-timesteps", str(a.total_timesteps)] + extra + VARIANTS[var]
-        job = dict(name=name, argv=argv, out=str(out), trainer=str(TRAINER), cpus=a.cpus_per_trial, device=device,
-                   keep_checkpoints=a.keep_checkpoints, redo=False)
-        if (out / name).exists():
-            state, diff = check_existing(out / name, {**defaults, **flags_to_fields(argv)})
-            if diff:
-                mismatched.append((job, diff))
-                continue
-            if state == "completed" or (state == "diverged" and not a.redo_diverged):
-                finished += 1
-                continue
-            job["redo"] = state != "resumable" or a.no_resume
-        todo.append(job)
-    if mismatched:
-        for job, diff in mismatched:
-            print(f"{job['name']}: existing run differs from this request: {'; '.join(diff)}", file=sys.stderr)
-        if not a.force:
-            print(f"sweep.py: {len(mismatched)} existing run(s) in {out} were made with other settings; use another "
-                  f"--out, or --force to delete and redo them", file=sys.stderr)
-            return 2
-        todo += [dict(job, redo=True) for job, _ in mismatched]
-
-    resume = [j["name"] for j in todo if not j["redo"] and (out / j["name"]).exists()]
-    where = f"Ray cluster at {a.address}" if a.address else f"local Ray instance ({a.num_cpus or os.cpu_count()} CPUs)"
-    print(f"sweep: {len(plan)} runs ({len(envs)} envs x {len(variants)} variants x {len(seeds)} seeds) into {out}; "
-          f"{finished} already finished, {len(resume)} to resume, {len(todo) - len(resume)} to start; {where}, "
-          f"{a.cpus_per_trial} CPU + {a.gpus_per_trial:g} GPU per trial", flush=True)
-    if a.dry_run:
-        for j in todo:
-            print(shlex.join(trainer_command(j, j["name"] in resume, sys.executable)))
-        return 0
-    if not todo:
+        # the variant's flags come after --extra, so that a variant always is what its name says
+        argv = ["--env-id", env, "--seed", str(seed), "--total-timesteps", str(a.total_timesteps), *a.extra, *VARIANTS[var]]
+        state, diff = check_existing(out / name, {**defaults, **flags_to_fields(argv)})
+        diffs += [f"{name}: {'; '.join(diff)}"] * bool(diff)
+        finished, resumable = finished + (state in FINISHED), resumable + (state == "resumable")
+        if state not in FINISHED:
+            jobs[name] = dict(name=name, dir=str(out / name), argv=argv, cpus=a.cpus_per_trial, keep=a.keep_checkpoints,
+                              device=a.device or ("cuda" if a.gpus_per_trial > 0 else "cpu"))
+    if diffs:
+        print(f"sweep.py run: error: {len(diffs)} existing run(s) in {out} were made with other settings (e.g. "
+              f"{diffs[0]}); use another --out, or delete them", file=sys.stderr)
+        return 2
+    print(f"sweep: {len(plan)} runs ({len(envs)} envs x {len(a.variants)} variants x {len(a.seeds)} seeds) into {out}; "
+          f"{finished} already finished, {resumable} to resume, {len(jobs) - resumable} to start", flush=True)
+    if not jobs:
         print("nothing to do")
         return 0
     try:
@@ -496,52 +283,50 @@ def cmd_run(a) -> int:
         print(f"sweep.py run: error: Ray Tune is not installed ({e}); install it with: {RAY_INSTALL}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    for j in todo:  # settings mismatch (--force), --no-resume, --redo-diverged, or nothing to resume from
-        if j["redo"] and (out / j["name"]).exists():
-            shutil.rmtree(out / j["name"])
-    manifest = dict(envs=envs, variants={v: VARIANTS[v] for v in variants}, seeds=seeds,
-                    total_timesteps=a.total_timesteps, extra=extra, trainer=str(TRAINER), python=sys.executable,
-                    updated=time.strftime("%Y-%m-%d %H:%M:%S"))
-    old = read_json(out / "sweep.json") or {}
-    for k in ("envs", "seeds"):  # several invocations into one --out: keep the union
-        manifest[k] = list(dict.fromkeys(list(old.get(k, [])) + manifest[k]))
-    manifest["variants"] = {**old.get("variants", {}), **manifest["variants"]}
-    (out / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    old = read_json(out / "sweep.json") or {}  # several invocations into one --out: the union
+    (out / "sweep.json").write_text(json.dumps(dict(
+        envs=list(dict.fromkeys(old.get("envs", []) + envs)), seeds=list(dict.fromkeys(old.get("seeds", []) + a.seeds)),
+        variants={**old.get("variants", {}), **{v: VARIANTS[v] for v in a.variants}}, extra=a.extra,
+        total_timesteps=a.total_timesteps, python=sys.executable, updated=time.strftime("%Y-%m-%d %H:%M")), indent=2))
+    ray.init(address=a.address, logging_level="warning", log_to_driver=False,
+             **({} if a.address else dict(num_cpus=a.num_cpus or os.cpu_count(), include_dashboard=False)))
+    # SIGTERM (a scheduler, kill) stops like Ctrl-C: Tune stops the trials, each trainer checkpoints and exits
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
 
-    local = {} if a.address else dict(num_cpus=a.num_cpus or os.cpu_count(), include_dashboard=False)
-    ray.init(address=a.address, logging_level=logging.WARNING, log_to_driver=False, **local)
-    if __name__ != "__main__":  # imported (tests, notebooks): workers get this module's classes by value
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    # SIGTERM (a scheduler, kill) stops like Ctrl-C: Tune stops the trials, each trainer checkpoints
-    signal.signal(signal.SIGTERM, lambda s, f: os.kill(os.getpid(), signal.SIGINT))
-    logging.getLogger("ray.tune.execution.tune_controller").addFilter(_NoTraceback())
-    Run, Lines = _ray_classes()
-    lines = Lines(len(plan), finished, len(todo))
-    exp, t0 = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", time.monotonic()
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(Run, jobs={j["name"]: j for j in todo}),
-                            {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial}),
-        param_space={"run": tune.grid_search([j["name"] for j in todo])},  # the trial table shows the run names
-        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["run"],
-                                    trial_dirname_creator=lambda t: t.config["run"]),
-        run_config=tune.RunConfig(name=exp, storage_path=str(out / ".tune"), verbose=a.verbose,
-                                  callbacks=[lines],
-                                  failure_config=tune.FailureConfig(max_failures=a.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))
+    class Run(tune.Trainable):  # a class: Tune waits for cleanup() when it stops a trial, so the trainer checkpoints
+        def setup(self, config, jobs):
+            self.rows = trainer_rows(jobs[config["run"]])
+
+        def step(self):
+            return next(self.rows)
+
+        def cleanup(self):
+            self.rows.close()
+
+    class Lines(tune.Callback):  # one line per finished run, with its final eval
+        done = finished
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done, r = self.done + 1, trial.last_result
+            print(f"[{self.done}/{len(plan)}] {trial.config['run']}: {r.get('status')}{' (resumed)' * r['resumed']} in "
+                  f"{r['wall_s']:.0f} s | final_eval {r['final_eval']:.3f} {r['verdict']}", flush=True)
+
+    exp = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        tuner.fit()
+        tune.Tuner(tune.with_resources(tune.with_parameters(Run, jobs=jobs),
+                                       {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial}),
+                   param_space={"run": tune.grid_search(list(jobs))},  # Tune's trial table shows the run names
+                   tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["run"],
+                                               trial_dirname_creator=lambda t: t.config["run"]),
+                   run_config=tune.RunConfig(name=exp, storage_path=str(out / ".tune"), verbose=a.verbose, callbacks=[
+                       Lines()], checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+                       failure_config=tune.FailureConfig(max_failures=a.max_failures))).fit()
     finally:
         ray.shutdown()
-    states = {n: "failed" if n in lines.failed else (read_json(out / n / "summary.json") or {}).get("status", "not run")
-              for n in (run_name(*r) for r in plan)}
-    done = sum(s in FINISHED for s in states.values())
-    counts = {s: list(states.values()).count(s) for s in sorted(set(states.values()))}
-    print(f"sweep: {done}/{len(plan)} finished ({', '.join(f'{k} {v}' for k, v in counts.items())}) in "
-          f"{fmt_time(time.monotonic() - t0)}; Tune's results (TensorBoard, CSV): {out / '.tune' / exp}", flush=True)
-    if done < len(plan):
-        print("sweep: not finished: " + ", ".join(n for n, s in states.items() if s not in FINISHED)
-              + "; run the same command again to resume them", file=sys.stderr)
-    return 0 if done == len(plan) else 1
+    left = [n for n in (run_name(*r) for r in plan) if check_existing(out / n, {})[0] not in FINISHED]
+    print(f"sweep: {len(plan) - len(left)}/{len(plan)} finished; Tune's results (TensorBoard, CSV): {out / '.tune' / exp}"
+          + (f"; not finished: {', '.join(left)} (run the same command again to resume)" * bool(left)), flush=True)
+    return 1 if left else 0
 
 
 # ============================================================================ collect
@@ -979,31 +764,23 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run variants x seeds x envs as Ray Tune trials (one gwt_ib.py subprocess each)")
     r.add_argument("--envs", default="popgym-CountRecallEasy-v0,popgym-RepeatPreviousEasy-v0", help="comma-separated env ids")
-    r.add_argument("--variants", default="all", help=f"'all' or a comma-separated subset of: {', '.join(VARIANTS)}")
-    r.add_argument("--seeds", default="0,1,2", help="e.g. 0,1,2 or 0-4")
-    r.add_argument("--total-timesteps", type=int, default=500_000)
-    r.add_argument("--out", default=str(HERE / "sweep"), help="parent folder of the run dirs (made absolute; on a "
-                   "cluster it must be a path that every node sees)")
-    r.add_argument("--extra", default="", help='more gwt_ib.py flags for every run, e.g. "--num-envs 32 --eval-every 5"')
-    r.add_argument("--address", default=None, help="join a running Ray cluster: 'auto' (on a node of it) or HOST:PORT "
-                   "of its head; default: start a local Ray instance on this machine")
-    r.add_argument("--num-cpus", "--jobs", dest="num_cpus", type=int, default=None, help="CPUs of the local Ray "
-                   "instance (default: os.cpu_count()); runs in parallel = num-cpus / cpus-per-trial. --jobs N, the "
-                   "old flag, is the same")
-    r.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs Ray reserves per run; also the trainer's "
-                   "--torch-threads and OMP/MKL/OPENBLAS_NUM_THREADS (default 1)")
-    r.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs Ray reserves per run, e.g. 1 or 0.5 (default 0)")
-    r.add_argument("--device", default=None, choices=("cpu", "auto", "cuda"), help="gwt_ib.py --device for every run "
-                   "(default: cuda with --gpus-per-trial > 0, else cpu)")
-    r.add_argument("--max-failures", type=int, default=1, help="times Tune starts a failed run again (trainer crashed, "
-                   "node lost); a retry resumes the run's checkpoint (default 1)")
-    r.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's console output: 0 only the sweep's "
-                   "lines, 1 also Tune's trial table now and then, 2 also every reported row (default 1)")
-    r.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint.pt of completed runs (deleted by default)")
-    r.add_argument("--no-resume", action="store_true", help="redo unfinished runs from scratch instead of resuming their checkpoint")
-    r.add_argument("--redo-diverged", action="store_true", help="redo runs whose status is diverged (kept as results by default)")
-    r.add_argument("--force", action="store_true", help="delete and redo existing runs made with other settings")
-    r.add_argument("--dry-run", action="store_true", help="print the commands; change nothing; no Ray needed")
+    r.add_argument("--variants", type=parse_variants, default="all", help=f"'all' or some of: {', '.join(VARIANTS)}")
+    r.add_argument("--seeds", type=parse_seeds, default="0,1,2", help="e.g. 0,1,2 or 0-4")
+    r.add_argument("--total-timesteps", type=at_least(1), default=500_000)
+    r.add_argument("--out", default=str(HERE / "sweep"), help="folder of the run dirs (on a cluster: seen by every node)")
+    r.add_argument("--extra", type=parse_extra, default="", help='gwt_ib.py flags for every run (a variant\'s own win)')
+    r.add_argument("--address", help="join a running Ray cluster: 'auto' (on one of its nodes) or HOST:PORT of its "
+                   "head; default: a local Ray instance")
+    r.add_argument("--num-cpus", "--jobs", dest="num_cpus", type=at_least(1), help="CPUs of the local Ray instance "
+                   "(default: os.cpu_count()); runs at once = num-cpus / cpus-per-trial")
+    r.add_argument("--cpus-per-trial", type=at_least(1), default=1, help="CPUs per run; also its --torch-threads and "
+                   "OMP/MKL/OPENBLAS_NUM_THREADS (default 1)")
+    r.add_argument("--gpus-per-trial", type=at_least(0, float), default=0, help="GPUs per run, e.g. 1 or 0.5 (default 0)")
+    r.add_argument("--device", choices=("cpu", "auto", "cuda"), help="default: cuda if --gpus-per-trial > 0, else cpu")
+    r.add_argument("--max-failures", type=at_least(0), default=1, help="times Tune starts a failed run again; it "
+                   "resumes the run's checkpoint (default 1)")
+    r.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's console output (default 1)")
+    r.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint.pt of completed runs")
     for name, h in (("report", "results.csv and results.md from the run dirs"), ("figures", "PNG figures from the run dirs")):
         s = sub.add_parser(name, help=h)
         s.add_argument("--out", default=str(HERE / "sweep"), help="the sweep folder given to run")
@@ -1014,11 +791,7 @@ def main(argv=None) -> int:
             s.add_argument("--timeline-variant", default="gwt_ib")
             s.add_argument("--timeline-seed", type=int, default=None, help="default: the lowest seed with a trace")
     a = p.parse_args(argv)
-    try:
-        return {"run": cmd_run, "report": cmd_report, "figures": cmd_figures}[a.cmd](a)
-    except BadFlag as e:
-        print(f"sweep.py {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    return {"run": cmd_run, "report": cmd_report, "figures": cmd_figures}[a.cmd](a)
 
 
 if __name__ == "__main__":
