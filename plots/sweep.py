@@ -1,11 +1,13 @@
-"""Ablation sweep for gwt_ib.py: run (variants x seeds x envs), report (results.csv/.md), figures (PNGs).
+"""Ablation sweep for gwt_ib.py: run (variants x seeds x envs on Ray Tune), report (results.csv/.md), figures (PNGs).
 
     python plots/sweep.py run --envs popgym-CountRecallEasy-v0,popgym-RepeatPreviousEasy-v0 \
-        --variants all --seeds 0,1,2 --total-timesteps 500000 --out plots/sweep [--jobs N] [--extra "..."]
+        --variants all --seeds 0,1,2 --total-timesteps 500000 --out plots/sweep [--extra "..."]
+    python plots/sweep.py run ... --address auto --out /shared/sweep      # on a Ray cluster (ray start --head)
     python plots/sweep.py report  --out plots/sweep      # -> plots/results.csv, plots/results.md
     python plots/sweep.py figures --out plots/sweep      # -> plots/*.png
 
-Every run is one `python gwt_ib.py` subprocess named {env}__{variant}__s{seed} under --out. Outputs of
+Every run is one Ray Tune trial that runs one `python gwt_ib.py` subprocess named {env}__{variant}__s{seed}
+under --out. `run` needs Ray Tune (pip install "ray[tune]==2.60.0"); report and figures do not. Outputs of
 report/figures go to --dest, which defaults to the parent folder of --out (plots/ for plots/sweep).
 Only gwt_ib.py's command line and output files are used (config.json, metrics.jsonl, summary.json,
 eval_trace.json); nothing is imported from it. Needs numpy and matplotlib, not scipy.
@@ -21,6 +23,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,8 +53,9 @@ VARIANT_DOC = {
 }
 RUN_RE = re.compile(r"^(?P<env>.+)__(?P<variant>[A-Za-z0-9_]+?)__s(?P<seed>\d+)$")
 # config fields that do not change what a run computes: ignored when checking an old run against the request
+# (a field that only one side has, e.g. renamed in the trainer, is not compared either)
 NON_SEMANTIC = {"out_dir", "run_name", "progress", "torch_threads", "device", "log_every", "checkpoint_every",
-                "save_plot", "compile", "halt_after", "async_envs", "env_workers"}
+                "save_plot", "compile", "cpu_kernel", "halt_after", "async_envs", "env_workers"}
 FINAL_K = 3  # "final eval" = mean of the last FINAL_K evaluations of a run
 
 
@@ -62,27 +66,39 @@ def run_name(env: str, variant: str, seed: int) -> str:
 
 def parse_seeds(s: str) -> list[int]:
     """"0,1,2" or "0-4" or a mix ("0-2,7")."""
-    out = []
-    for part in s.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if re.fullmatch(r"\d+-\d+", part):
-            a, b = map(int, part.split("-"))
-            out += list(range(a, b + 1))
-        else:
-            out.append(int(part))
+    parts = [p.strip() for p in s.split(",") if p.strip()]
+    if not parts or not all(re.fullmatch(r"\d+(-\d+)?", p) for p in parts):
+        raise argparse.ArgumentTypeError(f"{s!r}: must be integers >= 0 or ranges, e.g. 0,1,2 or 0-4")
+    out = [i for p in parts for i in range(int(p.split("-")[0]), int(p.split("-")[-1]) + 1)]
     return list(dict.fromkeys(out))
 
 
 def parse_variants(s: str) -> list[str]:
-    if s.strip() == "all":
-        return list(VARIANTS)
-    names = [v.strip() for v in s.split(",") if v.strip()]
-    bad = [v for v in names if v not in VARIANTS]
-    if bad:
-        sys.exit(f"sweep.py: unknown variant(s) {', '.join(bad)}; known: {', '.join(VARIANTS)}")
+    names = list(VARIANTS) if s.strip() == "all" else [v.strip() for v in s.split(",") if v.strip()]
+    if not names or any(v not in VARIANTS for v in names):
+        raise argparse.ArgumentTypeError(f"{s!r}: must be 'all' or a comma-separated subset of: {', '.join(VARIANTS)}")
     return names
+
+
+def parse_extra(s: str) -> list[str]:
+    try:
+        argv = shlex.split(s)
+        fields = flags_to_fields(argv)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{s!r}: must be gwt_ib.py flags ({e})")
+    for f in ("env_id", "seed", "out_dir", "run_name", "resume"):
+        if f in fields:
+            raise argparse.ArgumentTypeError(f"{s!r}: must not set --{f.replace('_', '-')} (the sweep sets it)")
+    return argv
+
+
+def at_least(lo, kind=int):
+    """An argparse type: a number of `kind` >= lo."""
+    def check(s: str):
+        if not re.fullmatch(r"\d+" if kind is int else r"\d+(\.\d*)?", s.strip()) or kind(s) < lo:
+            raise argparse.ArgumentTypeError(f"{s!r}: must be {'an integer' if kind is int else 'a number'} >= {lo}")
+        return kind(s)
+    return check
 
 
 def flags_to_fields(argv: list[str]) -> dict[str, str]:
@@ -91,7 +107,7 @@ def flags_to_fields(argv: list[str]) -> dict[str, str]:
     while i < len(argv):
         a = argv[i]
         if not a.startswith("--"):
-            sys.exit(f"sweep.py: cannot read override {a!r} in {argv}")
+            raise ValueError(f"cannot read {a!r}: expected a --flag")
         if "=" in a:
             k, v = a[2:].split("=", 1)
             i += 1
@@ -127,11 +143,6 @@ def read_json(p: Path):
         return None
 
 
-def fmt_time(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 # 97.5% quantiles of Student's t (two-sided 95% CI), df = 1..30
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -159,253 +170,163 @@ def mean_ci(xs) -> tuple[float, float, int]:
     return float(x.mean()), float(t975(n - 1) * x.std(ddof=1) / math.sqrt(n)), n
 
 
-# ============================================================================ run
-class Job:
-    def __init__(self, name, env, variant, seed, argv, resume):
-        self.name, self.env, self.variant, self.seed, self.argv, self.resume = name, env, variant, seed, argv, resume
-        self.proc = None
-        self.log_f = None
-        self.log_path = None
-        self.t0 = 0.0
+# ============================================================================ run (Ray Tune)
+RAY_INSTALL = 'pip install "ray[tune]==2.60.0"'  # the Ray version `run` is tested with; report/figures need no Ray
+FINISHED = ("completed", "diverged")  # a run with such a status is a result: it is not started again
 
 
 def trainer_defaults() -> dict[str, str]:
-    """Every Cfg field's default as gwt_ib.py --help prints it ('(default: X)'), as strings by field name.
-    Also a preflight: exits if the trainer cannot even print its help."""
+    """Every Cfg field's default as gwt_ib.py --help prints it ('(default: X)'), as strings by field name."""
     p = subprocess.run([sys.executable, str(TRAINER), "--help"], capture_output=True, text=True,
-                       env={**os.environ, "COLUMNS": "100000"}, cwd=str(TRAINER.parent))  # no line wrapping
-    if p.returncode != 0:
-        sys.exit(f"sweep.py: `{TRAINER.name} --help` failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
-    text = " ".join(p.stdout.split())
-    return {m[1].replace("-", "_"): m[2] for m in
-            re.finditer(r"--([a-z0-9-]+) (?:\[BOOL\]|BOOL|INT|FLOAT|STR) .*?\(default: ([^)]*)\)", text)}
+                       env={**os.environ, "COLUMNS": "100000"})  # no line wrapping
+    if p.returncode:
+        sys.exit(f"sweep.py: `gwt_ib.py --help` failed (exit {p.returncode}): {p.stderr.strip()[-300:]}")
+    return {m[1].replace("-", "_"): m[2] for m in re.finditer(
+        r"--([a-z0-9-]+) (?:\[BOOL\]|BOOL|INT|FLOAT|STR) .*?\(default: ([^)]*)\)", " ".join(p.stdout.split()))}
 
 
 def check_existing(run_dir: Path, want: dict[str, str]) -> tuple[str, list[str]]:
-    """State of an existing run dir: 'completed', 'diverged', 'resumable', 'redo' and, when its config
-    contradicts the requested overrides, the differing fields."""
-    cfg = read_json(run_dir / "config.json")
-    summ = read_json(run_dir / "summary.json")
-    diff = []
-    if cfg is not None:
-        diff = [f"{k}: run has {cfg[k]!r}, requested {v!r}" for k, v in want.items()
-                if k not in NON_SEMANTIC and k in cfg and not same_value(cfg[k], v)]
-    if summ and summ.get("status") in ("completed", "diverged"):
+    """State of a run dir: 'completed', 'diverged', 'resumable' or 'redo' (also when there is none), and the
+    fields where its config contradicts the requested settings (a field that only one side has is not compared)."""
+    cfg, summ = read_json(run_dir / "config.json"), read_json(run_dir / "summary.json")
+    diff = [f"{k}: run has {cfg[k]!r}, requested {v!r}" for k, v in want.items()
+            if cfg is not None and k not in NON_SEMANTIC and k in cfg and not same_value(cfg[k], v)]
+    if summ and summ.get("status") in FINISHED:
         return summ["status"], diff
-    if cfg is not None and (run_dir / "checkpoint.pt").exists():
-        return "resumable", diff
-    return "redo", diff
+    return ("resumable" if cfg is not None and (run_dir / "checkpoint.pt").exists() else "redo"), diff
 
 
-def last_progress(run_dir: Path) -> str:
-    """'env_steps/total' from the last line of a running run's metrics.jsonl."""
-    try:
-        with open(run_dir / "metrics.jsonl", "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            line = f.read().decode(errors="ignore").strip().splitlines()[-1]
-        return f"{json.loads(line)['env_steps']:,}"
-    except Exception:
-        return "starting"
-
-
-def acquire_lock(out: Path) -> Path:
-    lock = out / ".sweep.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
+def trainer_rows(job: dict):
+    """One run as its Tune trial sees it: gwt_ib.py as a subprocess (fresh, or --resume when the run dir has a
+    checkpoint, so that a trial that Tune starts again continues); yields its metrics.jsonl rows as the trainer
+    writes them, the last one with the run's summary and done=True. Closing the generator stops the trainer."""
+    d, n, t0, row, pos = Path(job["dir"]), str(job["cpus"]), time.monotonic(), {}, 0
+    state = check_existing(d, {})[0]
+    resume, log = state == "resumable", d.parent / ".logs" / f"{d.name}.txt"
+    if state not in FINISHED:  # (finished: a retried trial whose run completed meanwhile)
+        if not resume:
+            shutil.rmtree(d, ignore_errors=True)  # else the trainer would pick another dir name
+        wait = (d / "config.json").stat().st_mtime_ns if resume else None
+        # a resumed run gets only its dir and how to run (its settings are in its config.json)
+        cmd = [sys.executable, str(TRAINER)] + (["--resume", str(d)] if resume else job["argv"] + ["--out-dir", str(
+            d.parent), "--run-name", d.name]) + ["--progress", "false", "--torch-threads", n, "--device", job["device"]]
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "a") as f:
+            f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()} {shlex.join(cmd)}\n")
+            f.flush()  # own session: a Ctrl-C reaches the trainer only through Tune stopping the trial
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=TRAINER.parent, start_new_session=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n})
         try:
-            pid = int(lock.read_text().strip())
-            os.kill(pid, 0)
-            sys.exit(f"sweep.py: another sweep (pid {pid}) is running into {out}; remove {lock} if it is not")
-        except (ValueError, ProcessLookupError, PermissionError):
-            lock.unlink(missing_ok=True)  # stale lock of a dead sweep
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return lock
+            while True:
+                exited = proc.poll() is not None  # poll first: a trainer that has exited wrote all its rows
+                if wait and (d / "config.json").stat().st_mtime_ns != wait:
+                    wait = None  # a resumed trainer drops the rows after its checkpoint, then rewrites config.json
+                try:
+                    with open(d / "metrics.jsonl", "rb") as m:
+                        m.seek(pos)
+                        data = b"" if wait else m.read()
+                except OSError:
+                    data = b""
+                data = data[:data.rfind(b"\n") + 1]
+                pos += len(data)
+                for line in data.splitlines():  # the newest row waits: the last one goes with the summary
+                    if row:
+                        yield row
+                    row = json.loads(line)
+                if exited:
+                    break
+                time.sleep(0.5)
+        finally:  # also when Tune stops the trial: the trainer finishes its update, checkpoints and exits
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()  # Tune kills the trial (and with it the trainer) if this takes too long
+        s = read_json(d / "summary.json") or {}
+        if proc.returncode not in (0, 3) or s.get("status") not in ("completed", "halted", "diverged"):
+            tail = ([l.strip() for l in log.read_text(errors="ignore").splitlines() if l.strip()] or ["no output"])[-1]
+            raise RuntimeError(f"{d.name}: trainer exited with code {proc.returncode}: {tail[:300]} (log: {log})")
+        if s["status"] == "completed" and not job["keep"]:
+            (d / "checkpoint.pt").unlink(missing_ok=True)  # model.pt stays
+    s = read_json(d / "summary.json") or {}
+    yield {**row, "done": True, "status": s.get("status"), "final_eval": final_eval(s), "gate_mean_c": s.get("mean_c"),
+           "verdict": (s.get("gatecheck") or {}).get("verdict", ""), "resumed": resume, "wall_s": time.monotonic() - t0}
 
 
 def cmd_run(a) -> int:
-    out = Path(a.out)
+    out = Path(a.out).expanduser().resolve()  # Ray workers run elsewhere (another cwd, other nodes)
     envs = [e.strip() for e in a.envs.split(",") if e.strip()]
-    variants = parse_variants(a.variants)
-    seeds = parse_seeds(a.seeds)
-    extra = shlex.split(a.extra) if a.extra else []
-    extra_fields = flags_to_fields(extra)
-    for f in ("env_id", "seed", "out_dir", "run_name", "resume"):
-        if f in extra_fields:
-            sys.exit(f"sweep.py: --extra must not set --{f.replace('_', '-')} (the sweep sets it)")
-    for v in variants:
-        clash = set(flags_to_fields(VARIANTS[v])) & set(extra_fields)
-        if clash:
-            print(f"warning: --extra sets {', '.join(sorted(clash))}, which variant {v} defines; "
-                  f"the variant's value wins", file=sys.stderr)
-    if not TRAINER.exists():
-        sys.exit(f"sweep.py: trainer not found at {TRAINER}")
-    out.mkdir(parents=True, exist_ok=True)
-    jobs_n = a.jobs or os.cpu_count() or 1
     defaults = trainer_defaults()  # old runs are checked against every setting, not only the flags given
-    if "env_id" not in defaults or "total_timesteps" not in defaults:
-        print("warning: could not read the trainer's defaults from its --help; existing runs are checked only "
-              "against the flags this sweep passes", file=sys.stderr)
-        defaults = {}
-
-    # seed-major order: a sweep cut short still has every variant on the first seeds
-    plan = [(e, v, s) for s in seeds for e in envs for v in variants]
-    todo, skipped, mismatched = [], 0, []
+    plan = [(e, v, s) for s in a.seeds for e in envs for v in a.variants]  # seed-major: a sweep cut short
+    jobs, finished, resumable, diffs = {}, 0, 0, []                         # has every variant on the first seeds
     for env, var, seed in plan:
         name = run_name(env, var, seed)
-        # variant flags come after --extra so that a variant always is what its name says
-        over = ["--env-id", env, "--seed", str(seed), "--total-timesteps", str(a.total_timesteps)] + extra + VARIANTS[var]
-        want = {**defaults, **flags_to_fields(over)}
-        d = out / name
-        resume = False
-        if d.exists():
-            state, diff = check_existing(d, want)
-            if diff:
-                mismatched.append((name, diff))
-                continue
-            if state == "completed" or (state == "diverged" and not a.redo_diverged):
-                skipped += 1
-                continue
-            if state == "resumable" and not a.no_resume:
-                resume = True
-            elif not a.dry_run:
-                shutil.rmtree(d)
-        todo.append(Job(name, env, var, seed, over, resume))
-    if mismatched:
-        for name, diff in mismatched:
-            print(f"{name}: existing run differs from this request: {'; '.join(diff)}", file=sys.stderr)
-        if not a.force:
-            print(f"sweep.py: {len(mismatched)} existing run(s) in {out} were made with other settings; use another "
-                  f"--out, or --force to delete and redo them", file=sys.stderr)
-            return 2
-        for name, _ in mismatched:
-            env, var, seed = next((e, v, s) for e, v, s in plan if run_name(e, v, s) == name)
-            over = ["--env-id", env, "--seed", str(seed), "--total-timesteps", str(a.total_timesteps)] + extra + VARIANTS[var]
-            if not a.dry_run:
-                shutil.rmtree(out / name)
-            todo.append(Job(name, env, var, seed, over, False))
-
-    manifest = dict(envs=envs, variants={v: VARIANTS[v] for v in variants}, seeds=seeds,
-                    total_timesteps=a.total_timesteps, extra=extra, trainer=str(TRAINER), python=sys.executable,
-                    updated=time.strftime("%Y-%m-%d %H:%M:%S"))
-    old = read_json(out / "sweep.json") or {}
-    for k in ("envs", "seeds"):  # several invocations into one --out: keep the union
-        manifest[k] = list(dict.fromkeys(list(old.get(k, [])) + manifest[k]))
-    manifest["variants"] = {**old.get("variants", {}), **manifest["variants"]}
-
-    total = len(plan)
-    print(f"sweep: {total} runs ({len(envs)} envs x {len(variants)} variants x {len(seeds)} seeds) into {out}; "
-          f"{skipped} already finished, {sum(j.resume for j in todo)} to resume, "
-          f"{sum(not j.resume for j in todo)} to start; {jobs_n} parallel jobs", flush=True)
-
-    def command(j: Job) -> list[str]:
-        sysflags = ["--torch-threads", "1", "--progress", "false", "--device", a.device]
-        if j.resume:
-            return [sys.executable, str(TRAINER), "--resume", str(out / j.name)] + j.argv + sysflags
-        return [sys.executable, str(TRAINER)] + j.argv + ["--out-dir", str(out), "--run-name", j.name] + sysflags
-
-    if a.dry_run:
-        for j in todo:
-            print(shlex.join(command(j)))
-        return 0
-    if not todo:
+        # the variant's flags come after --extra, so that a variant always is what its name says
+        argv = ["--env-id", env, "--seed", str(seed), "--total-timesteps", str(a.total_timesteps), *a.extra, *VARIANTS[var]]
+        state, diff = check_existing(out / name, {**defaults, **flags_to_fields(argv)})
+        diffs += [f"{name}: {'; '.join(diff)}"] * bool(diff)
+        finished, resumable = finished + (state in FINISHED), resumable + (state == "resumable")
+        if state not in FINISHED:
+            jobs[name] = dict(name=name, dir=str(out / name), argv=argv, cpus=a.cpus_per_trial, keep=a.keep_checkpoints,
+                              device=a.device or ("cuda" if a.gpus_per_trial > 0 else "cpu"))
+    if diffs:
+        print(f"sweep.py run: error: {len(diffs)} existing run(s) in {out} were made with other settings (e.g. "
+              f"{diffs[0]}); use another --out, or delete them", file=sys.stderr)
+        return 2
+    print(f"sweep: {len(plan)} runs ({len(envs)} envs x {len(a.variants)} variants x {len(a.seeds)} seeds) into {out}; "
+          f"{finished} already finished, {resumable} to resume, {len(jobs) - resumable} to start", flush=True)
+    if not jobs:
         print("nothing to do")
         return 0
-
-    lock = acquire_lock(out)
-    (out / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    logdir = out / ".logs"
-    logdir.mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}
-    pending, running, failed = list(todo), [], []
-    done = skipped
-    t_start = time.monotonic()
-    last_beat = t_start
-    stopping = [0]
-
-    def on_signal(signum, frame):
-        stopping[0] += 1
-        sig = signal.SIGTERM if stopping[0] == 1 else signal.SIGKILL
-        print(f"\n[{signal.Signals(signum).name}] stopping: {'asking' if sig == signal.SIGTERM else 'killing'} "
-              f"{len(running)} running run(s) (they checkpoint and can be resumed by running this again)"
-              + ("; again to kill them" if sig == signal.SIGTERM else ""), file=sys.stderr, flush=True)
-        for j in running:
-            try:
-                os.kill(j.proc.pid, sig)  # each child is its own session: only these pids, one by one
-            except ProcessLookupError:
-                pass
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while pending or running:
-            if len(failed) >= a.max_failures and done == skipped and pending:
-                print(f"sweep: {len(failed)} runs failed and none finished: not starting the other {len(pending)} "
-                      f"(--max-failures {a.max_failures}); look at the logs above", file=sys.stderr, flush=True)
-                pending.clear()
-            while pending and len(running) < jobs_n and not stopping[0]:
-                j = pending.pop(0)
-                j.log_path = (out / j.name / "sweep_log.txt") if j.resume else (logdir / f"{j.name}.txt")
-                j.log_f = open(j.log_path, "a")
-                j.log_f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command(j))}\n")
-                j.log_f.flush()
-                j.proc = subprocess.Popen(command(j), stdout=j.log_f, stderr=subprocess.STDOUT, env=env,
-                                          cwd=str(TRAINER.parent), start_new_session=True)
-                j.t0 = time.monotonic()
-                running.append(j)
-            if stopping[0] and not running:
-                break
-            time.sleep(0.5)
-            for j in list(running):
-                rc = j.proc.poll()
-                if rc is None:
-                    continue
-                running.remove(j)
-                j.log_f.close()
-                d = out / j.name
-                if not j.resume and d.is_dir():  # the trainer made the dir: move the log into it
-                    shutil.move(str(j.log_path), d / "sweep_log.txt")
-                    j.log_path = d / "sweep_log.txt"
-                summ = read_json(d / "summary.json") or {}
-                status = summ.get("status", f"crashed (exit {rc})")
-                if status == "completed" and not a.keep_checkpoints:
-                    (d / "checkpoint.pt").unlink(missing_ok=True)  # 6 MB each; model.pt stays
-                elapsed = time.monotonic() - t_start
-                if status in ("completed", "diverged"):
-                    done += 1
-                    ge = summ.get("gatecheck", {})
-                    info = (f"final_eval {summ.get('final_eval', float('nan')):.3f} mean_c {summ.get('mean_c', float('nan')):.3f} "
-                            f"{ge.get('verdict', '?')}")
-                elif stopping[0]:
-                    info = f"stopped; resumable: {(d / 'checkpoint.pt').exists()}"
-                else:
-                    failed.append(j)
-                    info = f"see {j.log_path}"
-                    tail = j.log_path.read_text(errors="ignore").strip().splitlines()[-3:] if j.log_path.exists() else []
-                    info += "".join(f"\n      | {l}" for l in tail)
-                started_here = done - skipped
-                eta = ""
-                if started_here and (pending or running):
-                    eta = f", ETA ~{fmt_time(elapsed / started_here * (len(pending) + len(running)))}"
-                print(f"[{done}/{total}] {j.name}: {status} in {fmt_time(time.monotonic() - j.t0)} | {info} "
-                      f"| elapsed {fmt_time(elapsed)}{eta}", flush=True)
-            if a.heartbeat and time.monotonic() - last_beat >= a.heartbeat and running:
-                last_beat = time.monotonic()
-                print(f"  ... {fmt_time(last_beat - t_start)} running: "
-                      + ", ".join(f"{j.name} @ {last_progress(out / j.name)}" for j in running), flush=True)
+        import ray
+        from ray import tune
+    except ImportError as e:
+        print(f"sweep.py run: error: Ray Tune is not installed ({e}); install it with: {RAY_INSTALL}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    old = read_json(out / "sweep.json") or {}  # several invocations into one --out: the union
+    (out / "sweep.json").write_text(json.dumps(dict(
+        envs=list(dict.fromkeys(old.get("envs", []) + envs)), seeds=list(dict.fromkeys(old.get("seeds", []) + a.seeds)),
+        variants={**old.get("variants", {}), **{v: VARIANTS[v] for v in a.variants}}, extra=a.extra,
+        total_timesteps=a.total_timesteps, python=sys.executable, updated=time.strftime("%Y-%m-%d %H:%M")), indent=2))
+    ray.init(address=a.address, logging_level="warning", log_to_driver=False,
+             **({} if a.address else dict(num_cpus=a.num_cpus or os.cpu_count(), include_dashboard=False)))
+    # SIGTERM (a scheduler, kill) stops like Ctrl-C: Tune stops the trials, each trainer checkpoints and exits
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+
+    class Run(tune.Trainable):  # a class: Tune waits for cleanup() when it stops a trial, so the trainer checkpoints
+        def setup(self, config, jobs):
+            self.rows = trainer_rows(jobs[config["run"]])
+
+        def step(self):
+            return next(self.rows)
+
+        def cleanup(self):
+            self.rows.close()
+
+    class Lines(tune.Callback):  # one line per finished run, with its final eval
+        done = finished
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done, r = self.done + 1, trial.last_result
+            print(f"[{self.done}/{len(plan)}] {trial.config['run']}: {r.get('status')}{' (resumed)' * r['resumed']} in "
+                  f"{r['wall_s']:.0f} s | final_eval {r['final_eval']:.3f} {r['verdict']}", flush=True)
+
+    exp = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        tune.Tuner(tune.with_resources(tune.with_parameters(Run, jobs=jobs),
+                                       {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial}),
+                   param_space={"run": tune.grid_search(list(jobs))},  # Tune's trial table shows the run names
+                   tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["run"],
+                                               trial_dirname_creator=lambda t: t.config["run"]),
+                   run_config=tune.RunConfig(name=exp, storage_path=str(out / ".tune"), verbose=a.verbose, callbacks=[
+                       Lines()], checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+                       failure_config=tune.FailureConfig(max_failures=a.max_failures))).fit()
     finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        lock.unlink(missing_ok=True)
-    el = time.monotonic() - t_start
-    print(f"sweep: {done}/{total} finished, {len(failed)} failed, {total - done - len(failed)} not finished "
-          f"(stopped or not started), in {fmt_time(el)}", flush=True)
-    if failed:
-        print("failed: " + ", ".join(j.name for j in failed) + " (run again to retry/resume them)", file=sys.stderr)
-    return 1 if (failed or pending or stopping[0]) else 0
+        ray.shutdown()
+    left = [n for n in (run_name(*r) for r in plan) if check_existing(out / n, {})[0] not in FINISHED]
+    print(f"sweep: {len(plan) - len(left)}/{len(plan)} finished; Tune's results (TensorBoard, CSV): {out / '.tune' / exp}"
+          + (f"; not finished: {', '.join(left)} (run the same command again to resume)" * bool(left)), flush=True)
+    return 1 if left else 0
 
 
 # ============================================================================ collect
@@ -831,28 +752,35 @@ def cmd_figures(a) -> int:
 
 
 # ============================================================================ main
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=__doc__.split("\n", 1)[1])
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run variants x seeds x envs as parallel gwt_ib.py subprocesses")
+    r = sub.add_parser("run", help="run variants x seeds x envs as Ray Tune trials (one gwt_ib.py subprocess each)")
     r.add_argument("--envs", default="popgym-CountRecallEasy-v0,popgym-RepeatPreviousEasy-v0", help="comma-separated env ids")
-    r.add_argument("--variants", default="all", help=f"'all' or a comma-separated subset of: {', '.join(VARIANTS)}")
-    r.add_argument("--seeds", default="0,1,2", help="e.g. 0,1,2 or 0-4")
-    r.add_argument("--total-timesteps", type=int, default=500_000)
-    r.add_argument("--out", default=str(HERE / "sweep"), help="parent folder of the run dirs")
-    r.add_argument("--jobs", type=int, default=0, help="parallel runs (default: os.cpu_count())")
-    r.add_argument("--extra", default="", help='more gwt_ib.py flags for every run, e.g. "--num-envs 32 --eval-every 5"')
-    r.add_argument("--device", default="cpu", help="gwt_ib.py --device for every run (default cpu: one torch "
-                   "thread per run, many runs in parallel; 'auto' lets each run take a GPU if there is one)")
-    r.add_argument("--max-failures", type=int, default=3, help="stop starting runs after this many failures "
-                   "while none has finished (a broken trainer should not burn the whole sweep)")
-    r.add_argument("--heartbeat", type=float, default=300, help="seconds between 'still running' lines (0: none)")
-    r.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint.pt of completed runs (deleted by default)")
-    r.add_argument("--no-resume", action="store_true", help="redo unfinished runs from scratch instead of resuming their checkpoint")
-    r.add_argument("--redo-diverged", action="store_true", help="redo runs whose status is diverged (kept as results by default)")
-    r.add_argument("--force", action="store_true", help="delete and redo existing runs made with other settings")
-    r.add_argument("--dry-run", action="store_true", help="print the commands; change nothing")
+    r.add_argument("--variants", type=parse_variants, default="all", help=f"'all' or some of: {', '.join(VARIANTS)}")
+    r.add_argument("--seeds", type=parse_seeds, default="0,1,2", help="e.g. 0,1,2 or 0-4")
+    r.add_argument("--total-timesteps", type=at_least(1), default=500_000)
+    r.add_argument("--out", default=str(HERE / "sweep"), help="folder of the run dirs (on a cluster: seen by every node)")
+    r.add_argument("--extra", type=parse_extra, default="", help='gwt_ib.py flags for every run (a variant\'s own win)')
+    r.add_argument("--address", help="join a running Ray cluster: 'auto' (on one of its nodes) or HOST:PORT of its "
+                   "head; default: a local Ray instance")
+    r.add_argument("--num-cpus", "--jobs", dest="num_cpus", type=at_least(1), help="CPUs of the local Ray instance "
+                   "(default: os.cpu_count()); runs at once = num-cpus / cpus-per-trial")
+    r.add_argument("--cpus-per-trial", type=at_least(1), default=1, help="CPUs per run; also its --torch-threads and "
+                   "OMP/MKL/OPENBLAS_NUM_THREADS (default 1)")
+    r.add_argument("--gpus-per-trial", type=at_least(0, float), default=0, help="GPUs per run, e.g. 1 or 0.5 (default 0)")
+    r.add_argument("--device", choices=("cpu", "auto", "cuda"), help="default: cuda if --gpus-per-trial > 0, else cpu")
+    r.add_argument("--max-failures", type=at_least(0), default=1, help="times Tune starts a failed run again; it "
+                   "resumes the run's checkpoint (default 1)")
+    r.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's console output (default 1)")
+    r.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint.pt of completed runs")
     for name, h in (("report", "results.csv and results.md from the run dirs"), ("figures", "PNG figures from the run dirs")):
         s = sub.add_parser(name, help=h)
         s.add_argument("--out", default=str(HERE / "sweep"), help="the sweep folder given to run")

@@ -108,3 +108,8 @@ def cfg_factory(tmp_path):
 
 def replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts a real local Ray instance (tests/test_sweep.py); "
+                                       "deselect with -m 'not slow'")

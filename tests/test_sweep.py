@@ -1,0 +1,152 @@
+"""plots/sweep.py: `run` on a real local Ray instance (a tiny sweep, then report; resume after the sweep is
+killed mid-way), the settings check, run without Ray installed, bad flags."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+SWEEP = ROOT / "plots" / "sweep.py"
+ENV = "popgym-CountRecallEasy-v0"
+TINY = ("--num-envs 2 --rollout-steps 32 --seq-len 16 --minibatches 2 --epochs 1 --eval-episodes 2 --eval-every 4 "
+        "--enc-dim 16 --hid-dim 16 --router-hid 8 --head-hid 16 --save-plot false --checkpoint-every 1")
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason='Ray Tune is not installed (pip install "ray[tune]==2.60.0")')
+NO_RAY = "import sys, runpy; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def sweep(*args, no_ray=False):
+    pre = ["-c", NO_RAY] if no_ray else []
+    return subprocess.run([sys.executable, *pre, str(SWEEP), *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+
+
+def run_args(out, variants, seeds, steps, *more):
+    return ["run", "--envs", ENV, "--variants", variants, "--seeds", seeds, "--total-timesteps", str(steps),
+            "--out", str(out), "--verbose", "0", "--extra", TINY, *more]
+
+
+def commands(out: Path, name: str) -> list[str]:
+    """The trainer commands the sweep started for a run, from its log."""
+    return [l for l in (out / ".logs" / f"{name}.txt").read_text().splitlines() if l.startswith("# ")]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+@pytest.mark.slow
+@needs_ray
+def test_sweep_runs_every_run_as_a_ray_trial_then_report(tmp_path):
+    """2 variants x 2 seeds on a local Ray instance: every run completes in its usual run dir with the variant's
+    flags and one torch thread, its metrics rows reach Tune, one line per run; report reads the runs; the same
+    command again does nothing (no Ray needed) and a settings change is refused before anything starts."""
+    out = tmp_path / "sweep"
+    p = sweep(*run_args(out, "gwt_ib,no_gate", "0,1", 1024, "--num-cpus", "2"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "0 already finished, 0 to resume, 4 to start" in p.stdout and "sweep: 4/4 finished;" in p.stdout
+    (tune_dir,) = (out / ".tune").glob("sweep-*")
+    for var, force in (("gwt_ib", None), ("no_gate", 1.0)):
+        for seed in (0, 1):
+            name = f"{ENV}__{var}__s{seed}"
+            d = out / name
+            s = summary(d)
+            assert s["status"] == "completed" and s["env_steps"] == 1024
+            cfg = json.loads((d / "config.json").read_text())
+            assert cfg["force_c"] == force and cfg["seed"] == seed and cfg["hid_dim"] == 16
+            assert not (d / "checkpoint.pt").exists() and (d / "model.pt").exists()
+            (cmd,) = commands(out, name)
+            assert f"{sys.executable} {ROOT / 'gwt_ib.py'} " in cmd and "--resume" not in cmd
+            assert f"--out-dir {out} --run-name {name} --progress false --torch-threads 1 --device cpu" in cmd
+            assert f"] {name}: completed in " in p.stdout
+            with open(tune_dir / name / "progress.csv") as f:  # every metrics row reached Tune, in order
+                tune_rows = list(csv.DictReader(f))
+            assert [int(r["update"]) for r in tune_rows] == [r["update"] for r in metrics(d)] == list(range(1, 17))
+            last = json.loads((tune_dir / name / "result.json").read_text().splitlines()[-1])
+            assert last["status"] == "completed" and last["update"] == 16
+            assert abs(last["final_eval"] - sum(e for _, e in s["evals"][-3:]) / 3) < 1e-9
+
+    r = sweep("report", "--out", str(out), "--dest", str(tmp_path / "res"), no_ray=True)  # report needs no Ray
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "res" / "results.csv") as f:
+        assert sorted((x["variant"], x["seed"], x["status"]) for x in csv.DictReader(f)) == [
+            ("gwt_ib", "0", "completed"), ("gwt_ib", "1", "completed"), ("no_gate", "0", "completed"),
+            ("no_gate", "1", "completed")]
+    assert "| gwt_ib | 2 |" in (tmp_path / "res" / "results.md").read_text()
+
+    again = sweep(*run_args(out, "gwt_ib,no_gate", "0,1", 1024), no_ray=True)
+    assert again.returncode == 0 and "4 already finished" in again.stdout and "nothing to do" in again.stdout
+    other = sweep(*run_args(out, "gwt_ib", "0", 2048), no_ray=True)
+    assert other.returncode == 2 and other.stdout == ""
+    (line,) = other.stderr.strip().splitlines()
+    assert "1 existing run(s)" in line and "total_timesteps: run has 1024, requested '2048'" in line
+
+
+@pytest.mark.slow
+@needs_ray
+def test_sweep_killed_midway_resumes_with_the_same_command(tmp_path):
+    """One trial at a time; the sweep gets SIGTERM once seed 0 has completed and seed 1 has a checkpoint: the
+    trainer checkpoints and exits. The same command again skips seed 0 and resumes seed 1 with --resume; seed 1
+    then completes with one row per update."""
+    out, steps = tmp_path / "sweep", 4096
+    args = run_args(out, "gwt_ib", "0,1", steps, "--num-cpus", "1")
+    s0, s1 = out / f"{ENV}__gwt_ib__s0", out / f"{ENV}__gwt_ib__s1"
+    proc = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        t = time.monotonic()
+        while not (s1 / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() - t < 150, "seed 1 never wrote a checkpoint"
+            time.sleep(0.1)
+        proc.terminate()
+        first = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "not finished: " + s1.name in first, first
+    assert summary(s0)["status"] == "completed"
+    assert summary(s1)["status"] == "interrupted" and summary(s1)["exit_code"] == 143  # SIGTERM reached it
+    s0_summary = (s0 / "summary.json").read_bytes()
+    assert metrics(s1)[-1]["update"] < steps // 64
+
+    p = sweep(*args)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "1 already finished, 1 to resume, 0 to start" in p.stdout
+    assert f"] {s1.name}: completed (resumed) in " in p.stdout and s0.name not in p.stdout
+    assert (s0 / "summary.json").read_bytes() == s0_summary and len(commands(out, s0.name)) == 1  # not run again
+    h = commands(out, s1.name)
+    assert len(h) == 2 and "--resume" not in h[0]
+    assert h[1].endswith(f"gwt_ib.py --resume {s1} --progress false --torch-threads 1 --device cpu")
+    assert summary(s1)["status"] == "completed" and summary(s1)["env_steps"] == steps
+    assert [r["update"] for r in metrics(s1)] == list(range(1, steps // 64 + 1))
+
+
+def test_run_without_ray_says_how_to_install_it(tmp_path):
+    p = sweep(*run_args(tmp_path / "sweep", "gwt_ib", "0", 1024), no_ray=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("sweep.py run: error: Ray Tune is not installed")
+    assert 'pip install "ray[tune]==2.60.0"' in p.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("flag,value,says", [("--seeds", "0,x", "argument --seeds: '0,x': must be integers"),
+                                             ("--variants", "gwt_ib,nope", "--variants: 'gwt_ib,nope': must be 'all'"),
+                                             ("--cpus-per-trial", "0", "--cpus-per-trial: '0': must be an integer >= 1"),
+                                             ("--extra", "--seed 3", "must not set --seed")])
+def test_run_bad_flag_exits_2_with_one_line(tmp_path, flag, value, says):
+    p = sweep("run", "--out", str(tmp_path / "sweep"), flag, value, no_ray=True)
+    assert p.returncode == 2 and p.stdout == ""
+    (line,) = p.stderr.strip().splitlines()
+    assert line.startswith("sweep.py run: error: ") and says in line, line
