@@ -1124,12 +1124,12 @@ class CCell:
             f.argtypes, f.restype = [ctypes.POINTER(_CellArgs), ctypes.c_int64, ctypes.c_int64], None
 
     @staticmethod
-    def workspace(ag: Agent, L: int, B: int, **tensors) -> tuple[dict, _CellArgs]:
-        """Work buffers for L steps of B rows, and the C struct holding their and `tensors`' addresses."""
+    def workspace(ag: Agent, L: int, B: int, grad: bool, **tensors) -> tuple[dict, _CellArgs]:
+        """Work buffers for L steps of B rows (d*: backward only), and the C struct with their addresses."""
         H, X, G = ag.H, 3 * ag.H + ag.R, ag.G if ag.cfg.force_c is None and ag.R else 1  # G: gates per row
         ws = {k: torch.empty(v) for k, v in dict(hp=(L, B, H), hh=(B, X), ci=(L, B), a=(L, B, max(ag.R, 1)),
               c=(L, B, G), h=(L, B, H), tape=(L, B, 4 * H), dgn=(L, B, H), dhh=(L, B, X), dlogit=(L, B, G),
-              dhp=(B, H), dmm=(B, H), dx=(L, B, X)).items()}
+              dhp=(B, H), dmm=(B, H), dx=(L, B, X)).items() if grad or not k.startswith("d")}
         ws.update({k: v.contiguous() for k, v in tensors.items()})
         args = _CellArgs(B, H, ag.R, G, int(ag.cfg.force_c is None), b_ih=ag.b_ih.data_ptr(),
                          **{k: v.data_ptr() for k, v in ws.items()})
@@ -1139,7 +1139,7 @@ class CCell:
 
     def cell(self, ag: Agent, x, prior, hp, hh):
         """Agent.cell(x, prior, hp, hh) for one step, without gradients (the rollout)."""
-        ws, args = self.workspace(ag, 1, x.shape[0], x=x, prior=prior, hp=hp, hh=hh)
+        ws, args = self.workspace(ag, 1, x.shape[0], False, x=x, prior=prior, hp=hp, hh=hh)
         self.lib.cell_fwd(ctypes.byref(args), 0, 1)
         return ws["c"][0], ws["h"][0]
 
@@ -1185,7 +1185,7 @@ class _CUnroll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cc, ag, x, prior, keep, h0, W_h, b_h, b_ih, *router):
         L, B = x.shape[:2]
-        ws, args = cc.workspace(ag, L, B, x=x, prior=prior, keep=keep)
+        ws, args = cc.workspace(ag, L, B, True, x=x, prior=prior, keep=keep)
         torch.mul(h0, keep[0], out=ws["hp"][0])
         for t in range(L):
             torch.addmm(b_h, ws["hp"][t], W_h.t(), out=ws["hh"])  # = Agent.recur(hp[t]); cell_fwd writes hp[t+1]

@@ -2,7 +2,7 @@
 
     python plots/sweep.py run --envs popgym-CountRecallEasy-v0,popgym-RepeatPreviousEasy-v0 \
         --variants all --seeds 0,1,2 --total-timesteps 500000 --out plots/sweep [--extra "..."]
-    python plots/sweep.py run ... --address auto --out /shared/sweep      # on a Ray cluster (ray start --head)
+    python plots/sweep.py run ... --address auto --out $SHARED_DIR/sweep      # on a Ray cluster (ray start --head)
     python plots/sweep.py report  --out plots/sweep      # -> plots/results.csv, plots/results.md
     python plots/sweep.py figures --out plots/sweep      # -> plots/*.png
 

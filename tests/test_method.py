@@ -73,21 +73,18 @@ def router_residual(agent, z, h_prev):
 
 
 # ----------------------------------------------------------------------------- gated GRU memory
-@torch.no_grad()
-def test_gate_zero_freezes_memory_exactly():
-    """With c = 0 (force_c=0) the memory is not written at all: h == h_prev bit for bit."""
-    agent = make_agent(force_c=0.0)
-    obs, h_prev, td_prev, start = inputs()
-    _, _, c, h = step_from_obs(agent, obs, h_prev, td_prev, start)
-    assert torch.all(c == 0)
-    assert torch.equal(h, h_prev)
-
-
-@torch.no_grad()
-def test_learned_scalar_gate_at_zero_freezes_memory_exactly():
-    """The learned gate driven to exactly 0 (bias -1e4: sigmoid underflows to 0) also leaves h == h_prev."""
+def _learned_gate_at_zero():
     agent = make_agent()
-    agent.bias.fill_(-1e4)
+    agent.bias.fill_(-1e4)  # sigmoid underflows to exactly 0
+    return agent
+
+
+@pytest.mark.parametrize("zero_gate", [lambda: make_agent(force_c=0.0), _learned_gate_at_zero],
+                         ids=["forced c=0", "learned gate at 0"])
+@torch.no_grad()
+def test_gate_zero_freezes_memory_exactly(zero_gate):
+    """With c = 0, forced or learned, the memory is not written at all: h == h_prev bit for bit."""
+    agent = zero_gate()
     obs, h_prev, td_prev, start = inputs()
     _, _, c, h = step_from_obs(agent, obs, h_prev, td_prev, start)
     assert torch.all(c == 0)
