@@ -78,7 +78,10 @@ def git(*args):
 
 
 def extract_ref(ref, tmp):
-    """gwt_ib.py as of git ref `ref`, written to tmp/ref/gwt_ib.py; returns (path, full commit hash)."""
+    """gwt_ib.py as of git ref `ref`, written to tmp/ref/gwt_ib.py; returns (path, full commit hash).
+    A path to a file is used as it is (a checkout without git history, e.g. a copy on another machine)."""
+    if Path(ref).is_file():
+        return Path(ref).resolve(), "file " + ref
     try:
         sha = git("rev-parse", "--verify", f"{ref}^{{commit}}").strip()
         src = git("show", f"{sha}:gwt_ib.py")
@@ -241,7 +244,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=65536, help="env steps per run (default 16 updates)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions, each running new, old, peer in turn")
-    ap.add_argument("--ref", metavar="GITREF", help="also time gwt_ib.py as of this git ref (the 'old' side)")
+    ap.add_argument("--ref", metavar="GITREF", help="also time gwt_ib.py as of this git ref or this file "
+                    "(the 'old' side)")
     ap.add_argument("--skip-peer", action="store_true", help="time GWT-IB only")
     ap.add_argument("--warmup", type=int, default=1, choices=(0, 1), help="one short untimed run per side first")
     ap.add_argument("--threads", type=int, default=0, help="gwt_ib --torch-threads (0 = torch's default)")
