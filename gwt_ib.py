@@ -57,6 +57,7 @@ class Cfg:
     bias_clamp_min: float = -4.0  # lower clamp of the bias, applied after every optimizer step
     bias_clamp_max: float = 2.0  # upper clamp of the bias
     use_router_residual: bool = True  # add a zero-initialized MLP([z, h_prev]) to the prior logit
+    episode_start_td: str = "zero"  # td_prev at an episode's 1st step: "zero", "carry" (the env's last one), "max" (clip)
     gate: str = "scalar"  # "scalar": one gate per step; "vector": one gate per memory unit (GWT-IB-SEC)
     force_c: Optional[float] = None  # fix the gate to this value in [0, 1] (ablations); none = learned gate
     memoryless: bool = False  # baseline: reset h to zero before every step (no memory at all)
@@ -73,8 +74,9 @@ class Cfg:
     td_std_min: float = 1e-3  # lower clamp of the TD scale
     td_std_max: float = 50.0  # upper clamp of the TD scale
     td_norm_clip: float = 5.0  # normalized TD is clipped to [-clip, clip]
-    eval_every: int = 10  # greedy evaluation every this many updates (also before training and at the end)
-    eval_episodes: int = 32  # greedy episodes per evaluation, run in parallel
+    eval_every: int = 10  # evaluation every this many updates (also after the first rollout and at the end)
+    eval_episodes: int = 32  # episodes per evaluation, one per eval env, run in parallel
+    eval_mode: str = "sampled"  # evaluation policy: "sampled" (as POPGym reports) or "greedy" (argmax/mean action)
     eval_ok_margin: float = 0.1  # GateCheck eval_ok: late eval must exceed early eval by this much
     gatecheck_rollouts: int = 4  # the last this-many rollouts supply GateCheck's (td, c) samples
     log_every: int = 10  # print the progress line every this many updates
@@ -144,7 +146,8 @@ def parse_overrides(ns: argparse.Namespace, base: Cfg) -> Cfg:
     return dataclasses.replace(base, **{f.name: _convert(f.name, getattr(ns, f.name), *_field_kind(f))
                                         for f in dataclasses.fields(Cfg) if getattr(ns, f.name) is not None})
 
-_CHOICES = {"gate": ("scalar", "vector"), "ib_loss": ("sq", "kl"), "td_scale_mode": ("ema", "quantile", "ema_quantile")}
+_CHOICES = {"gate": ("scalar", "vector"), "ib_loss": ("sq", "kl"), "td_scale_mode": ("ema", "quantile", "ema_quantile"),
+            "episode_start_td": ("zero", "carry", "max"), "eval_mode": ("sampled", "greedy")}
 _RANGES = [  # (fields, test, what is allowed)
     (("num_envs", "rollout_steps", "seq_len", "epochs", "minibatches", "enc_dim", "hid_dim", "router_hid", "head_hid",
       "eval_episodes", "log_every", "checkpoint_every", "gatecheck_rollouts"), lambda v: v >= 1,
@@ -368,14 +371,22 @@ class Agent(nn.Module):
         """h-independent projections of the observation: (..., obs_dim) -> (..., 3H+R) = [W_ih z ; W_z z]."""
         return F.linear(self.enc(obs), self.W_x)
 
+    def router_td(self, td_prev: torch.Tensor, episode_start: torch.Tensor) -> torch.Tensor:
+        """The normalized TD the router sees (...): td_prev, except at an episode's first step, where it is
+        0 ("zero"), the env's last TD of the episode before ("carry") or td_norm_clip ("max": new memory)."""
+        mode = self.cfg.episode_start_td
+        return td_prev if mode == "carry" else torch.where(episode_start > 0, 0.0 if mode == "zero" else
+                                                           self.cfg.td_norm_clip, td_prev)
+
     def gate_prior(self, td_prev: torch.Tensor, episode_start: torch.Tensor):
-        """-> prior gate logit (..., 1) and keep (..., 1), the mask applied to h_prev. At an episode start
-        td_prev and h_prev are zeroed before use. With force_c the 'logit' is the fixed gate itself."""
+        """-> prior gate logit (..., 1) and keep (..., 1), the mask applied to h_prev (zeroed at an episode
+        start). With force_c the 'logit' is the fixed gate itself."""
         keep = (1.0 - episode_start).unsqueeze(-1)
         keep_h = torch.zeros_like(keep) if self.cfg.memoryless else keep
         if self.cfg.force_c is not None:
             return torch.full_like(keep, self.cfg.force_c), keep_h
-        return self.cfg.td_scale * (td_prev.unsqueeze(-1) * keep).abs() + self.cfg.base_logit + self.bias, keep_h
+        td = self.router_td(td_prev, episode_start).unsqueeze(-1)
+        return self.cfg.td_scale * td.abs() + self.cfg.base_logit + self.bias, keep_h
 
     def recur(self, hp: torch.Tensor) -> torch.Tensor:
         """hh = W_h hp + b_h (B, 3H+R): the one matmul on the (masked) previous memory hp (B, H)."""
@@ -390,7 +401,7 @@ class Agent(nn.Module):
         if self.cfg.force_c is not None:
             c = prior
         elif self.R:
-            c = torch.sigmoid(prior + self.r_out(torch.tanh(x_r + hh_r)))  # router MLP over [z, h_prev]
+            c = torch.sigmoid(prior + self.residual(x_r, hh_r))
         else:
             c = torch.sigmoid(prior)
         c_in = c if c.shape[-1] == 1 else c.mean(-1, keepdim=True)  # the gate on the input z: a vector gate's mean
@@ -399,6 +410,10 @@ class Agent(nn.Module):
         n = torch.tanh(torch.addcmul(gi_n, r, hh_n))
         h_prop = torch.lerp(n, hp, u)  # (1 - u) * n + u * h_prev = GRUCell(c*z, h_prev)
         return c, torch.lerp(hp, h_prop, c)  # h_prev + c * (h_prop - h_prev): exactly h_prev at c = 0
+
+    def residual(self, x_r, hh_r):
+        """The router's learned residual logit (B, G): MLP([z, h_prev]) = r_out(tanh(W_z z + W_h h_prev + b))."""
+        return self.r_out(torch.tanh(x_r + hh_r))
 
     def step(self, x, prior, keep, h_prev):
         """One time step, the only computation that depends on h: -> c (B, G), h (B, H)."""
@@ -467,6 +482,7 @@ class TDNormalizer:
     def __init__(self, cfg: Cfg, device: torch.device):
         self.cfg, self.mode, self.count, self.wpos, self.wfill = cfg, cfg.td_scale_mode, 0, 0, 0
         self.mean, self.var, self.scale = (torch.full((), v, device=device) for v in (0.0, 1.0, 1.0))
+        self.floor_hits = torch.zeros((), dtype=torch.long, device=device)  # updates whose scale hit td_std_min
         self.window = torch.zeros(cfg.td_window, device=device)
 
     def update(self, d: torch.Tensor) -> None:
@@ -475,20 +491,23 @@ class TDNormalizer:
         if self.mode == "ema":
             self.mean = d.mean() if first else torch.lerp(self.mean, d.mean(), 1 - a)  # a*mean + (1-a)*m in one op
             v = ((d - self.mean) ** 2).mean()
-            self.var = (v if first else torch.lerp(self.var, v, 1 - a)).clamp(cfg.td_std_min ** 2, cfg.td_std_max ** 2)
+            var = v if first else torch.lerp(self.var, v, 1 - a)
+            self.var, raw = var.clamp(cfg.td_std_min ** 2, cfg.td_std_max ** 2), var.sqrt()
             self.scale = self.var.sqrt()
         elif self.mode == "ema_quantile":
             self.mean = d.median() if first else torch.lerp(self.mean, d.median(), 1 - a)
             q = self.quantile((d - self.mean).abs(), cfg.td_quantile)
-            self.scale = (q if first else torch.lerp(self.scale, q, 1 - cfg.td_scale_ema2)).clamp(cfg.td_std_min,
-                                                                                                 cfg.td_std_max)
+            raw = q if first else torch.lerp(self.scale, q, 1 - cfg.td_scale_ema2)
+            self.scale = raw.clamp(cfg.td_std_min, cfg.td_std_max)
         else:  # quantile over a sliding window
             n, W = d.numel(), self.window.numel()
             self.window[(self.wpos + torch.arange(n, device=d.device)) % W] = d
             self.wpos, self.wfill = (self.wpos + n) % W, min(W, self.wfill + n)
             w = self.window[:self.wfill]
             self.mean = w.median()
-            self.scale = self.quantile((w - self.mean).abs(), cfg.td_quantile).clamp(cfg.td_std_min, cfg.td_std_max)
+            raw = self.quantile((w - self.mean).abs(), cfg.td_quantile)
+            self.scale = raw.clamp(cfg.td_std_min, cfg.td_std_max)
+        self.floor_hits += raw < cfg.td_std_min  # GateCheck's std_ok: was the scale pinned at its floor?
         self.count += d.numel()
 
     @staticmethod
@@ -559,7 +578,7 @@ class Collector:
         """One vector step from the current state -> (record, finished): record holds this step's
         tensors for the buffer; finished lists (env, return, length) of episodes that ended."""
         ag, cfg = self.agent, self.cfg
-        h0, td_prev, start, obs = self.h, self.td_prev, self.start, self.obs  # td_prev is 0 where start is 1
+        h0, td_prev, start, obs = self.h, self.td_prev, self.start, self.obs  # Agent.router_td reads start
         c, h = ag.step(self.x, *ag.gate_prior(td_prev, start), h0)
         logits, value = ag.heads(h)
         a, logp = sample_action(ag, logits, greedy)
@@ -579,12 +598,12 @@ class Collector:
             x_boot = x_next.clone()
             x_boot[torch.as_tensor(idx, device=self.dev)] = ag.features(fin)
         v_boot = ag.value(ag.step(x_boot, *self.clean, h)[1])
-        host = np.stack([r, term, trunc, done, cfg.gamma * ~term, ~done]).astype(np.float32)  # one copy in
-        r_t, term_t, trunc_t, done_t, disc_t, alive_t = torch.from_numpy(host).to(self.dev)
+        host = np.stack([r, term, trunc, done, cfg.gamma * ~term]).astype(np.float32)  # one copy in
+        r_t, term_t, trunc_t, done_t, disc_t = torch.from_numpy(host).to(self.dev)
         delta = r_t + disc_t * v_boot - value  # r + gamma*(1-term)*V_clean(o_{t+1}) - V(o_t)
         if update_norm:
             self.norm.update(delta)
-        self.td_prev = self.norm.normalize(delta) * alive_t
+        self.td_prev = self.norm.normalize(delta)  # kept across an episode end for episode_start_td="carry"
         self.h, self.start, self.obs, self.x = h, done_t, next_obs, x_next
         self.ep_ret += r  # episode bookkeeping on the host
         self.ep_len += 1
@@ -694,12 +713,16 @@ def explained_variance(v: torch.Tensor, ret: torch.Tensor) -> float:
 def _corr(x: np.ndarray, y: np.ndarray) -> float:
     return float("nan") if len(x) < 3 or x.std() == 0 or y.std() == 0 else float(np.corrcoef(x, y)[0, 1])
 
-def gatecheck(td_abs: np.ndarray, c: np.ndarray, dc: np.ndarray, dc_ok: np.ndarray, td_std: float,
-              evals: list, cfg: Cfg) -> dict:
+def gatecheck(td_abs: np.ndarray, c: np.ndarray, dc: np.ndarray, dc_ok: np.ndarray, res: np.ndarray,
+              floor_frac: float, td_std: float, evals: list, cfg: Cfg) -> dict:
     """Does the gate track surprise, and did the agent learn? td_abs, c: |td_prev| fed to the router and the
-    gate, per step of the last rollouts; dc = c_t - c_{t-1} where dc_ok (not at an episode start). rho:
-    Pearson; tail: steps with |td| in the top 20%. eval_ok: mean of the last k evaluations beats the first
-    k (the first is before training) by eval_ok_margin, k = max(1, min(3, n_evals // 4))."""
+    gate, per step of the last rollouts; dc = c_t - c_{t-1} where dc_ok (not at an episode start); res: the
+    router's learned residual logit (empty without one). rho: Pearson; tail: steps with |td| in the top 20%.
+    rho(td,c) is high by construction (the prior is td_scale*|td|); rho(td,res) is what the router learned.
+    std_ok: the TD scale sat at its clamp floor td_std_min in under half of the window's normalizer updates
+    (floor_frac); small TD errors alone are what a solved task has (the spec's rule td_std > 5*td_std_min
+    fails those). eval_ok: the mean of the last k evaluations beats the first k (the first after one rollout,
+    before any update) by eval_ok_margin, k = max(1, min(3, n_evals // 4))."""
     tail = td_abs >= np.quantile(td_abs, 0.8) if len(td_abs) else np.zeros(0, bool)
     tdd, dcc = td_abs[dc_ok], dc[dc_ok]
     taild = tdd >= np.quantile(tdd, 0.8) if len(tdd) else np.zeros(0, bool)
@@ -707,20 +730,39 @@ def gatecheck(td_abs: np.ndarray, c: np.ndarray, dc: np.ndarray, dc_ok: np.ndarr
     k = max(1, min(3, len(vals) // 4))
     early = float(np.mean(vals[:k])) if vals else float("nan")
     late = float(np.mean(vals[-k:])) if vals else float("nan")
-    std_ok = bool(td_std > 5 * cfg.td_std_min)
+    std_ok = bool(floor_frac < 0.5)
     eval_ok = bool(len(vals) >= 2 and late > early + cfg.eval_ok_margin)
     return dict(rho_td_c=_corr(td_abs, c), rho_tail=_corr(td_abs[tail], c[tail]), rho_td_dc=_corr(tdd, dcc),
-                rho_tail_dc=_corr(tdd[taild], dcc[taild]), td_std=float(td_std), std_ok=std_ok,
+                rho_tail_dc=_corr(tdd[taild], dcc[taild]), rho_td_res=_corr(td_abs, res) if len(res) else float("nan"),
+                td_std=float(td_std), floor_frac=float(floor_frac), std_ok=std_ok,
                 early_eval=early, late_eval=late, eval_k=k, eval_ok=eval_ok,
                 verdict="PASS" if (std_ok and eval_ok) else "FAIL")
 
-def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float) -> str:
+@torch.no_grad()
+def gate_samples(agent: Agent, b: dict, floor_frac: float) -> dict:
+    """GateCheck's samples from one rollout b (T, N): |td| the router saw, c, dc = c_t - c_{t-1} and dc_ok
+    (within an episode), and the router's residual logit, recomputed batched from the stored obs and h0 (with
+    the parameters that made the rollout); floor_frac: the share of its normalizer updates at the floor."""
+    c, start = b["c"], b["start"]
+    res = torch.zeros(0)
+    if agent.R and agent.cfg.force_c is None:
+        x_r, keep, R = agent.features(b["obs"])[..., -agent.R:], agent.gate_prior(b["td_prev"], start)[1], agent.R
+        res = agent.residual(x_r, agent.recur(b["h0"] * keep)[..., -R:]).mean(-1)  # a vector gate: mean over units
+    dc_ok = (start == 0) & (torch.arange(len(start), device=start.device)[:, None] > 0)
+    out = dict(td_abs=agent.router_td(b["td_prev"], start).abs(), c=c, dc=c - torch.cat([c[:1], c[:-1]]),
+               dc_ok=dc_ok, res=res)
+    return {**{k: v.cpu().numpy().ravel() for k, v in out.items()}, "floor_frac": floor_frac}
+
+def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float, mmer: float) -> str:
     return (f"GATECHECK\n"
             f"rho(td,c)={g['rho_td_c']:.3f}  rho_tail={g['rho_tail']:.3f} | "
             f"rho(td,Δc)={g['rho_td_dc']:.3f} rho_tailΔ={g['rho_tail_dc']:.3f}\n"
-            f"td_std={g['td_std']:.6f} (std_ok={g['std_ok']}) | eval_ok={g['eval_ok']} "
+            f"rho(td,residual)={g['rho_td_res']:.3f} | gate effect {g.get('gate_effect', float('nan')):+.3f} "
+            f"± {g.get('gate_effect_ci', float('nan')):.3f} (greedy return: learned gate - gate fixed at "
+            f"{g.get('gate_const', float('nan')):.3f})\n"
+            f"td_std={g['td_std']:.6f} (at floor {g['floor_frac']:.0%}, std_ok={g['std_ok']}) | eval_ok={g['eval_ok']} "
             f"(early {g['early_eval']:.3f} -> late {g['late_eval']:.3f}) -> {g['verdict']}\n"
-            f"mean_c={mean_c:.4f}  EV={ev:.4f}  ep100={ep100:.2f}")
+            f"mean_c={mean_c:.4f}  EV={ev:.4f}  ep100={ep100:.2f}  MMER={mmer:.3f}")
 
 
 # ============================================================================ run management
@@ -769,7 +811,7 @@ def plot_training(run_dir: Path, cfg: Cfg) -> None:
             a.axhline(line, ls="--", c="k", label=f"{line:g}")
         a.set_xlabel("env steps")
     ax[0, 0].plot(*zip(*[(r["env_steps"], r["eval"]) for r in rows if r.get("eval_fresh")] or [[], []]), "o-",
-                  label="eval (greedy)")
+                  label=f"eval ({cfg.eval_mode})")
     ax[1, 0].set_yscale("log")
     for a in ax.flat:
         a.legend(fontsize=8)
@@ -778,21 +820,47 @@ def plot_training(run_dir: Path, cfg: Cfg) -> None:
     fig.savefig(run_dir / "training.png", dpi=90)
     plt.close(fig)
 
+Eval = namedtuple("Eval", "mean returns mean_c trace")  # returns: (eval_episodes,) in env order, NaN if unfinished
+
 @torch.no_grad()
-def evaluate(ev: Collector, cfg: Cfg, trace: bool = False):
-    """Mean greedy return of one episode in each eval env (fixed seeds, frozen TD normalizer).
-    With trace, also env 0's first episode as lists of c, |td_norm| fed to the router, reward."""
+def evaluate(ev: Collector, cfg: Cfg, greedy: Optional[bool] = None, trace: bool = False) -> Eval:
+    """One episode in each eval env (fixed seeds: the same episodes every time; frozen TD normalizer), with
+    the policy cfg.eval_mode names unless `greedy` is given. mean_c: the gate over those episodes' steps.
+    With trace, env 0's episode as lists of c, |td_norm| fed to the router, reward."""
     ev.reset(seed=cfg.seed + 1_000_003)
-    rets, tr = {}, {"c": [], "td_abs": [], "reward": []}
+    rets, tr, c_sum, n = {}, {"c": [], "td_abs": [], "reward": []}, 0.0, 0
     for _ in range(100_000):
-        rec, fin = ev.step(greedy=True, update_norm=False)
+        live = torch.tensor([i not in rets for i in range(ev.N)], device=ev.dev)
+        rec, fin = ev.step(greedy=cfg.eval_mode == "greedy" if greedy is None else greedy, update_norm=False)
+        c_sum, n = c_sum + (rec["c"] * live).sum(), n + int(live.sum())
         if trace and 0 not in rets:
-            for k, v in (("c", rec["c"]), ("td_abs", rec["td_prev"].abs()), ("reward", rec["reward"])):
+            td_in = ev.agent.router_td(rec["td_prev"], rec["start"])
+            for k, v in (("c", rec["c"]), ("td_abs", td_in.abs()), ("reward", rec["reward"])):
                 tr[k].append(v[0].item())
         rets.update({i: R for i, R, _ in fin if i not in rets})
         if len(rets) == ev.N:
             break
-    return float(np.mean(list(rets.values()))) if rets else float("nan"), tr
+    r = np.array([rets.get(i, np.nan) for i in range(ev.N)])
+    return Eval(float(np.nanmean(r)) if rets else float("nan"), r, float(c_sum / max(n, 1)), tr)
+
+def gate_effect(su: "Setup") -> dict:
+    """GateCheck's counterfactual: greedy return with the learned gate minus the return with the gate held
+    at its mean over those episodes (same seeds, so the same episodes), paired per episode: mean and 95% CI
+    half-width (normal approximation). Positive and CI-separated from 0: the timing of writes matters."""
+    ag, cfg = su.agent, su.cfg
+    if cfg.force_c is not None:
+        return dict(gate_effect=float("nan"), gate_effect_ci=float("nan"), gate_const=float("nan"))
+    learned = evaluate(su.evc, cfg, greedy=True)
+    saved = ag.cfg, ag.accel  # the reference cell, with c = the constant through force_c
+    ag.cfg, ag.accel = dataclasses.replace(cfg, force_c=learned.mean_c), None
+    try:
+        const = evaluate(su.evc, cfg, greedy=True)
+    finally:
+        ag.cfg, ag.accel = saved
+    d = (learned.returns - const.returns)[np.isfinite(learned.returns - const.returns)]
+    ci = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return dict(gate_effect=float(d.mean()) if len(d) else float("nan"), gate_effect_ci=float(ci),
+                gate_const=learned.mean_c)
 
 Setup = namedtuple("Setup", "cfg dev envs eval_envs agent opt norm col evc")  # what build(cfg) makes of a run
 
@@ -864,8 +932,9 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
     su = build(cfg)
     agent, opt, norm, batch = su.agent, su.opt, su.norm, cfg.num_envs * cfg.rollout_steps
     num_updates = cfg.total_timesteps // batch
-    # what a checkpoint carries besides modules and RNGs; evals: (update, return); gc_hist: GateCheck samples
-    st = dict(update=0, env_steps=0, wall_s=0.0, ep_hist=[], evals=[], gc_hist=[])
+    # what a checkpoint carries besides modules and RNGs; evals: (update, return); gc_hist: GateCheck samples;
+    # mmer: the max over updates of the mean return of the training (sampled-policy) episodes that ended in it
+    st = dict(update=0, env_steps=0, wall_s=0.0, ep_hist=[], evals=[], gc_hist=[], mmer=float("nan"))
     run_dir = Path(resume) if resume else new_run_dir(cfg)
     if resume:
         st = load_checkpoint(su, run_dir)
@@ -879,35 +948,37 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
     bar = tqdm(total=num_updates, initial=start_update, disable=not cfg.progress, desc=cfg.env_id, unit="upd")
     with StopFlag() as stop:
         try:
-            if not st["evals"]:  # before any training: GateCheck's early baseline
-                st["evals"].append((0, evaluate(su.evc, cfg)[0]))
             for update in range(start_update, num_updates):
                 if cfg.anneal_lr:
                     opt.param_groups[0]["lr"] = cfg.lr * (1 - update / num_updates)
                 tr0 = time.perf_counter()
+                floor0 = norm.floor_hits.item()
                 b, last_value, fin = rollout(su.col, cfg.rollout_steps)
                 adv, ret = gae(b, last_value, cfg.gamma, cfg.gae_lambda)
                 t_roll = time.perf_counter() - tr0
+                if not st["evals"]:  # GateCheck's early baseline: no update yet, a normalizer that saw a rollout
+                    st["evals"].append((0, evaluate(su.evc, cfg).mean))
                 check_finite(update, "in the rollout", {"TD mean": norm.mean, "TD scale": norm.scale, "return": ret})
+                gs = gate_samples(agent, b, (norm.floor_hits.item() - floor0) / cfg.rollout_steps)
                 m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c := ib_weight(cfg, update, num_updates), update)
                 t_upd = time.perf_counter() - tr0 - t_roll
                 check_finite(update, "after the update", {f"parameter {n}": p for n, p in agent.named_parameters()})
-                c, td, start = (b[k].cpu().numpy() for k in ("c", "td_prev", "start"))  # GateCheck's samples
-                dc_ok = (start == 0) & (np.arange(len(start))[:, None] > 0)  # c_t - c_{t-1} within an episode
-                st["gc_hist"] = (st["gc_hist"] + [(np.abs(td).ravel(), c.ravel(), np.diff(c, axis=0, prepend=c[:1])
-                                                    .ravel(), dc_ok.ravel())])[-cfg.gatecheck_rollouts:]
+                st["gc_hist"] = (st["gc_hist"] + [gs])[-cfg.gatecheck_rollouts:]
                 st["ep_hist"] = (st["ep_hist"] + [R for _, R, _ in fin])[-100:]
+                ep_mean = float(np.mean([R for _, R, _ in fin])) if fin else float("nan")
+                st["mmer"] = max(st["mmer"], ep_mean, key=lambda v: -math.inf if math.isnan(v) else v)  # POPGym's
                 done, st["env_steps"] = update + 1, st["env_steps"] + batch
                 st["update"] = done
                 fresh = done == num_updates or (cfg.eval_every and done % cfg.eval_every == 0)
                 if fresh:
-                    st["evals"].append((done, evaluate(su.evc, cfg)[0]))
+                    st["evals"].append((done, evaluate(su.evc, cfg).mean))
                 st["wall_s"] = wall0 + time.perf_counter() - t0
                 last = dict(update=done, env_steps=st["env_steps"], **m, lambda_c=lam_c, mean_c=b["c"].mean().item(),
                             c_std=b["c"].std().item(), td_mean=norm.mean.item(), td_std=norm.scale.item(),
                             td_raw_std=b["td"].std().item(), ev=explained_variance(b["value"], ret),
                             ep100=float(np.mean(st["ep_hist"])) if st["ep_hist"] else float("nan"),
-                            episodes=len(st["ep_hist"]), bias=agent.bias.item(), eval=st["evals"][-1][1],
+                            episodes=len(st["ep_hist"]), ep_mean=ep_mean, mmer=st["mmer"], bias=agent.bias.item(),
+                            eval=st["evals"][-1][1],
                             eval_fresh=bool(fresh), lr=opt.param_groups[0]["lr"], rollout_s=t_roll, update_s=t_upd,
                             steps_per_s=(st["env_steps"] - steps0) / (time.perf_counter() - t0), wall_s=st["wall_s"])
                 metrics_f.write(json.dumps(last) + "\n")
@@ -953,17 +1024,21 @@ def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, la
                steps_per_s: float) -> dict:
     """GateCheck on whatever exists, summary.json, training.png; prints the GateCheck block."""
     cfg = su.cfg
-    td_abs, c, dc, dc_ok = (np.concatenate([h[i] for h in st["gc_hist"]] or [np.zeros(0, t)]) for i, t in
-                            enumerate((float, float, float, bool)))
-    g = gatecheck(td_abs, c, dc, dc_ok, su.norm.scale.item(), st["evals"], cfg)
-    np.savez_compressed(run_dir / "gate_samples.npz", td_abs=td_abs, c=c, dc=dc, dc_ok=dc_ok)  # for plots
+    gs = {k: np.concatenate([h[k] for h in st["gc_hist"]] or [np.zeros(0, bool if k == "dc_ok" else float)])
+          for k in ("td_abs", "c", "dc", "dc_ok", "res")}
+    floor = float(np.mean([h["floor_frac"] for h in st["gc_hist"]])) if st["gc_hist"] else float("nan")
+    g = gatecheck(**gs, floor_frac=floor, td_std=su.norm.scale.item(), evals=st["evals"], cfg=cfg)
+    np.savez_compressed(run_dir / "gate_samples.npz", **gs)  # for plots
+    c = gs["c"]
     mean_c = float(c.mean()) if len(c) else float("nan")
     ev, ep100 = last.get("ev", float("nan")), float(np.mean(st["ep_hist"])) if st["ep_hist"] else float("nan")
-    if status == "completed":  # one greedy episode's gate/TD/reward timeline, for plots
-        write_json(evaluate(su.evc, cfg, trace=True)[1], run_dir / "eval_trace.json")
+    if status == "completed":  # the gate's counterfactual, and one greedy episode's gate/TD/reward for plots
+        g.update(gate_effect(su))
+        write_json(evaluate(su.evc, cfg, greedy=True, trace=True).trace, run_dir / "eval_trace.json")
     summary = dict(status=status, message=message, exit_code=exit_code, run_dir=str(run_dir), env_id=cfg.env_id,
                    seed=cfg.seed, updates=last.get("update", 0), gatecheck=g, final_eval=st["evals"][-1][1]
-                   if st["evals"] else float("nan"), evals=st["evals"], mean_c=mean_c, ev=ev, ep100=ep100,
+                   if st["evals"] else float("nan"), eval_mode=cfg.eval_mode, evals=st["evals"],
+                   mmer=st["mmer"], mean_c=mean_c, ev=ev, ep100=ep100,
                    steps_per_s=steps_per_s, env_steps=st["env_steps"], wall_s=st["wall_s"])
     write_json(summary, run_dir / "summary.json")
     try:
@@ -971,7 +1046,7 @@ def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, la
             plot_training(run_dir, cfg)
     except Exception as e:  # a missing font or backend must not lose the run's summary
         print(f"note: training.png not written ({e})", file=sys.stderr)
-    print("\n" + format_gatecheck(g, mean_c, ev, ep100), flush=True)
+    print("\n" + format_gatecheck(g, mean_c, ev, ep100, summary["mmer"]), flush=True)
     print(f"run: {run_dir}  ({status}, {st['env_steps']:,} env steps, {st['wall_s']:.1f} s)", flush=True)
     if status in ("interrupted", "halted"):
         print(f"resume with: python gwt_ib.py --resume {run_dir}", flush=True)

@@ -172,7 +172,8 @@ def test_memoryless_ignores_h_prev(force_c):
 @pytest.mark.parametrize("force_c", [None, 1.0], ids=["learned-gate", "force_c=1"])
 @torch.no_grad()
 def test_episode_start_zeroes_h_prev_and_td_prev(force_c):
-    """episode_start=1 makes the step identical to a step from h_prev = 0 and td_prev = 0."""
+    """episode_start=1 makes the step identical to a step from h_prev = 0 and td_prev = 0 (by default:
+    episode_start_td="zero")."""
     agent = make_agent(force_c=force_c)
     randomize_router(agent)
     obs, h_prev, td_prev, _ = inputs()
@@ -186,6 +187,27 @@ def test_episode_start_zeroes_h_prev_and_td_prev(force_c):
     assert not torch.allclose(out[3][start == 1], free[3][start == 1])
     if force_c is None:
         assert not torch.allclose(out[2][start == 1], free[2][start == 1])
+
+
+@pytest.mark.parametrize("mode", ["zero", "carry", "max"])
+@torch.no_grad()
+def test_router_sees_episode_start_td_at_an_episode_start(mode):
+    """At an episode's first step the prior sees |td| = 0 ("zero"), the carried td_prev of the episode before
+    ("carry") or td_norm_clip ("max"); elsewhere td_prev itself. h_prev is zeroed in every mode."""
+    agent = make_agent(episode_start_td=mode)
+    randomize_router(agent)
+    obs, h_prev, td_prev, _ = inputs()
+    start = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    seen = {"zero": torch.zeros(B), "carry": td_prev, "max": torch.full((B,), agent.cfg.td_norm_clip)}[mode]
+    seen = torch.where(start > 0, seen, td_prev)
+    torch.testing.assert_close(agent.router_td(td_prev, start), seen, atol=0, rtol=0)
+    out = step_from_obs(agent, obs, h_prev, td_prev, start)
+    z = agent.enc(obs)
+    keep = (1 - start)[:, None]
+    want_c = torch.sigmoid(prior_logit(agent, seen)[:, None] + router_residual(agent, z, h_prev * keep))
+    torch.testing.assert_close(out[2], want_c, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[3], step_from_obs(agent, obs, h_prev * keep, seen, torch.zeros(B))[3], atol=1e-6,
+                               rtol=0)
 
 
 @pytest.mark.parametrize("gate", ["scalar", "vector"])
@@ -426,11 +448,13 @@ def test_stored_h0_is_the_rollout_memory_at_each_sequence_start(roll):
     assert any(seq["h0"][s].abs().sum() > 0 for s in range(S))  # state is carried across sequences
 
 
+@pytest.mark.parametrize("mode", ["zero", "carry", "max"])
 @pytest.mark.parametrize("cpu_kernel", [False, True], ids=["reference", "C-accelerator"])
-def test_first_minibatch_reproduces_rollout_logprobs(cpu_kernel):
+def test_first_minibatch_reproduces_rollout_logprobs(cpu_kernel, mode):
     """Before any gradient step the training forward pass (unroll from the stored h0) reproduces the
-    rollout's log-probs, values and gates, so PPO's first ratio is 1; with the C accelerator too."""
-    cfg = rollout_cfg(cpu_kernel=cpu_kernel)
+    rollout's log-probs, values and gates, so PPO's first ratio is 1; with the C accelerator too, and for
+    every choice of what the router sees at an episode start."""
+    cfg = rollout_cfg(cpu_kernel=cpu_kernel, episode_start_td=mode)
     su = built(cfg)
     try:
         if not cpu_kernel:
@@ -496,7 +520,8 @@ def test_td_bootstrap_is_clean(roll):
 
 
 def test_router_input_is_previous_normalized_td(roll):
-    """td_prev[t+1] = normalize(td[t]) with the normalizer updated once per vector step, and 0 after an episode end."""
+    """td_prev[t+1] = normalize(td[t]) with the normalizer updated once per vector step, also across an episode
+    end (what the router makes of it at an episode's first step is Agent.router_td's business)."""
     su, b, _, _ = roll
     norm = gwt_ib.TDNormalizer(su.cfg, torch.device("cpu"))
     done = torch.maximum(b["term"], b["trunc"])
@@ -504,7 +529,7 @@ def test_router_input_is_previous_normalized_td(roll):
     nxt = torch.cat([b["td_prev"][1:], su.col.td_prev[None]])
     for t in range(T):
         norm.update(b["td"][t])
-        torch.testing.assert_close(nxt[t], norm.normalize(b["td"][t]) * (1 - done[t]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(nxt[t], norm.normalize(b["td"][t]), atol=1e-6, rtol=0)
     torch.testing.assert_close(norm.scale, su.norm.scale, atol=1e-7, rtol=0)
     assert (nxt.abs() > 0.5).any()  # the router really sees surprise
 
@@ -689,8 +714,18 @@ def test_td_normalizer_does_not_pin_at_floor_for_small_nonzero_tds(mode):
     feed(norm, 0.01, 600, gen=torch.Generator().manual_seed(0))
     s = norm.scale.item()
     assert s == pytest.approx(expected_scale(mode, 0.01), rel=0.15)
-    assert s > 5 * cfg.td_std_min  # GateCheck's std_ok
+    assert s > 5 * cfg.td_std_min and norm.floor_hits.item() == 0  # GateCheck's std_ok
     assert abs(norm.mean.item()) < 0.003
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_td_normalizer_counts_updates_with_the_scale_at_its_floor(mode):
+    """Identical TD errors (no spread) clamp the scale to td_std_min at every update: floor_hits counts them."""
+    cfg = tiny_cfg(td_scale_mode=mode)
+    norm = gwt_ib.TDNormalizer(cfg, torch.device("cpu"))
+    for _ in range(50):
+        norm.update(torch.full((8,), 0.3))
+    assert norm.scale.item() == pytest.approx(cfg.td_std_min) and norm.floor_hits.item() == 50
 
 
 @pytest.mark.parametrize("direction", ["up", "down"])

@@ -18,15 +18,17 @@ import pytest
 import torch
 
 import gwt_ib
-from conftest import COUNTER_ID, ROOT, read_metrics, tiny_cfg
+from conftest import COUNTER_ID, ROOT, built, close, read_metrics, tiny_cfg
 
 TINY_ARGS = ["--num-envs", "2", "--rollout-steps", "32", "--seq-len", "16", "--minibatches", "2", "--epochs", "1",
              "--eval-episodes", "2", "--eval-every", "1", "--log-every", "1", "--enc-dim", "16", "--hid-dim", "16",
              "--router-hid", "8", "--head-hid", "16", "--progress", "false", "--save-plot", "false",
              "--device", "cpu", "--torch-threads", "1", "--seed", "0"]
 PROGRESS = re.compile(r"^upd\s+\d+/\d+ \| td_mean [-+]\d.*\| .*steps/s", re.M)
-GATE_KEYS = {"rho_td_c", "rho_tail", "rho_td_dc", "rho_tail_dc", "td_std", "std_ok", "eval_ok", "verdict"}
-SUMMARY_KEYS = {"gatecheck", "final_eval", "mean_c", "ev", "ep100", "steps_per_s", "env_steps", "wall_s"}
+GATE_KEYS = {"rho_td_c", "rho_tail", "rho_td_dc", "rho_tail_dc", "rho_td_res", "td_std", "floor_frac", "std_ok",
+             "eval_ok", "verdict", "gate_effect", "gate_effect_ci", "gate_const"}
+SUMMARY_KEYS = {"gatecheck", "final_eval", "eval_mode", "mmer", "mean_c", "ev", "ep100", "steps_per_s", "env_steps",
+                "wall_s"}
 
 
 def cli(*args, env=None, **kw):
@@ -103,7 +105,9 @@ def test_gatecheck_fails_when_nothing_can_be_learned(tmp_path):
 
 
 def test_gatecheck_verdict_logic():
-    """PASS needs td_std > 5*td_std_min AND late eval > early eval + margin; correlations are Pearson's."""
+    """PASS needs a TD scale off its clamp floor (in at least half of the window's normalizer updates) AND late
+    eval > early eval + margin; a small scale above the floor is what a solved task has; correlations are
+    Pearson's, rho(td,residual) over the router's residual alone."""
     cfg = tiny_cfg()
     rng = np.random.default_rng(0)
     td = np.abs(rng.normal(size=2000))
@@ -112,18 +116,92 @@ def test_gatecheck_verdict_logic():
     ok = np.ones(2000, bool)
     ok[0] = False
     rising = [(i, float(i)) for i in range(8)]
-    g = gwt_ib.gatecheck(td, c, dc, ok, 0.5, rising, cfg)
+    res = rng.normal(size=2000)  # a residual that ignores |td|
+    g = gwt_ib.gatecheck(td, c, dc, ok, res, 0.0, 0.5, rising, cfg)
     assert g["verdict"] == "PASS" and g["std_ok"] and g["eval_ok"]
     assert g["rho_td_c"] == pytest.approx(np.corrcoef(td, c)[0, 1])
     assert g["rho_td_c"] > 0.8 and g["rho_tail"] > 0
-    pinned = gwt_ib.gatecheck(td, c, dc, ok, cfg.td_std_min, rising, cfg)  # TD scale stuck at its floor
+    assert g["rho_td_res"] == pytest.approx(np.corrcoef(td, res)[0, 1]) and abs(g["rho_td_res"]) < 0.1
+    solved = gwt_ib.gatecheck(td, c, dc, ok, res, 0.0, 4.8 * cfg.td_std_min, rising, cfg)  # small, not pinned
+    assert solved["std_ok"] and solved["verdict"] == "PASS"
+    pinned = gwt_ib.gatecheck(td, c, dc, ok, res, 0.9, cfg.td_std_min, rising, cfg)  # TD scale stuck at its floor
     assert pinned["std_ok"] is False and pinned["verdict"] == "FAIL"
-    flat = gwt_ib.gatecheck(td, c, dc, ok, 0.5, [(i, 1.0) for i in range(8)], cfg)
+    flat = gwt_ib.gatecheck(td, c, dc, ok, res, 0.0, 0.5, [(i, 1.0) for i in range(8)], cfg)
     assert flat["eval_ok"] is False and flat["verdict"] == "FAIL"
-    small = gwt_ib.gatecheck(td, c, dc, ok, 0.5, [(0, 0.0), (1, 0.05)], cfg)  # below eval_ok_margin
+    small = gwt_ib.gatecheck(td, c, dc, ok, res, 0.0, 0.5, [(0, 0.0), (1, 0.05)], cfg)  # below eval_ok_margin
     assert small["eval_ok"] is False
-    empty = gwt_ib.gatecheck(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, bool), 0.5, [], cfg)
-    assert empty["verdict"] == "FAIL" and math.isnan(empty["rho_td_c"])
+    e = np.zeros(0)
+    empty = gwt_ib.gatecheck(e, e, e, np.zeros(0, bool), e, float("nan"), 0.5, [], cfg)
+    assert empty["verdict"] == "FAIL" and math.isnan(empty["rho_td_c"]) and math.isnan(empty["rho_td_res"])
+
+
+def test_first_evaluation_is_after_one_rollout_and_before_any_update(tmp_path, monkeypatch):
+    """GateCheck's early baseline measures the untrained agent's real gate: the TD normalizer has seen one
+    rollout (so the gate is not the near-closed gate of scale 1), and no parameter has moved yet."""
+    cfg = tiny_cfg(tmp_path, total_timesteps=128, eval_every=0)
+    init = gwt_ib.build(cfg)
+    close(init)
+    seen, real = [], gwt_ib.evaluate
+
+    def spy(ev, cfg_, *a, **kw):
+        seen.append((ev.norm.count, state_equal(ev.agent.state_dict(), init.agent.state_dict())))
+        return real(ev, cfg_, *a, **kw)
+    monkeypatch.setattr(gwt_ib, "evaluate", spy)
+    s = gwt_ib.train(cfg)
+    assert seen[0] == (cfg.num_envs * cfg.rollout_steps, True)
+    assert s["evals"][0][0] == 0 and len(s["evals"]) == 2  # after the first rollout, and at the end
+
+
+@torch.no_grad()
+def test_gate_samples_residual_is_the_routers_part_of_the_rollout_gate():
+    """GateCheck's residual, recomputed batched from the stored obs and h0, is exactly what the rollout's gate
+    added to the TD prior: c = sigmoid(prior(|td| the router saw) + residual)."""
+    cfg = tiny_cfg(num_envs=4, episode_start_td="max")
+    su = built(cfg)
+    try:
+        for p in su.agent.r_out.parameters():  # a router that has learned something
+            p.normal_(0, 0.5)
+        b, _, _ = gwt_ib.rollout(su.col, cfg.rollout_steps)
+        gs = gwt_ib.gate_samples(su.agent, b, 0.0)
+        prior = cfg.td_scale * gs["td_abs"] + cfg.base_logit + su.agent.bias.item()
+        np.testing.assert_allclose(1 / (1 + np.exp(-(prior + gs["res"]))), gs["c"], atol=1e-5)
+        assert gs["res"].std() > 0.01 and (gs["td_abs"][b["start"].numpy().ravel() > 0] == cfg.td_norm_clip).all()
+    finally:
+        close(su)
+
+
+def test_gate_effect_is_zero_when_the_gate_is_already_constant(tmp_path):
+    """The counterfactual holds c at its mean over the same episodes: a learned gate that cannot vary (no TD
+    term, no router) gives the same greedy episodes, so the effect is exactly 0; a fixed gate has none."""
+    s = gwt_ib.train(tiny_cfg(tmp_path, td_scale=0.0, use_router_residual=False, total_timesteps=64))
+    g = s["gatecheck"]
+    assert g["gate_effect"] == 0.0 and g["gate_effect_ci"] == 0.0
+    assert g["gate_const"] == pytest.approx(1 / (1 + math.exp(2.5)), abs=0.01)  # sigmoid(base_logit + bias_init)
+    fixed = gwt_ib.train(tiny_cfg(tmp_path, force_c=1.0, total_timesteps=64))["gatecheck"]
+    assert math.isnan(fixed["gate_effect"]) and math.isnan(fixed["rho_td_res"])
+
+
+def test_mmer_is_the_best_mean_return_of_a_rollouts_training_episodes(tmp_path):
+    """MMER (POPGym): the max over updates of the mean return of the sampled-policy episodes that ended in
+    that update's rollout; in metrics.jsonl per update and in summary.json."""
+    s = gwt_ib.train(tiny_cfg(tmp_path, total_timesteps=256))
+    rows = read_metrics(s["run_dir"])
+    means = [r["ep_mean"] for r in rows if not math.isnan(r["ep_mean"])]
+    assert means and s["mmer"] == max(means) == rows[-1]["mmer"]
+    assert [r["mmer"] for r in rows if not math.isnan(r["mmer"])] == sorted(r["mmer"] for r in rows
+                                                                          if not math.isnan(r["mmer"]))
+
+
+def test_greedy_evaluation_replays_the_same_episodes(tmp_path):
+    """Evaluation resets its envs with fixed seeds: greedy returns repeat exactly; eval_mode is recorded."""
+    cfg = tiny_cfg(num_envs=2, eval_episodes=4, eval_mode="greedy")
+    su = built(cfg)
+    try:
+        a, b = gwt_ib.evaluate(su.evc, cfg), gwt_ib.evaluate(su.evc, cfg)
+        np.testing.assert_array_equal(a.returns, b.returns)
+        assert len(a.returns) == 4 and 0 <= a.mean_c <= 1
+    finally:
+        close(su)
 
 
 # ----------------------------------------------------------------------------- determinism and resume
