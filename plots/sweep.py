@@ -35,6 +35,9 @@ TRAINER = HERE.parent / "gwt_ib.py"
 # name -> CLI overrides of gwt_ib.py; the order here is the order of tables and legends
 VARIANTS: dict[str, list[str]] = {
     "gwt_ib": [],
+    "start_zero": ["--episode-start-td", "zero"],
+    "start_carry": ["--episode-start-td", "carry"],
+    "start_max": ["--episode-start-td", "max"],
     "no_gate": ["--force-c", "1.0"],
     "fixed_half": ["--force-c", "0.5"],
     "no_ib": ["--lambda-c", "0"],
@@ -44,6 +47,9 @@ VARIANTS: dict[str, list[str]] = {
 }
 VARIANT_DOC = {
     "gwt_ib": "the full method (defaults)",
+    "start_zero": "the router sees |td| = 0 at an episode's first step",
+    "start_carry": "the router sees the env's last TD of the previous episode at an episode's first step",
+    "start_max": "the router sees |td| = td_norm_clip at an episode's first step (a new memory knows nothing)",
     "no_gate": "gate fixed at 1: a plain GRU agent",
     "fixed_half": "gate fixed at 0.5",
     "no_ib": "learned gate, no information-bottleneck penalty",
