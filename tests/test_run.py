@@ -166,11 +166,12 @@ def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
     import shutil
     cfg = tiny_cfg(tmp_path, total_timesteps=4 * 64, checkpoint_every=100, eval_every=100, halt_after=2)
     run = Path(gwt_ib.train(cfg)["run_dir"])
-    shutil.copy(run / "checkpoint.pt", tmp_path / "ck2.pt")
+    shutil.copytree(run, tmp_path / "at2")
     gwt_ib.train(dataclasses.replace(cfg, halt_after=1), resume=str(run))  # logs update 3, checkpoints at 3
     rows = read_metrics(run)
     assert [r["update"] for r in rows] == [1, 2, 3]
-    shutil.copy(tmp_path / "ck2.pt", run / "checkpoint.pt")  # as if it crashed after logging 3, before its checkpoint
+    for f in ("checkpoint.pt", "envs-2.pkl"):  # as if it crashed after logging 3, before its checkpoint
+        shutil.copy(tmp_path / "at2" / f, run / f)
     s = gwt_ib.train(dataclasses.replace(cfg, halt_after=0), resume=str(run))
     assert s["status"] == "completed"
     again = read_metrics(run)
