@@ -11,7 +11,7 @@ checked against Agent.cell at start-up). `python gwt_ib.py --help` lists every s
 from __future__ import annotations
 
 import argparse, contextlib, copy, ctypes, dataclasses, difflib, inspect, json, math, os, pickle, random, re, signal
-import atexit, errno, fcntl, hashlib, io, itertools, platform, shlex, shutil, stat, subprocess, sys, tempfile, threading
+import atexit, fcntl, hashlib, io, itertools, platform, shlex, shutil, stat, subprocess, sys, tempfile, threading
 import time
 from collections import namedtuple
 from dataclasses import dataclass
@@ -166,7 +166,8 @@ _RANGES = [  # (fields, test, what is allowed)
     (("force_c",), lambda v: v is None or 0 <= v <= 1, "must be in [0, 1] or none"),
     (("lambda_c_end",), lambda v: v is None or v >= 0, "must be >= 0 or none"),
     (("env_id", "out_dir"), lambda v: v.strip() != "", "must not be empty"),
-    (("run_name",), lambda v: "/" not in v and v not in (".", ".."), "must be a plain directory name"),
+    (("run_name",), lambda v: "/" not in v and v not in (".", "..") and len(v.encode()) < 240,
+     "must be a plain directory name (no '/', under 240 bytes)"),
 ] + [((k,), lambda v, ch=ch: v in ch, f"must be one of {', '.join(ch)}") for k, ch in _CHOICES.items()]
 
 def validate(cfg: Cfg) -> None:
@@ -660,13 +661,13 @@ def to_sequences(b: dict, L: int) -> dict:
     out["h0"] = out["h0"][0]  # (S, H): the hidden state stored before each sequence's first step
     return out
 
-class NonFinite(RuntimeError):
+class NonFinite(RuntimeError):  # its message numbers updates from 1, as metrics.jsonl does
     pass
 
 def check_finite(update: int, when: str, tensors: dict) -> None:
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
-            raise NonFinite(f"update {update}: {name} is not finite {when}")
+            raise NonFinite(f"update {update + 1}: {name} is not finite {when}")
 
 def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Tensor, ret: torch.Tensor,
                cfg: Cfg, lam_c: float, update: int) -> dict:
@@ -691,13 +692,13 @@ def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Ten
             ib = ib_loss(c, cfg)
             loss = pg + cfg.vf_coef * vl - cfg.ent_coef * en + lam_c * ib
             if not torch.isfinite(loss):
-                raise NonFinite(f"update {update}: loss is {loss.item()} (pg {pg.item()}, value {vl.item()}, "
+                raise NonFinite(f"update {update + 1}: loss is {loss.item()} (pg {pg.item()}, value {vl.item()}, "
                                 f"entropy {en.item()}, ib {ib.item()})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
             if not torch.isfinite(gn):
-                raise NonFinite(f"update {update}: gradient norm is {gn.item()}")
+                raise NonFinite(f"update {update + 1}: gradient norm is {gn.item()}")
             opt.step()
             with torch.no_grad():
                 agent.bias.clamp_(cfg.bias_clamp_min, cfg.bias_clamp_max)
@@ -758,8 +759,7 @@ def new_run_dir(cfg: Cfg) -> Path:
                 os.mkdir(d := out / (name if i == 1 else f"{name}-{i}"))
                 return d
     except OSError as e:
-        bad = "run_name" if cfg.run_name and e.errno == errno.ENAMETOOLONG and out.is_dir() else "out_dir"
-        raise ConfigError(bad, getattr(cfg, bad), f"cannot hold a new run directory ({one_line(e)})") from None
+        raise ConfigError("out_dir", cfg.out_dir, f"cannot hold a new run directory ({one_line(e)})") from None
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write beside `path`, then rename over it: a kill or a full disk mid-write leaves the last good file whole and
@@ -930,7 +930,7 @@ def build(cfg: Cfg) -> Setup:
     def sized(make, *names):  # a size that cannot be allocated is a bad setting like any other
         try:
             return make()
-        except (RuntimeError, MemoryError) as e:
+        except (RuntimeError, MemoryError, TypeError, OverflowError) as e:  # torch: "can't allocate", "Overflow"
             if not re.search("alloc|overflow|memory", f"{type(e).__name__}: {e}", re.I):
                 raise
             name = max(names, key=lambda n: getattr(cfg, n))
@@ -1459,5 +1459,5 @@ def accelerate(agent: Agent, dev: torch.device) -> None:
     print(f"note: C cell not used ({why}); Agent.cell runs as torch ops", file=sys.stderr)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as the module an import makes: pickled env state then names gwt_ib.FlatObs
+    sys.exit(__import__(Path(__file__).stem).main())
