@@ -814,7 +814,7 @@ def run_config(run_dir: Path) -> Cfg:
         raise ConfigError("resume", str(run_dir), what)
     try:
         saved = json.loads((run_dir / "config.json").read_text())
-        return Cfg(**{f.name: saved[f.name] for f in dataclasses.fields(Cfg) if f.name in saved and f.name != "halt_after"})
+        return Cfg(**{f.name: saved[f.name] for f in dataclasses.fields(Cfg) if f.name in set(saved) - {"halt_after"}})
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError("resume", str(run_dir), f"{what} ({one_line(e)})") from None
 
@@ -850,7 +850,8 @@ class StopFlag:
     def __enter__(self):
         self.signum, main = 0, threading.current_thread() is threading.main_thread()  # handlers: main thread only
         sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if main else ()  # SIGHUP: the terminal went away
-        self._old = {sig: signal.signal(sig, self._handle) for sig in sigs}
+        self._old = {sig: signal.signal(sig, self._handle) for sig in sigs  # an ignored one (nohup) stays ignored
+                     if signal.getsignal(sig) is not signal.SIG_IGN}
         return self
 
     def _handle(self, signum, frame):
