@@ -750,8 +750,8 @@ def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float) -> str:
 def new_run_dir(cfg: Cfg) -> Path:
     """A new directory out_dir/<run_name or env__s<seed>__time>, with -2, -3, ... when the name is taken. os.mkdir
     is the test (no check-then-create): of two runs racing for one name, one gets it and the other the next."""
-    name, out = cfg.run_name or f"{cfg.env_id.replace('/', '_')}__s{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}", \
-        Path(cfg.out_dir)
+    name = cfg.run_name or f"{cfg.env_id.replace('/', '_')}__s{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(cfg.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
         for i in itertools.count(1):
@@ -797,13 +797,11 @@ def lock_run(run_dir: Path, cleanup: contextlib.ExitStack) -> None:
     f.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
 
-# The resume contract (README): `--resume RUN` may change only these settings, none of which changes what the run
-# computes; any other that differs from the run's config.json is refused before anything is written.
-# total_timesteps extends the run (an update stays num_envs*rollout_steps env steps; refused where the lr or
-# lambda_c schedule spans the total). halt_after, progress, log_every, save_plot: when to stop, what is shown.
-# checkpoint_every: a resume from any checkpoint continues the same run. eval_every, eval_episodes: evaluation runs
-# on its own envs with training's random state set aside (isolated_rng). device, torch_threads, cpu_kernel: where
-# and how fast (the same run within floating-point tolerance). Only total_timesteps is saved to config.json.
+# The resume contract (README): `--resume RUN` may change only these, as none changes what the run computes. A larger
+# total_timesteps extends it (an update stays num_envs*rollout_steps steps; not where a schedule spans the total);
+# halt_after, progress, log_every, save_plot: when this invocation stops, what it shows; checkpoint_every: any
+# checkpoint continues the same run; eval_every, eval_episodes: evaluation sets training's random state aside
+# (isolated_rng); device, torch_threads, cpu_kernel: where and how fast (equal within floating-point tolerance).
 RESUMABLE = ("total_timesteps", "halt_after", "progress", "log_every", "save_plot", "checkpoint_every", "eval_every",
              "eval_episodes", "device", "torch_threads", "cpu_kernel")
 
@@ -814,28 +812,25 @@ def run_config(run_dir: Path) -> Cfg:
         raise ConfigError("resume", str(run_dir), what)
     try:
         saved = json.loads((run_dir / "config.json").read_text())
-        return Cfg(**{f.name: saved[f.name] for f in dataclasses.fields(Cfg) if f.name in set(saved) - {"halt_after"}})
-    except (OSError, ValueError, TypeError) as e:
+        return Cfg(**{k: v for k, v in saved.items() if k in Cfg.__dataclass_fields__ and k != "halt_after"})
+    except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, not a JSON object
         raise ConfigError("resume", str(run_dir), f"{what} ({one_line(e)})") from None
 
 def check_resume(cfg: Cfg, saved: Cfg) -> None:
-    """The resume contract: cfg may differ from the run's saved Cfg only in RESUMABLE fields, and total_timesteps
-    only grows, unless a schedule spans it."""
+    """The resume contract: only RESUMABLE fields may differ from the run's saved Cfg, and total_timesteps may only
+    grow, where no schedule spans it."""
+    grows = cfg.total_timesteps > saved.total_timesteps and not saved.anneal_lr and saved.lambda_c_end is None
     for f in dataclasses.fields(Cfg):
-        if f.name not in RESUMABLE and getattr(cfg, f.name) != getattr(saved, f.name):
-            raise ConfigError(f.name, getattr(cfg, f.name), f"cannot change when resuming (the run has "
-                              f"{getattr(saved, f.name)!r}); resuming may change only "
-                              + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE))
-    if cfg.total_timesteps < saved.total_timesteps:
-        raise ConfigError("total_timesteps", cfg.total_timesteps, f"can only grow when resuming (the run has "
-                                                                  f"{saved.total_timesteps})")
-    if cfg.total_timesteps != saved.total_timesteps and (saved.anneal_lr or saved.lambda_c_end is not None):
-        raise ConfigError("total_timesteps", cfg.total_timesteps, "cannot change when resuming a run with anneal_lr "
-                                                                  "or lambda_c_end (their schedules span the run)")
+        old, new = getattr(saved, f.name), getattr(cfg, f.name)
+        if new != old and (f.name not in RESUMABLE or f.name == "total_timesteps" and not grows):
+            raise ConfigError(f.name, new, f"cannot change when resuming (the run has {old!r}); a resume may change "
+                              "only --total-timesteps (to grow it, without anneal_lr or lambda_c_end), "
+                              + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE[1:]))
 
 def trim_metrics(path: Path, update: int) -> None:
     """The checkpoint is the truth: keep the metrics rows of the updates it holds; drop later ones and a torn line."""
-    lines, keep = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else [], []
+    lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
+    keep = []
     for line in lines:
         with contextlib.suppress(ValueError, KeyError, TypeError):
             if line.endswith("\n") and json.loads(line)["update"] <= update:
@@ -891,12 +886,11 @@ def isolated_rng():
     """Training's random streams set aside: evaluation must not move them, and some envs (POPGym's mazes) reseed
     Python's and numpy's global generators on reset. As a decorator, around each call."""
     state = random.getstate(), np.random.get_state()
-    try:  # CUDA generators only where CUDA is in use: a CPU run on a GPU machine must not start it
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count() if torch.cuda.is_initialized() else 0)):
-            yield
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
+    # CUDA's generators only where CUDA is in use: a CPU run on a GPU machine must not start it
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count() if torch.cuda.is_initialized() else 0)):
+        yield
+    random.setstate(state[0])
+    np.random.set_state(state[1])
 
 @isolated_rng()
 @torch.no_grad()
@@ -959,8 +953,7 @@ def save_checkpoint(su: Setup, st: dict, run_dir: Path) -> None:
         envs = pickle.dumps(su.envs.envs)
     except Exception:
         envs = None
-    name = f"envs-{st['update']}.pkl" if envs is not None else None
-    if name:
+    if name := envs and f"envs-{st['update']}.pkl":
         write_atomic(run_dir / name, envs)
     npr = np.random.get_state()
     rng = dict(python=random.getstate(), numpy=(npr[0], npr[1].tolist(), *npr[2:]), torch=torch.get_rng_state(),
@@ -1025,8 +1018,7 @@ def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> di
         if st["update"] >= num_updates:
             print(f"run: {run_dir} is complete ({st['update']} updates); nothing was changed (a larger "
                   "--total-timesteps extends it)", flush=True)
-            return dict(status="completed", message="already complete", exit_code=0, run_dir=str(run_dir),
-                        updates=st["update"])
+            return dict(status="completed", message="complete already", exit_code=0, run_dir=str(run_dir))
         for tmp in run_dir.glob("*.tmp"):  # left by a process killed mid-write
             tmp.unlink()
         trim_metrics(run_dir / "metrics.jsonl", st["update"])

@@ -208,8 +208,9 @@ HOSTILE = {
     "resume-out-dir": Case(RESUME + ["--out-dir", "{tmp}/elsewhere"], 2, CHANGE),
     "resume-rollout-steps": Case(RESUME + ["--rollout-steps", "64"], 2, f"--rollout-steps 64: {CHANGE}"),
     "resume-lr": Case(RESUME + ["--lr", "0.001"], 2, f"--lr 0.001: {CHANGE}"),
-    "resume-shrink": Case(RESUME + ["--total-timesteps", "128"], 2, "--total-timesteps 128: can only grow"),
-    "resume-extend-annealed": Case(RESUME + ["--total-timesteps", "1024"], 2, "a run with anneal_lr or lambda_c_end",
+    "resume-shrink": Case(RESUME + ["--total-timesteps", "128"], 2, f"--total-timesteps 128: {CHANGE} (the run has "
+                          "256); a resume may change only --total-timesteps (to grow it, without anneal_lr"),
+    "resume-extend-annealed": Case(RESUME + ["--total-timesteps", "1024"], 2, f"--total-timesteps 1024: {CHANGE}",
                                    damage=edit_config(anneal_lr=True)),
     # run directories that are not, or not any more, what they claim
     "resume-missing": Case(["--resume", "{tmp}/missing"], 2, "must be a run directory with config.json and checkpoint"),
