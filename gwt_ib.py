@@ -1083,11 +1083,11 @@ def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> di
                         else ("halted", "")
                     break
         except (KeyboardInterrupt, NonFinite, EnvError, OSError) as e:  # the last good checkpoint stays as it was
-            status = {KeyboardInterrupt: "interrupted", NonFinite: "diverged", EnvError: "env_error"}.get(type(e),
-                                                                                                        "io_error")
+            status = ("interrupted" if isinstance(e, KeyboardInterrupt) else "diverged" if isinstance(e, NonFinite)
+                      else "env_error" if isinstance(e, EnvError) else "io_error")
             stop.signum = stop.signum or (signal.SIGINT if status == "interrupted" else 0)
-            message = "a second signal abandoned the update in progress" if status == "interrupted" else \
-                str(e) if status != "io_error" else one_line(e)
+            message = ("a second signal abandoned the update in progress" if status == "interrupted"
+                       else one_line(e) if status == "io_error" else str(e))
             kept = f"kept the checkpoint of update {ck_update}" if ck_update else "no checkpoint had been written yet"
             bar.close()
             print(f"gwt_ib.py: {status}: {message}; {kept} in {run_dir}", file=sys.stderr)
