@@ -11,8 +11,7 @@ checked against Agent.cell at start-up). `python gwt_ib.py --help` lists every s
 from __future__ import annotations
 
 import argparse, contextlib, copy, ctypes, dataclasses, difflib, inspect, json, math, os, pickle, random, re, signal
-import atexit, fcntl, hashlib, io, itertools, platform, shlex, shutil, stat, subprocess, sys, tempfile, threading
-import time
+import atexit, fcntl, hashlib, io, platform, shlex, shutil, stat, subprocess, sys, tempfile, threading, time
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,8 +273,8 @@ class FlatObs(gym.ObservationWrapper):
     def reset(self, *, seed=None, options=None):  # env i gets seed + i: keep it a seed numpy takes (POPGym's mazes)
         return super().reset(seed=None if seed is None else seed % 2 ** 32, options=options)
 
-class EnvError(RuntimeError):
-    """The environment raised: before training a one-line error, during it status env_error."""
+EnvError = type("EnvError", (RuntimeError,), {"__doc__": "The environment raised: an error before training, "
+                                                          "status env_error during it."})
 
 def env_call(fn, *args, **kw):
     """fn(*args, **kw), with whatever the environment raises (its bugs, its I/O) as an EnvError."""
@@ -754,7 +753,7 @@ def new_run_dir(cfg: Cfg) -> Path:
     out = Path(cfg.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for i in itertools.count(1):
+        for i in range(1, sys.maxsize):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(d := out / (name if i == 1 else f"{name}-{i}"))
                 return d
@@ -828,14 +827,9 @@ def check_resume(cfg: Cfg, saved: Cfg) -> None:
                               + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE[1:]))
 
 def trim_metrics(path: Path, update: int) -> None:
-    """The checkpoint is the truth: keep the metrics rows of the updates it holds; drop later ones and a torn line."""
+    """The checkpoint is the truth: keep the rows of the `update` updates it holds, drop later ones and a torn line."""
     lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
-    keep = []
-    for line in lines:
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            if line.endswith("\n") and json.loads(line)["update"] <= update:
-                keep.append(line)
-    if len(keep) < len(lines):
+    if (keep := [line for line in lines[:update] if line.endswith("\n")]) != lines:
         print(f"note: dropped {len(lines) - len(keep)} line(s) of metrics.jsonl logged after the checkpoint (update "
               f"{update}) or cut short", file=sys.stderr)
         write_atomic(path, "".join(keep).encode())
