@@ -796,11 +796,11 @@ def lock_run(run_dir: Path, cleanup: contextlib.ExitStack) -> None:
     f.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
 
-# The resume contract (README): `--resume RUN` may change only these, as none changes what the run computes. A larger
+# The resume contract (README): `--resume RUN` may change only these; none changes what is trained or how. A larger
 # total_timesteps extends it (an update stays num_envs*rollout_steps steps; not where a schedule spans the total);
 # halt_after, progress, log_every, save_plot: when this invocation stops, what it shows; checkpoint_every: any
 # checkpoint continues the same run; eval_every, eval_episodes: evaluation sets training's random state aside
-# (isolated_rng); device, torch_threads, cpu_kernel: where and how fast (equal within floating-point tolerance).
+# (isolated_rng); device, torch_threads, cpu_kernel: where and how fast (another device, other random numbers).
 RESUMABLE = ("total_timesteps", "halt_after", "progress", "log_every", "save_plot", "checkpoint_every", "eval_every",
              "eval_episodes", "device", "torch_threads", "cpu_kernel")
 
