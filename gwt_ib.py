@@ -11,7 +11,7 @@ checked against Agent.cell at start-up). `python gwt_ib.py --help` lists every s
 from __future__ import annotations
 
 import argparse, contextlib, copy, ctypes, dataclasses, difflib, inspect, json, math, os, pickle, random, re, signal
-import atexit, hashlib, platform, shutil, stat, subprocess, sys, tempfile, threading, time
+import atexit, fcntl, hashlib, io, platform, shlex, shutil, stat, subprocess, sys, tempfile, threading, time
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +96,11 @@ class ConfigError(ValueError):
         super().__init__(f"--{name.replace('_', '-')} {value!r}: {allowed}")
         self.name, self.value, self.allowed = name, value, allowed
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line for an error message: its type and the first sentence of its text (torch's run on)."""
+    text = re.sub(r"(?s).*WeightsUnpickler error:", "", str(e)).strip().split("\n\n")[0].split(". ")[0]
+    return f"{type(e).__name__}: {' '.join(text.split())}"[:200]
+
 def field_docs() -> dict[str, str]:
     """One-line docs of Cfg's fields, read from the comment beside each field above."""
     lines = inspect.getsource(Cfg).splitlines()
@@ -152,8 +157,9 @@ _RANGES = [  # (fields, test, what is allowed)
     (("num_envs", "rollout_steps", "seq_len", "epochs", "minibatches", "enc_dim", "hid_dim", "router_hid", "head_hid",
       "eval_episodes", "log_every", "checkpoint_every", "gatecheck_rollouts"), lambda v: v >= 1,
      "must be an integer >= 1"),
-    (("seed", "budget_warmup_updates", "eval_every", "torch_threads", "halt_after", "env_workers"), lambda v: v >= 0,
+    (("budget_warmup_updates", "eval_every", "torch_threads", "halt_after", "env_workers"), lambda v: v >= 0,
      "must be an integer >= 0"),
+    (("seed",), lambda v: 0 <= v < 2 ** 32, "must be an integer >= 0 and < 2**32 (numpy's seed range)"),
     (("td_window",), lambda v: v >= 2, "must be an integer >= 2"),
     (("lr", "vf_coef", "ent_coef", "lambda_c", "td_scale", "eval_ok_margin"), lambda v: v >= 0, "must be >= 0"),
     (("clip_eps", "max_grad_norm", "td_std_min", "td_norm_clip"), lambda v: v > 0, "must be > 0"),
@@ -162,7 +168,8 @@ _RANGES = [  # (fields, test, what is allowed)
     (("force_c",), lambda v: v is None or 0 <= v <= 1, "must be in [0, 1] or none"),
     (("lambda_c_end",), lambda v: v is None or v >= 0, "must be >= 0 or none"),
     (("env_id", "out_dir"), lambda v: v.strip() != "", "must not be empty"),
-    (("run_name",), lambda v: "/" not in v and v not in (".", ".."), "must be a plain directory name"),
+    (("run_name",), lambda v: "/" not in v and v not in (".", "..") and len(v.encode()) < 240,
+     "must be a plain directory name (no '/', under 240 bytes)"),
 ] + [((k,), lambda v, ch=ch: v in ch, f"must be one of {', '.join(ch)}") for k, ch in _CHOICES.items()]
 
 def validate(cfg: Cfg) -> None:
@@ -265,6 +272,21 @@ class FlatObs(gym.ObservationWrapper):
 
     def observation(self, obs):
         return gym.spaces.flatten(self.env.observation_space, obs)
+
+    def reset(self, *, seed=None, options=None):  # env i gets seed + i: keep it a seed numpy takes (POPGym's mazes)
+        return super().reset(seed=None if seed is None else seed % 2 ** 32, options=options)
+
+EnvError = type("EnvError", (RuntimeError,), {"__doc__": "The environment raised: an error before training, "
+                                                          "status env_error during it."})
+
+def env_call(fn, *args, **kw):
+    """fn(*args, **kw), with whatever the environment raises (its bugs, its I/O) as an EnvError."""
+    try:
+        return fn(*args, **kw)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise EnvError(f"the environment raised {one_line(e)}") from e
 
 def make_env(env_id: str):
     env = _gym().make(env_id, disable_env_checker=True)  # the checker only warns about popgym infos
@@ -542,7 +564,7 @@ class Collector:
     def reset(self, seed: Optional[int]) -> None:
         N = self.N
         self.prev_a = np.zeros((N, self.act.enc_dim), np.float32)
-        self.obs = self._obs(self.envs.reset(seed=seed)[0], self.prev_a)
+        self.obs = self._obs(env_call(self.envs.reset, seed=seed)[0], self.prev_a)
         self.h = torch.zeros(N, self.agent.H, device=self.dev)
         self.td_prev, self.start = torch.zeros(N, device=self.dev), torch.ones(N, device=self.dev)
         self.ep_ret, self.ep_len = np.zeros(N), np.zeros(N, np.int64)
@@ -584,7 +606,7 @@ class Collector:
         a, logp = sample_action(ag, logits, greedy)
         a_np = a.cpu().numpy()  # the one device->host copy per step
         env_a = self._to_env(a_np)
-        raw, r, term, trunc, info = self.envs.step(env_a)
+        raw, r, term, trunc, info = env_call(self.envs.step, env_a)
         done = term | trunc
         a_enc = self._prev_action(env_a) if cfg.prev_action else None
         if cfg.prev_action:
@@ -657,13 +679,13 @@ def to_sequences(b: dict, L: int) -> dict:
     out["h0"] = out["h0"][0]  # (S, H): the hidden state stored before each sequence's first step
     return out
 
-class NonFinite(RuntimeError):
+class NonFinite(RuntimeError):  # its message numbers updates from 1, as metrics.jsonl does
     pass
 
 def check_finite(update: int, when: str, tensors: dict) -> None:
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
-            raise NonFinite(f"update {update}: {name} is not finite {when}")
+            raise NonFinite(f"update {update + 1}: {name} is not finite {when}")
 
 def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Tensor, ret: torch.Tensor,
                cfg: Cfg, lam_c: float, update: int) -> dict:
@@ -688,13 +710,13 @@ def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Ten
             ib = ib_loss(c, cfg)
             loss = pg + cfg.vf_coef * vl - cfg.ent_coef * en + lam_c * ib
             if not torch.isfinite(loss):
-                raise NonFinite(f"update {update}: loss is {loss.item()} (pg {pg.item()}, value {vl.item()}, "
+                raise NonFinite(f"update {update + 1}: loss is {loss.item()} (pg {pg.item()}, value {vl.item()}, "
                                 f"entropy {en.item()}, ib {ib.item()})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
             if not torch.isfinite(gn):
-                raise NonFinite(f"update {update}: gradient norm is {gn.item()}")
+                raise NonFinite(f"update {update + 1}: gradient norm is {gn.item()}")
             opt.step()
             with torch.no_grad():
                 agent.bias.clamp_(cfg.bias_clamp_min, cfg.bias_clamp_max)
@@ -767,25 +789,100 @@ def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float, mmer: floa
 
 # ============================================================================ run management
 def new_run_dir(cfg: Cfg) -> Path:
+    """A new directory out_dir/<run_name or env__s<seed>__time>, with -2, -3, ... when the name is taken. os.mkdir
+    is the test (no check-then-create): of two runs racing for one name, one gets it and the other the next."""
     name = cfg.run_name or f"{cfg.env_id.replace('/', '_')}__s{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    base = Path(cfg.out_dir) / name
-    d, i = base, 1
-    while d.exists():  # never overwrite an earlier run
-        i += 1
-        d = base.with_name(f"{base.name}-{i}")
-    d.mkdir(parents=True)
-    return d
+    out = Path(cfg.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(1, sys.maxsize):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d := out / (name if i == 1 else f"{name}-{i}"))
+                return d
+    except OSError as e:
+        raise ConfigError("out_dir", cfg.out_dir, f"cannot hold a new run directory ({one_line(e)})") from None
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write beside `path`, then rename over it: a kill or a full disk mid-write leaves the last good file whole and
+    no .tmp behind (after a kill -9, the next resume removes it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 def write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)  # a kill during the write never corrupts the last good file
+    write_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+def torch_bytes(obj: Any) -> bytes:
+    torch.save(obj, buf := io.BytesIO())  # in memory first: a full disk is then an OSError of write_atomic's
+    return buf.getvalue()
+
+def lock_run(run_dir: Path, cleanup: contextlib.ExitStack) -> None:
+    """One writer per run directory: an exclusive flock on run.lock until `cleanup` closes it (the kernel drops it
+    when the process dies). While held, the file names its holder; it is left empty."""
+    f = cleanup.enter_context(open(run_dir / "run.lock", "a+"))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise ConfigError("resume", str(run_dir), f"is in use by {f.read().strip() or 'another process'}; one "
+                                                  "process at a time may write a run") from None
+    cleanup.callback(f.truncate, 0)  # before the close: still held
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+
+# The resume contract (README): `--resume RUN` may change only these; none changes what is trained or how. A larger
+# total_timesteps extends it (an update stays num_envs*rollout_steps steps; not where a schedule spans the total);
+# halt_after, progress, log_every, save_plot: when this invocation stops, what it shows; checkpoint_every: any
+# checkpoint continues the same run; eval_every, eval_episodes: evaluation sets training's random state aside
+# (isolated_rng); device, torch_threads, cpu_kernel: where and how fast (another device, other random numbers).
+RESUMABLE = ("total_timesteps", "halt_after", "progress", "log_every", "save_plot", "checkpoint_every", "eval_every",
+             "eval_episodes", "device", "torch_threads", "cpu_kernel")
+
+def run_config(run_dir: Path) -> Cfg:
+    """The Cfg saved in run_dir/config.json (fields it lacks keep their defaults; halt_after is never read back)."""
+    what = "must be a run directory with config.json and checkpoint.pt"
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ConfigError("resume", str(run_dir), what)
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        return Cfg(**{k: v for k, v in saved.items() if k in Cfg.__dataclass_fields__ and k != "halt_after"})
+    except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, not a JSON object
+        raise ConfigError("resume", str(run_dir), f"{what} ({one_line(e)})") from None
+
+def check_resume(cfg: Cfg, saved: Cfg) -> None:
+    """The resume contract: only RESUMABLE fields may differ from the run's saved Cfg, and total_timesteps may only
+    grow, where no schedule spans it."""
+    grows = cfg.total_timesteps > saved.total_timesteps and not saved.anneal_lr and saved.lambda_c_end is None
+    for f in dataclasses.fields(Cfg):
+        old, new = getattr(saved, f.name), getattr(cfg, f.name)
+        if new != old and (f.name not in RESUMABLE or f.name == "total_timesteps" and not grows):
+            raise ConfigError(f.name, new, f"cannot change when resuming (the run has {old!r}); a resume may change "
+                              "only --total-timesteps (to grow it, without anneal_lr or lambda_c_end), "
+                              + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE[1:]))
+
+def trim_metrics(path: Path, update: int) -> None:
+    """The checkpoint is the truth: keep the rows of the `update` updates it holds, drop later ones and a torn line."""
+    lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
+    if (keep := [line for line in lines[:update] if line.endswith("\n")]) != lines:
+        print(f"note: dropped {len(lines) - len(keep)} line(s) of metrics.jsonl logged after the checkpoint (update "
+              f"{update}) or cut short", file=sys.stderr)
+        write_atomic(path, "".join(keep).encode())
 
 class StopFlag:
-    """First Ctrl-C/SIGTERM: finish the current update, then save and exit. Second: abandon it now."""
+    """First Ctrl-C/SIGTERM/SIGHUP: finish the current update, then save and exit. Second: abandon it now."""
     def __enter__(self):
         self.signum, main = 0, threading.current_thread() is threading.main_thread()  # handlers: main thread only
-        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM) if main}
+        sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if main else ()  # SIGHUP: the terminal went away
+        self._old = {sig: signal.signal(sig, self._handle) for sig in sigs  # an ignored one (nohup) stays ignored
+                     if signal.getsignal(sig) is not signal.SIG_IGN}
         return self
 
     def _handle(self, signum, frame):
@@ -822,6 +919,18 @@ def plot_training(run_dir: Path, cfg: Cfg) -> None:
 
 Eval = namedtuple("Eval", "mean returns mean_c trace")  # returns: (eval_episodes,) in env order, NaN if unfinished
 
+@contextlib.contextmanager
+def isolated_rng():
+    """Training's random streams set aside: evaluation must not move them, and some envs (POPGym's mazes) reseed
+    Python's and numpy's global generators on reset. As a decorator, around each call."""
+    state = random.getstate(), np.random.get_state()
+    # CUDA's generators only where CUDA is in use: a CPU run on a GPU machine must not start it
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count() if torch.cuda.is_initialized() else 0)):
+        yield
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+
+@isolated_rng()
 @torch.no_grad()
 def evaluate(ev: Collector, cfg: Cfg, greedy: Optional[bool] = None, trace: bool = False) -> Eval:
     """One episode in each eval env (fixed seeds: the same episodes every time; frozen TD normalizer), with
@@ -841,7 +950,7 @@ def evaluate(ev: Collector, cfg: Cfg, greedy: Optional[bool] = None, trace: bool
         if len(rets) == ev.N:
             break
     r = np.array([rets.get(i, np.nan) for i in range(ev.N)])
-    return Eval(float(np.nanmean(r)) if rets else float("nan"), r, float(c_sum / max(n, 1)), tr)
+    return Eval(float(np.mean(list(rets.values()))) if rets else float("nan"), r, float(c_sum / max(n, 1)), tr)
 
 def gate_effect(su: "Setup") -> dict:
     """GateCheck's counterfactual: greedy return with the learned gate minus the return with the gate held
@@ -874,75 +983,119 @@ def build(cfg: Cfg) -> Setup:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    envs = make_envs(cfg, cfg.num_envs, cfg.async_envs, cfg.env_workers)
-    eval_envs = make_envs(cfg, cfg.eval_episodes)
+
+    def sized(make, *names):  # a size that cannot be allocated is a bad setting like any other
+        try:
+            return make()
+        except (RuntimeError, MemoryError, TypeError, OverflowError) as e:  # torch: "can't allocate", "Overflow"
+            if not re.search("alloc|overflow|memory", f"{type(e).__name__}: {e}", re.I):
+                raise
+            name = max(names, key=lambda n: getattr(cfg, n))
+            raise ConfigError(name, getattr(cfg, name), f"is too large: cannot be allocated on {dev}") from None
+    envs = env_call(make_envs, cfg, cfg.num_envs, cfg.async_envs, cfg.env_workers)
+    eval_envs = env_call(make_envs, cfg, cfg.eval_episodes)
     act = action_spec(envs.single_action_space)
     obs_dim = envs.single_observation_space.shape[0] + (act.enc_dim if cfg.prev_action else 0)
-    agent = Agent(obs_dim, act, cfg).to(dev)
+    agent = sized(lambda: Agent(obs_dim, act, cfg).to(dev), "enc_dim", "hid_dim", "router_hid", "head_hid")
     if "accelerate" in globals():  # the optional section at the end: sets agent.accel if it matches agent.cell
         accelerate(agent, dev)
     try:  # fused Adam: one kernel for all parameters (5x faster per step on CPU than the per-tensor loop)
         opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
     except (RuntimeError, TypeError, ValueError):  # older torch, or a device without a fused Adam
         opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
-    norm = TDNormalizer(cfg, dev)
+    norm = sized(lambda: TDNormalizer(cfg, dev), "td_window")
     return Setup(cfg, dev, envs, eval_envs, agent, opt, norm, Collector(cfg, envs, agent, norm, dev),
                  Collector(cfg, eval_envs, agent, norm, dev))
 
 def save_checkpoint(su: Setup, st: dict, run_dir: Path) -> None:
-    col = {k: getattr(su.col, k) for k in Collector.STATE}
+    """checkpoint.pt holds tensors and plain types only (torch.load(weights_only=True) reads it); the pickled state
+    of in-process envs goes to envs-<update>.pkl, written first and named in it. Each file is replaced atomically,
+    so a failure at any point leaves the last good pair."""
     try:  # env state, for a bit-identical resume (in-process envs that pickle)
-        col["envs"] = pickle.dumps(su.envs.envs)
+        envs = pickle.dumps(su.envs.envs)
     except Exception:
-        col["envs"] = None
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    torch.save(dict(agent=su.agent.state_dict(), opt=su.opt.state_dict(), norm=su.norm.state_dict(), collector=col,
-                    state=st, cfg=dataclasses.asdict(su.cfg), rng=rng), run_dir / "checkpoint.pt.tmp")
-    os.replace(run_dir / "checkpoint.pt.tmp", run_dir / "checkpoint.pt")  # the last good checkpoint stays whole
+        envs = None
+    if name := envs and f"envs-{st['update']}.pkl":
+        write_atomic(run_dir / name, envs)
+    npr = np.random.get_state()
+    rng = dict(python=random.getstate(), numpy=(npr[0], npr[1].tolist(), *npr[2:]), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state(su.dev) if su.dev.type == "cuda" else None)
+    col = {k: torch.as_tensor(getattr(su.col, k)) for k in Collector.STATE}  # numpy arrays as tensors
+    st = {**st, "gc_hist": [{k: torch.as_tensor(v) for k, v in h.items()} for h in st["gc_hist"]]}
+    write_atomic(run_dir / "checkpoint.pt", torch_bytes(dict(
+        agent=su.agent.state_dict(), opt=su.opt.state_dict(), norm=su.norm.state_dict(), collector=col, state=st,
+        cfg=dataclasses.asdict(su.cfg), rng=rng, envs=name)))
+    for old in run_dir.glob("envs-*.pkl"):  # env states of earlier checkpoints
+        if old.name != name:
+            old.unlink()
 
 def load_checkpoint(su: Setup, run_dir: Path) -> dict:
-    """Restore modules, env state and RNGs from run_dir/checkpoint.pt; drop metrics rows logged after it."""
-    ck = torch.load(run_dir / "checkpoint.pt", map_location=su.dev, weights_only=False)
-    su.agent.load_state_dict(ck["agent"])
-    su.opt.load_state_dict(ck["opt"])
-    su.norm.load_state_dict(ck["norm"])
-    st, col = ck["state"], ck["collector"]
-    su.envs.reset(seed=su.cfg.seed)
-    if col["envs"] is not None and hasattr(su.envs, "envs"):
-        su.envs.envs = pickle.loads(col["envs"])
-        for k in Collector.STATE:
-            setattr(su.col, k, col[k].to(su.dev) if torch.is_tensor(col[k]) else col[k])
-        su.col.refresh()
-    else:  # e.g. async envs: their state lives in subprocesses, and h and obs belong to episodes that are gone
-        print("note: env state could not be restored; all envs start fresh episodes", file=sys.stderr)
-        su.col.reset(seed=su.cfg.seed + 7919 * st["update"])
-    random.setstate(ck["rng"]["python"])
-    np.random.set_state(ck["rng"]["numpy"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    if torch.cuda.is_available() and ck["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-    rows = [l for l in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(l)["update"] <= st["update"]]
-    (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in rows))
+    """Restore modules, counters, env state and RNGs from run_dir/checkpoint.pt, or raise ConfigError. It is read
+    onto the CPU, where torch.set_rng_state needs the RNG states; the rest moves to su.dev as it is restored."""
+    su.col.reset(seed=su.cfg.seed)  # the envs must be reset before their saved state replaces them
+    try:
+        ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)  # runs no code
+        su.agent.load_state_dict(ck["agent"])
+        su.opt.load_state_dict(ck["opt"])
+        su.norm.load_state_dict(ck["norm"])
+        st, col, rng = ck["state"], ck["collector"], ck["rng"]
+        st["gc_hist"] = [{k: v.numpy() for k, v in h.items()} for h in st["gc_hist"]]
+        if ck["envs"] and hasattr(su.envs, "envs") and (run_dir / ck["envs"]).is_file():
+            su.envs.envs = pickle.loads((run_dir / ck["envs"]).read_bytes())  # a run directory is trusted like code
+            for k in Collector.STATE:
+                setattr(su.col, k, col[k].to(su.dev) if torch.is_tensor(getattr(su.col, k)) else col[k].numpy())
+            su.col.refresh()
+        else:  # e.g. async envs: their state lives in subprocesses, and h and obs belong to episodes that are gone
+            print("note: env state could not be restored; all envs start fresh episodes", file=sys.stderr)
+            su.col.reset(seed=su.cfg.seed + 7919 * st["update"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if su.dev.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], su.dev)
+    except Exception as e:
+        raise ConfigError("resume", str(run_dir), f"its checkpoint does not load ({one_line(e)})") from None
     return st
 
 def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
-    """Train GWT-IB with `cfg`; returns the summary (also written to <run_dir>/summary.json).
-    summary["status"] is "completed", "halted" (halt_after), "interrupted" or "diverged"."""
+    """Train GWT-IB with `cfg`, or continue the run in directory `resume` (the resume contract: RESUMABLE); returns
+    the summary (also written to <run_dir>/summary.json). summary["status"] is "completed", "halted" (halt_after),
+    "interrupted", "diverged", "env_error" or "io_error". A bad setting raises ConfigError before any run starts."""
+    with contextlib.ExitStack() as cleanup:  # the envs and the run's lock are let go however the run ends
+        return _train(cfg, resume, cleanup)
+
+def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> dict:
+    if resume:  # the contract first: nothing in the run directory is written before it holds
+        run_dir, saved = Path(resume), run_config(Path(resume))
+        check_resume(cfg, saved)
+        lock_run(run_dir, cleanup)
     su = build(cfg)
+    cleanup.callback(su.eval_envs.close)
+    cleanup.callback(su.envs.close)
     agent, opt, norm, batch = su.agent, su.opt, su.norm, cfg.num_envs * cfg.rollout_steps
     num_updates = cfg.total_timesteps // batch
     # what a checkpoint carries besides modules and RNGs; evals: (update, return); gc_hist: GateCheck samples;
     # mmer: the max over updates of the mean return of the training (sampled-policy) episodes that ended in it
     st = dict(update=0, env_steps=0, wall_s=0.0, ep_hist=[], evals=[], gc_hist=[], mmer=float("nan"))
-    run_dir = Path(resume) if resume else new_run_dir(cfg)
     if resume:
         st = load_checkpoint(su, run_dir)
+        if st["update"] >= num_updates:
+            print(f"run: {run_dir} is complete ({st['update']} updates); nothing was changed (a larger "
+                  "--total-timesteps extends it)", flush=True)
+            return dict(status="completed", message="complete already", exit_code=0, run_dir=str(run_dir))
+        for tmp in run_dir.glob("*.tmp"):  # left by a process killed mid-write
+            tmp.unlink()
+        trim_metrics(run_dir / "metrics.jsonl", st["update"])
     else:
         su.col.reset(seed=cfg.seed)
-    write_json(dataclasses.asdict(cfg), run_dir / "config.json")
-    metrics_f, t0 = open(run_dir / "metrics.jsonl", "a"), time.perf_counter()
-    status, message, last = "completed", "", {}
+        run_dir = new_run_dir(cfg)
+        lock_run(run_dir, cleanup)
+    # per-invocation settings are not saved (resume: only total_timesteps may change); plots/sweep.py takes this
+    # rewrite as the sign that the rows after the checkpoint are gone
+    write_json(dataclasses.asdict(dataclasses.replace(saved if resume else cfg, total_timesteps=cfg.total_timesteps,
+                                                      halt_after=0)), run_dir / "config.json")
+    metrics_f, t0 = cleanup.enter_context(open(run_dir / "metrics.jsonl", "a")), time.perf_counter()
+    status, message, last, ck_update = "completed", "", {}, st["update"]  # ck_update: of the last good checkpoint
     start_update, steps0, wall0 = st["update"], st["env_steps"], st["wall_s"]
     from tqdm import tqdm
     bar = tqdm(total=num_updates, initial=start_update, disable=not cfg.progress, desc=cfg.env_id, unit="upd")
@@ -990,30 +1143,32 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
                 halt = cfg.halt_after and done - start_update >= cfg.halt_after and done < num_updates
                 if done % cfg.checkpoint_every == 0 or done == num_updates or stop.signum or halt:
                     save_checkpoint(su, st, run_dir)
+                    ck_update = done
                 if stop.signum or halt:
                     status, message = ("interrupted", f"stopped by {signal.Signals(stop.signum).name}") if stop.signum \
                         else ("halted", "")
                     break
-        except KeyboardInterrupt:
-            status, message = "interrupted", "update abandoned; the last checkpoint is the one written before it"
-            stop.signum = stop.signum or signal.SIGINT
-        except NonFinite as e:
-            status, message = "diverged", str(e)
-            print(f"\nDIVERGED: {e}. Kept: the last good checkpoint, metrics so far and summary.json in {run_dir}",
-                  file=sys.stderr)
+        except (KeyboardInterrupt, NonFinite, EnvError, OSError) as e:  # the last good checkpoint stays as it was
+            status = ("interrupted" if isinstance(e, KeyboardInterrupt) else "diverged" if isinstance(e, NonFinite)
+                      else "env_error" if isinstance(e, EnvError) else "io_error")
+            stop.signum = stop.signum or (signal.SIGINT if status == "interrupted" else 0)
+            message = ("a second signal abandoned the update in progress" if status == "interrupted"
+                       else one_line(e) if status == "io_error" else str(e))
+            kept = f"kept the checkpoint of update {ck_update}" if ck_update else "no checkpoint had been written yet"
+            bar.close()
+            print(f"gwt_ib.py: {status}: {message}; {kept} in {run_dir}", file=sys.stderr)
         finally:
             bar.close()
-            metrics_f.close()
     st["wall_s"] = wall0 + time.perf_counter() - t0
-    if status != "diverged":  # a diverged model is not worth keeping; checkpoint.pt holds the last good one
-        torch.save(agent.state_dict(), run_dir / "model.pt")
+    code = {"completed": 0, "halted": 0, "diverged": 3, "env_error": 4, "io_error": 5}.get(status, 128 + stop.signum)
     try:
-        code = {"completed": 0, "halted": 0, "diverged": 3}.get(status, 128 + int(stop.signum or signal.SIGINT))
+        if status != "diverged":  # a diverged model is not worth keeping; checkpoint.pt holds the last good one
+            write_atomic(run_dir / "model.pt", torch_bytes(agent.state_dict()))
         return finish_run(su, run_dir, st, status, message, last, code,
                           (st["env_steps"] - steps0) / max(time.perf_counter() - t0, 1e-9))
-    finally:
-        su.envs.close()
-        su.eval_envs.close()
+    except OSError as e:  # e.g. a disk still full: what was written before stays whole
+        print(f"gwt_ib.py: io_error: the end of the run was not written ({one_line(e)})", file=sys.stderr)
+        return dict(status="io_error", message=one_line(e), exit_code=5, run_dir=str(run_dir))
 
 def log_line(m: dict, num_updates: int, cfg: Cfg) -> str:
     return (f"upd {m['update']:4d}/{num_updates} | td_mean {m['td_mean']:+.3f} td_std {m['td_std']:.4f} | "
@@ -1028,7 +1183,8 @@ def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, la
           for k in ("td_abs", "c", "dc", "dc_ok", "res")}
     floor = float(np.mean([h["floor_frac"] for h in st["gc_hist"]])) if st["gc_hist"] else float("nan")
     g = gatecheck(**gs, floor_frac=floor, td_std=su.norm.scale.item(), evals=st["evals"], cfg=cfg)
-    np.savez_compressed(run_dir / "gate_samples.npz", **gs)  # for plots
+    np.savez_compressed(buf := io.BytesIO(), **gs)  # for plots
+    write_atomic(run_dir / "gate_samples.npz", buf.getvalue())
     c = gs["c"]
     mean_c = float(c.mean()) if len(c) else float("nan")
     ev, ep100 = last.get("ev", float("nan")), float(np.mean(st["ep_hist"])) if st["ep_hist"] else float("nan")
@@ -1036,7 +1192,7 @@ def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, la
         g.update(gate_effect(su))
         write_json(evaluate(su.evc, cfg, greedy=True, trace=True).trace, run_dir / "eval_trace.json")
     summary = dict(status=status, message=message, exit_code=exit_code, run_dir=str(run_dir), env_id=cfg.env_id,
-                   seed=cfg.seed, updates=last.get("update", 0), gatecheck=g, final_eval=st["evals"][-1][1]
+                   seed=cfg.seed, updates=st["update"], gatecheck=g, final_eval=st["evals"][-1][1]
                    if st["evals"] else float("nan"), eval_mode=cfg.eval_mode, evals=st["evals"],
                    mmer=st["mmer"], mean_c=mean_c, ev=ev, ep100=ep100,
                    steps_per_s=steps_per_s, env_steps=st["env_steps"], wall_s=st["wall_s"])
@@ -1048,8 +1204,8 @@ def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, la
         print(f"note: training.png not written ({e})", file=sys.stderr)
     print("\n" + format_gatecheck(g, mean_c, ev, ep100, summary["mmer"]), flush=True)
     print(f"run: {run_dir}  ({status}, {st['env_steps']:,} env steps, {st['wall_s']:.1f} s)", flush=True)
-    if status in ("interrupted", "halted"):
-        print(f"resume with: python gwt_ib.py --resume {run_dir}", flush=True)
+    if status in ("interrupted", "halted", "env_error", "io_error") and (run_dir / "checkpoint.pt").exists():
+        print(f"resume with: python gwt_ib.py --resume {shlex.quote(str(run_dir))}", flush=True)
     return summary
 
 
@@ -1060,17 +1216,12 @@ def main(argv: Optional[list] = None) -> int:
         print(list_envs())
         return 0
     try:
-        base, p = Cfg(), Path(ns.resume or ".")
-        if ns.resume and not ((p / "checkpoint.pt").exists() and (p / "config.json").exists()):
-            raise ConfigError("resume", ns.resume, "must be a run directory with config.json and checkpoint.pt")
-        if ns.resume:
-            saved = json.loads((p / "config.json").read_text())
-            base = Cfg(**{f.name: saved[f.name] for f in dataclasses.fields(Cfg) if f.name in saved})
+        base = run_config(Path(ns.resume)) if ns.resume else Cfg()
         summary = train(parse_overrides(ns, base), resume=ns.resume)  # build() validates before anything runs
-    except ConfigError as e:
-        print(f"gwt_ib.py: error: {e}", file=sys.stderr)
+    except (ConfigError, EnvError, OSError) as e:  # before training: a faulty setting, environment or path
+        print(f"gwt_ib.py: error: {one_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
-    return summary["exit_code"]  # 0 completed/halted, 3 diverged, 128+signal interrupted
+    return summary["exit_code"]  # README, "Exit statuses"
 
 
 # ============================================================================ accelerator (optional)
@@ -1371,5 +1522,5 @@ def accelerate(agent: Agent, dev: torch.device) -> None:
     print(f"note: C cell not used ({why}); Agent.cell runs as torch ops", file=sys.stderr)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as the module an import makes: pickled env state then names gwt_ib.FlatObs
+    sys.exit(__import__(Path(__file__).stem).main())

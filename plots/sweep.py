@@ -251,7 +251,8 @@ def trainer_rows(job: dict):
             tail = ([l.strip() for l in log.read_text(errors="ignore").splitlines() if l.strip()] or ["no output"])[-1]
             raise RuntimeError(f"{d.name}: trainer exited with code {proc.returncode}: {tail[:300]} (log: {log})")
         if s["status"] == "completed" and not job["keep"]:
-            (d / "checkpoint.pt").unlink(missing_ok=True)  # model.pt stays
+            for f in [d / "checkpoint.pt", *d.glob("envs-*.pkl")]:  # the checkpoint and its env state; model.pt stays
+                f.unlink(missing_ok=True)
     s = read_json(d / "summary.json") or {}
     yield {**row, "done": True, "status": s.get("status"), "final_eval": final_eval(s), "gate_mean_c": s.get("mean_c"),
            "verdict": (s.get("gatecheck") or {}).get("verdict", ""), "resumed": resume, "wall_s": time.monotonic() - t0}

@@ -19,6 +19,10 @@ import gwt_ib  # noqa: E402
 torch.set_num_threads(1)  # 2-core machine shared with other jobs; also keeps runs bit-reproducible
 
 WALL_KEYS = ("rollout_s", "update_s", "steps_per_s", "wall_s")
+TINY_ARGS = ["--num-envs", "2", "--rollout-steps", "32", "--seq-len", "16", "--minibatches", "2", "--epochs", "1",
+             "--eval-episodes", "2", "--eval-every", "1", "--log-every", "1", "--enc-dim", "16", "--hid-dim", "16",
+             "--router-hid", "8", "--head-hid", "16", "--progress", "false", "--save-plot", "false",
+             "--device", "cpu", "--torch-threads", "1", "--seed", "0"]  # tiny_cfg's sizes as flags
 
 
 def tiny_cfg(tmp_path=None, **kw) -> gwt_ib.Cfg:
