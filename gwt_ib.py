@@ -57,7 +57,7 @@ class Cfg:
     bias_clamp_min: float = -4.0  # lower clamp of the bias, applied after every optimizer step
     bias_clamp_max: float = 2.0  # upper clamp of the bias
     use_router_residual: bool = True  # add a zero-initialized MLP([z, h_prev]) to the prior logit
-    episode_start_td: str = "zero"  # td_prev at an episode's 1st step: "zero", "carry" (the env's last one), "max" (clip)
+    episode_start_td: str = "max"  # |td| the router sees at an episode's 1st step: "max" (clip), "zero", "carry"
     gate: str = "scalar"  # "scalar": one gate per step; "vector": one gate per memory unit (GWT-IB-SEC)
     force_c: Optional[float] = None  # fix the gate to this value in [0, 1] (ablations); none = learned gate
     memoryless: bool = False  # baseline: reset h to zero before every step (no memory at all)

@@ -127,13 +127,15 @@ def edited_gate(agent, obs, h_prev, td_prev, start):
     pre = z @ agent.W_x[3 * H:].T + (h_prev * keep) @ agent.W_h[3 * H:].T + agent.b_h[3 * H:]
     l1, l2 = agent.r_out[0], agent.r_out[2]
     residual = torch.tanh(torch.tanh(pre) @ l1.weight.T + l1.bias) @ l2.weight.T + l2.bias
-    prior = cfg.td_scale * (td_prev[:, None] * keep).abs() + cfg.base_logit + agent.bias
+    td_seen = torch.where(start[:, None] > 0, cfg.td_norm_clip, td_prev[:, None])  # episode_start_td="max"
+    prior = cfg.td_scale * td_seen.abs() + cfg.base_logit + agent.bias
     return torch.sigmoid(prior + residual)[:, 0]
 
 
 def test_an_edited_cell_runs_on_the_reference_and_trains(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(gwt_ib, "Agent", TwoLayerRouter)
-    cfg = tiny_cfg(tmp_path, cpu_kernel=True, num_envs=4, rollout_steps=32, seq_len=16, minibatches=2)
+    cfg = tiny_cfg(tmp_path, cpu_kernel=True, num_envs=4, rollout_steps=32, seq_len=16, minibatches=2,
+                   episode_start_td="max")
     su = gwt_ib.build(cfg)
     err = capsys.readouterr().err.strip().splitlines()
     assert su.agent.accel is None

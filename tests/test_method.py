@@ -172,9 +172,9 @@ def test_memoryless_ignores_h_prev(force_c):
 @pytest.mark.parametrize("force_c", [None, 1.0], ids=["learned-gate", "force_c=1"])
 @torch.no_grad()
 def test_episode_start_zeroes_h_prev_and_td_prev(force_c):
-    """episode_start=1 makes the step identical to a step from h_prev = 0 and td_prev = 0 (by default:
-    episode_start_td="zero")."""
-    agent = make_agent(force_c=force_c)
+    """With episode_start_td="zero", episode_start=1 makes the step identical to a step from h_prev = 0 and
+    td_prev = 0."""
+    agent = make_agent(force_c=force_c, episode_start_td="zero")
     randomize_router(agent)
     obs, h_prev, td_prev, _ = inputs()
     start = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
