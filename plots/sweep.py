@@ -391,6 +391,8 @@ def cmd_report(a) -> int:
         if r["summary"].get("env_steps") and s.get("wall_s"):  # over the whole run, resumed parts included
             sps = s["env_steps"] / s["wall_s"]
         rows.append(dict(env=r["env"], variant=r["variant"], seed=r["seed"], final_eval=final_eval(s),
+                         mmer=s.get("mmer", float("nan")), eval_mode=s.get("eval_mode", "greedy"),
+                         gate_effect=g.get("gate_effect", float("nan")), rho_td_res=g.get("rho_td_res", float("nan")),
                          ev=s.get("ev"), mean_c=s.get("mean_c"), verdict=g.get("verdict", ""),
                          td_std=g.get("td_std"), wall_s=s.get("wall_s"), steps_per_s=sps,
                          status=s.get("status"), last_eval=s.get("final_eval"), rho_td_c=g.get("rho_td_c"),
@@ -416,11 +418,15 @@ def cmd_report(a) -> int:
           + (f", {len(steps) == 1 and f'{steps[0]:,}' or ', '.join(f'{s:,}' for s in steps)} env steps each" if steps else "")
           + (f"; extra flags `{' '.join(man['extra'])}`" if man.get("extra") else "") + ").",
           "",
-          f"- **final eval**: per run, the mean of its last {FINAL_K} greedy evaluations "
-          f"(each the mean return of `eval_episodes` episodes; evaluations every `eval_every` updates and at the "
-          f"end), which is less noisy than the last evaluation alone. The table gives its mean over seeds "
-          f"± the half-width of a 95% Student-t confidence interval (t quantile for n-1 degrees of freedom; "
-          f"no interval for n = 1).",
+          f"- **final eval**: per run, the mean of its last {FINAL_K} evaluations (each the mean return of "
+          f"`eval_episodes` episodes of the {'/'.join(sorted({r['eval_mode'] for r in rows}))} policy; evaluations "
+          f"every `eval_every` updates and at the end), less noisy than the last evaluation alone. **MMER**: "
+          f"POPGym's max over training of the mean return of a rollout's (sampled-policy) episodes. Both as the "
+          f"mean over seeds ± the half-width of a 95% Student-t confidence interval (n-1 degrees of freedom; "
+          f"none for n = 1).",
+          "- **gate effect**: GateCheck's counterfactual, the greedy return with the learned gate minus the "
+          "return with the gate held at its mean (same episodes), mean over seeds; **rho(td,res)**: correlation "
+          "of |td| with the router's learned residual alone (learned gates only).",
           "- **EV**: explained variance of the value function at the last update; **mean c**: mean gate over "
           "GateCheck's final rollouts (for `sec`, the mean over memory units); **rho(td,c)**: GateCheck's Pearson "
           "correlation of |td_norm| and c over those rollouts (only for learned gates).",
@@ -428,22 +434,28 @@ def cmd_report(a) -> int:
           "- Only completed runs enter the statistics; other statuses are counted in the last column.", ""]
     for env in envs:
         md += [f"## {env}", "",
-               "| variant | n | final eval (mean ± 95% CI) | EV | mean c | rho(td,c) | GateCheck PASS | not completed |",
-               "|---|---:|---:|---:|---:|---:|---:|---|"]
+               "| variant | n | final eval (mean ± 95% CI) | MMER (mean ± 95% CI) | EV | mean c | rho(td,c) | "
+               "rho(td,res) | gate effect | GateCheck PASS | not completed |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for v in vorder:
             rs = [r for r in rows if r["env"] == env and r["variant"] == v]
             if not rs:
                 continue
             ok = [r for r in rs if r["status"] == "completed"]
-            m, h, n = mean_ci([r["final_eval"] for r in ok])
-            ci = f"{f3(m)} ± {f3(h)}" if math.isfinite(h) else f3(m)
-            rho = f3(mean_ci([r["rho_td_c"] for r in ok])[0]) if ok and ok[0]["learned_gate"] else "—"
+            def ci(key):
+                m, h, _ = mean_ci([r[key] for r in ok])
+                return f"{f3(m)} ± {f3(h)}" if math.isfinite(h) else f3(m)
+
+            n = len(ok)
+            learned = ok and ok[0]["learned_gate"]
+            rho, rho_res, effect = (f3(mean_ci([r[k] for r in ok])[0]) if learned else "—"
+                                    for k in ("rho_td_c", "rho_td_res", "gate_effect"))
             other = {}
             for r in rs:
                 if r["status"] != "completed":
                     other[r["status"]] = other.get(r["status"], 0) + 1
-            md.append(f"| {v} | {n} | {ci} | {f3(mean_ci([r['ev'] for r in ok])[0])} | "
-                      f"{f3(mean_ci([r['mean_c'] for r in ok])[0])} | {rho} | "
+            md.append(f"| {v} | {n} | {ci('final_eval')} | {ci('mmer')} | {f3(mean_ci([r['ev'] for r in ok])[0])} | "
+                      f"{f3(mean_ci([r['mean_c'] for r in ok])[0])} | {rho} | {rho_res} | {effect} | "
                       f"{sum(r['verdict'] == 'PASS' for r in ok)}/{len(ok)} | "
                       f"{', '.join(f'{k} {c}' for k, c in other.items()) or ''} |")
         md.append("")
