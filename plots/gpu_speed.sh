@@ -23,6 +23,6 @@ PY
 for N in 1024 2048; do
   for rep in $(seq 1 $REPS); do
     run new gwt_ib.py $N $rep
-    [ -n "$OTHER" ] && run old "$OTHER" $N $rep
+    if [ -n "$OTHER" ]; then run old "$OTHER" $N $rep; fi
   done
 done
