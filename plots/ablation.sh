@@ -4,8 +4,8 @@
 # the default (start max) against the GRU on CountRecall at 1M. Every run in parallel with one torch thread
 # (66 runs: ~15 min on 16 cores).
 # Run dirs go to ${OUT:-plots}/ablation{,_1m}; summarize with
-#   python plots/sweep.py report --out plots/ablation --dest plots/ablation_report
-#   python plots/sweep.py report --out plots/ablation_1m --dest plots/ablation_1m_report
+#   python plots/sweep.py report --out plots/ablation
+#   python plots/sweep.py report --out plots/ablation_1m --dest plots/ablation_1m
 set -u
 V=("start_zero:--episode-start-td zero" "start_carry:--episode-start-td carry" "start_max:--episode-start-td max"
    "no_gate:--force-c 1.0" "memoryless:--memoryless true")
