@@ -65,7 +65,9 @@ class Cfg:
     lambda_c: float = 0.05  # IB weight (at the start of the run if lambda_c_end is set)
     lambda_c_end: Optional[float] = None  # if set, the IB weight moves linearly from lambda_c to this (GWT-IB-SEC)
     budget_warmup_updates: int = 25  # IB weight ramps linearly from 0 over this many updates
-    ib_loss: str = "sq"  # "sq": (mean_t c - target_c)^2 per sequence; "kl": mean KL(Bern(c) || Bern(target_c))
+    ib_loss: str = "sq"  # "sq": (mean_t c - target_c)^2 per sequence; "kl": KL(Bern(c)||Bern(target_c)); "constraint"
+    budget_ki: float = 0.5  # "constraint": mean c = target_c by a Lagrange multiplier; its integral gain per update
+    budget_kp: float = 5.0  # "constraint": the multiplier's proportional gain (damps dual ascent's oscillation)
     td_scale_mode: str = "ema_quantile"  # "ema", "quantile" or "ema_quantile" (see TDNormalizer)
     td_ema: float = 0.99  # EMA rate of the TD mean (and of the variance in "ema" mode)
     td_scale_ema2: float = 0.995  # EMA rate of the quantile scale in "ema_quantile" mode
@@ -77,7 +79,8 @@ class Cfg:
     eval_every: int = 10  # evaluation every this many updates (also after the first rollout and at the end)
     eval_episodes: int = 32  # episodes per evaluation, one per eval env, run in parallel
     eval_mode: str = "sampled"  # evaluation policy: "sampled" (as POPGym reports) or "greedy" (argmax/mean action)
-    eval_ok_margin: float = 0.1  # GateCheck eval_ok: late eval must exceed early eval by this much
+    eval_ok_alpha: float = 0.01  # GateCheck eval_ok: level of the one-sided Welch test "late evals > the first"
+    eval_ok_min_effect: float = 0.1  # GateCheck eval_ok: late - first must also be this share of the evals' return range
     gatecheck_rollouts: int = 4  # the last this-many rollouts supply GateCheck's (td, c) samples
     log_every: int = 10  # print the progress line every this many updates
     out_dir: str = "runs"  # parent directory of run directories
@@ -144,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-envs", action="store_true", help="print POPGym ids with their spaces and exit")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
                    "(its config.json is used; flags given here override it)")
+    p.add_argument("--evaluate", metavar="RUN_DIR", help="evaluate RUN_DIR's last checkpoint again with GateCheck's "
+                   "counterfactual arms (--eval-episodes N for tighter CIs); writes RUN_DIR/evaluate-<time>.json")
     return p
 
 def parse_overrides(ns: argparse.Namespace, base: Cfg) -> Cfg:
@@ -151,7 +156,7 @@ def parse_overrides(ns: argparse.Namespace, base: Cfg) -> Cfg:
     return dataclasses.replace(base, **{f.name: _convert(f.name, getattr(ns, f.name), *_field_kind(f))
                                         for f in dataclasses.fields(Cfg) if getattr(ns, f.name) is not None})
 
-_CHOICES = {"gate": ("scalar", "vector"), "ib_loss": ("sq", "kl"), "td_scale_mode": ("ema", "quantile", "ema_quantile"),
+_CHOICES = {"gate": ("scalar", "vector"), "ib_loss": ("sq", "kl", "constraint"), "td_scale_mode": ("ema", "quantile", "ema_quantile"),
             "episode_start_td": ("zero", "carry", "max"), "eval_mode": ("sampled", "greedy")}
 _RANGES = [  # (fields, test, what is allowed)
     (("num_envs", "rollout_steps", "seq_len", "epochs", "minibatches", "enc_dim", "hid_dim", "router_hid", "head_hid",
@@ -161,10 +166,11 @@ _RANGES = [  # (fields, test, what is allowed)
      "must be an integer >= 0"),
     (("seed",), lambda v: 0 <= v < 2 ** 32, "must be an integer >= 0 and < 2**32 (numpy's seed range)"),
     (("td_window",), lambda v: v >= 2, "must be an integer >= 2"),
-    (("lr", "vf_coef", "ent_coef", "lambda_c", "td_scale", "eval_ok_margin"), lambda v: v >= 0, "must be >= 0"),
+    (("lr", "vf_coef", "ent_coef", "lambda_c", "td_scale", "budget_ki", "budget_kp", "eval_ok_min_effect"), lambda v: v >= 0,
+     "must be >= 0"),
     (("clip_eps", "max_grad_norm", "td_std_min", "td_norm_clip"), lambda v: v > 0, "must be > 0"),
     (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    (("target_c", "td_ema", "td_scale_ema2", "td_quantile"), lambda v: 0 < v < 1, "must be in (0, 1)"),
+    (("target_c", "td_ema", "td_scale_ema2", "td_quantile", "eval_ok_alpha"), lambda v: 0 < v < 1, "must be in (0, 1)"),
     (("force_c",), lambda v: v is None or 0 <= v <= 1, "must be in [0, 1] or none"),
     (("lambda_c_end",), lambda v: v is None or v >= 0, "must be >= 0 or none"),
     (("env_id", "out_dir"), lambda v: v.strip() != "", "must not be empty"),
@@ -560,6 +566,7 @@ class Collector:
     def __init__(self, cfg: Cfg, envs, agent: Agent, norm: TDNormalizer, device: torch.device):
         self.cfg, self.envs, self.agent, self.norm, self.dev = cfg, envs, agent, norm, device
         self.N, self.act = envs.num_envs, agent.act
+        self.arm = None  # in an evaluation, GateCheck's counterfactual gated step (counterfactual()); None: Agent.step
 
     def reset(self, seed: Optional[int]) -> None:
         N = self.N
@@ -601,7 +608,10 @@ class Collector:
         tensors for the buffer; finished lists (env, return, length) of episodes that ended."""
         ag, cfg = self.agent, self.cfg
         h0, td_prev, start, obs = self.h, self.td_prev, self.start, self.obs  # Agent.router_td reads start
-        c, h = ag.step(self.x, *ag.gate_prior(td_prev, start), h0)
+        if self.arm is None:
+            c, h = ag.step(self.x, *ag.gate_prior(td_prev, start), h0)
+        else:  # only the memory write changes: actor, critic and the TD error are the agent's
+            c, h = self.arm(self.x, td_prev, start, h0)
         logits, value = ag.heads(h)
         a, logp = sample_action(ag, logits, greedy)
         a_np = a.cpu().numpy()  # the one device->host copy per step
@@ -657,19 +667,35 @@ def rollout(col: Collector, steps: int):
 
 
 # ============================================================================ PPO + IB update
-def ib_weight(cfg: Cfg, update: int, num_updates: int) -> float:
-    """lambda_c at update `update` (0-based): linear warm-up from 0, optional linear schedule."""
+def ib_weight(cfg: Cfg, update: int, num_updates: int, multiplier: float = 0.0) -> float:
+    """The IB term's weight at update `update` (0-based): for "sq"/"kl" lambda_c with a linear warm-up from 0 and
+    an optional linear schedule; for "constraint" the Lagrange multiplier in force."""
+    if cfg.ib_loss == "constraint":
+        return multiplier
     lam = cfg.lambda_c
     if cfg.lambda_c_end is not None:
         lam += (cfg.lambda_c_end - cfg.lambda_c) * update / max(1, num_updates - 1)
     return lam * (1.0 if cfg.budget_warmup_updates == 0 else min(1.0, update / cfg.budget_warmup_updates))
 
 def ib_loss(c_seq: torch.Tensor, cfg: Cfg) -> torch.Tensor:
-    """c_seq: (L, B, G) gates of B sequences. "sq": mean over sequences of (mean_t c - target)^2."""
+    """c_seq: (L, B, G) gates of B sequences. "sq": mean over sequences of (mean_t c - target)^2; "constraint":
+    mean c - target, the constraint the multiplier weighs (a signed one: mean c is held at target from both sides)."""
+    if cfg.ib_loss == "constraint":
+        return c_seq.mean() - cfg.target_c
     if cfg.ib_loss == "sq":
         return ((c_seq.mean(dim=(0, 2)) - cfg.target_c) ** 2).mean()
     c, p = c_seq.clamp(1e-6, 1 - 1e-6), cfg.target_c
     return (c * torch.log(c / p) + (1 - c) * torch.log((1 - c) / (1 - p))).mean()
+
+def dual_step(cfg: Cfg, integral: float, mean_c: float) -> tuple[float, float]:
+    """The budget constraint mean c = target_c: e = the rollout's mean gate - target_c; dual ascent integral += ki*e
+    and the multiplier = integral + kp*e: a PI controller on the constraint, as in Stooke et al. 2020 ("Responsive
+    Safety in RL by PID Lagrangian Methods"): the proportional term damps the oscillation of pure dual ascent.
+    Signed: the gate is held at target_c from above and below, as "sq" does -> (integral, multiplier)."""
+    if cfg.ib_loss != "constraint":
+        return 0.0, 0.0
+    e = mean_c - cfg.target_c
+    return integral + cfg.budget_ki * e, integral + cfg.budget_ki * e + cfg.budget_kp * e
 
 def to_sequences(b: dict, L: int) -> dict:
     """(T, N, ...) -> (L, S, ...) with S = (T/L)*N sequences; h0 -> (S, H) state at each sequence start."""
@@ -731,34 +757,187 @@ def explained_variance(v: torch.Tensor, ret: torch.Tensor) -> float:
     return float("nan") if ret.var() == 0 else (1 - (ret - v).var() / ret.var()).item()
 
 
-# ============================================================================ GateCheck
+# ============================================================================ evaluation and GateCheck
+def t_quantile(p: float, df: float) -> float:
+    """Student's t quantile for p in (0.5, 1), df > 0 (not an integer for Welch's df): bisection on the CDF, whose
+    integral of the density from 0 is taken by Simpson's rule (2,000 panels: < 1e-6 off for these uses)."""
+    const = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(t):
+        u = np.linspace(0.0, t, 2001)
+        f = np.exp(const - (df + 1) / 2 * np.log1p(u * u / df))
+        return 0.5 + (u[1] - u[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(50):
+        lo, hi = (lo, (lo + hi) / 2) if cdf((lo + hi) / 2) >= p else ((lo + hi) / 2, hi)
+    return (lo + hi) / 2
+
+def mean_ci(x: np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval over the finite values (NaN for fewer than 2)."""
+    x = np.asarray(x, float)[np.isfinite(x)]
+    if len(x) < 2:
+        return (float(x.mean()) if len(x) else float("nan")), float("nan")
+    return float(x.mean()), float(t_quantile(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+Eval = namedtuple("Eval", "mean returns mean_c mean_c_later mean_td_later trace")  # returns: (eval_episodes,), NaN if unfinished
+EVAL_SEED = 1_000_003  # evaluation's envs and sampling noise: cfg.seed + this, the same for every evaluation
+
+@contextlib.contextmanager
+def isolated_rng():
+    """Training's random streams set aside: evaluation must not move them, and some envs (POPGym's mazes) reseed
+    Python's and numpy's global generators on reset. As a decorator, around each call."""
+    state = random.getstate(), np.random.get_state()
+    # CUDA's generators only where CUDA is in use: a CPU run on a GPU machine must not start it
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count() if torch.cuda.is_initialized() else 0)):
+        yield
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+
+@isolated_rng()
+@torch.no_grad()
+def evaluate(ev: Collector, cfg: Cfg, greedy: Optional[bool] = None, trace: bool = False, arm=None) -> Eval:
+    """One scored episode in each eval env with the policy cfg.eval_mode names unless `greedy` is given; fixed
+    env seeds and sampling noise make them the same episodes every time (paired across evaluations and GateCheck's
+    arms); the TD normalizer is frozen. With episode_start_td="carry" each env first plays one unscored episode, so
+    that the scored one starts, as in training, with the TD carried from the episode before. arm: a
+    counterfactual gated step (counterfactual()). mean_c: the gate over the scored steps; mean_c_later, mean_td_later:
+    the gate and the |td| fed to the router over those after each episode's first. With trace, env 0's scored episode
+    as lists of c, |td_norm| fed to the router, reward."""
+    torch.manual_seed(cfg.seed + EVAL_SEED)
+    ev.reset(seed=cfg.seed + EVAL_SEED)
+    ev.arm, warm = arm, np.full(ev.N, int(cfg.episode_start_td == "carry"))  # unscored episodes left per env
+    rets, tr = {}, {"c": [], "td_abs": [], "reward": []}
+    sums, n = torch.zeros(3, device=ev.dev), torch.zeros(3, device=ev.dev)  # c over scored, later steps; |td| later
+    try:
+        for _ in range(100_000):
+            scored = torch.tensor([warm[i] == 0 and i not in rets for i in range(ev.N)], device=ev.dev)
+            rec, fin = ev.step(greedy=cfg.eval_mode == "greedy" if greedy is None else greedy, update_norm=False)
+            later, td_in = scored & (rec["start"] == 0), ev.agent.router_td(rec["td_prev"], rec["start"])
+            sums += torch.stack([(rec["c"] * scored).sum(), (rec["c"] * later).sum(), (td_in.abs() * later).sum()])
+            n += torch.stack([scored.sum(), later.sum(), later.sum()])
+            if trace and scored[0]:
+                for k, v in (("c", rec["c"]), ("td_abs", td_in.abs()), ("reward", rec["reward"])):
+                    tr[k].append(v[0].item())
+            for i, R, _ in fin:
+                if warm[i]:
+                    warm[i] -= 1
+                else:
+                    rets.setdefault(i, R)
+            if len(rets) == ev.N:
+                break
+    finally:
+        ev.arm = None
+    r = np.array([rets.get(i, np.nan) for i in range(ev.N)])
+    return Eval(float(np.mean(list(rets.values()))) if rets else float("nan"), r, *(sums / n.clamp(min=1)).tolist(),
+                {"policy": policy(cfg, greedy), **tr})
+
+def policy(cfg: Cfg, greedy: Optional[bool] = None) -> str:
+    return cfg.eval_mode if greedy is None else "greedy" if greedy else "sampled"
+
+# GateCheck's counterfactual arms: the learned gate with one part taken away, on the same seeded episodes.
+ARMS = {"learned": "the learned gate",
+        "const": "the gate held at its mean over all steps",
+        "const_start": "held at its mean over the steps after the first; the learned gate at each episode's first step",
+        "no_surprise": "the learned gate with |td| = 0 at every step after an episode's first",
+        "mean_surprise": "the learned gate with |td| held at its mean at every step after an episode's first",
+        "no_router": "the learned gate without the router's learned residual (r_out zeroed)"}
+EFFECTS = {  # name: (arm, baseline arm): the effect is return(arm) - return(baseline), paired per episode
+    "gate vs constant": ("learned", "const"),  # everything the gate's variation does
+    "start rule": ("const_start", "const"),  # writing as episode_start_td says at a first step, nothing else
+    "after the start": ("learned", "const_start"),  # what varying the gate within an episode adds
+    "surprise term": ("learned", "no_surprise"),  # the |td| term after the first step: its level and its timing
+    "surprise timing": ("learned", "mean_surprise"),  # its timing alone: the same mean |td|, at every step
+    "learned router": ("learned", "no_router"),  # the router's residual MLP
+}
+
+def counterfactual(agent: Agent, arm: str, const: float = float("nan")):
+    """Arm `arm` as the gated step of Collector.step: (x, td_prev, start, h_prev) -> (c, h), built from Agent's own
+    gate_prior and step on the reference cell; const: the constant gate of the const arms, the |td| of mean_surprise."""
+    ag = copy.copy(agent)  # shares the parameters; the reference cell
+    ag.accel = None
+    if arm == "no_router":
+        ag = copy.deepcopy(ag)
+        for p in ag.r_out.parameters():
+            p.detach().zero_()
+    fixed = copy.copy(ag)  # Agent.cell uses the prior as c when force_c is set
+    fixed.cfg = dataclasses.replace(ag.cfg, force_c=const)
+
+    def step(x, td_prev, start, h_prev):
+        if arm in ("no_surprise", "mean_surprise"):  # the start rule stays: router_td still sees episode_start
+            td_prev = torch.where(start > 0, td_prev, torch.full_like(td_prev, 0.0 if arm == "no_surprise" else const))
+        prior, keep = ag.gate_prior(td_prev, start)
+        if arm not in ("const", "const_start"):
+            return ag.step(x, prior, keep, h_prev)
+        c = torch.full_like(prior, const)
+        if arm == "const_start":
+            c = torch.where(start[:, None] > 0, ag.step(x, prior, keep, h_prev)[0], c)
+        return fixed.step(x, c, keep, h_prev)
+    return step
+
+def gate_evidence(agent: Agent, evc: Collector, cfg: Cfg) -> dict:
+    """Each arm's returns on the same seeded evaluation episodes under cfg.eval_mode, and each effect of EFFECTS as
+    the mean paired difference with its 95% t-interval. {} for a fixed gate."""
+    if cfg.force_c is not None:
+        return {}
+    learned = evaluate(evc, cfg, arm=counterfactual(agent, "learned"))
+    consts = {"const": learned.mean_c, "const_start": learned.mean_c_later, "mean_surprise": learned.mean_td_later}
+    runs = {"learned": learned, **{a: evaluate(evc, cfg, arm=counterfactual(agent, a, consts.get(a, math.nan)))
+                                   for a in ARMS if a != "learned" and (a != "no_router" or agent.R)}}
+    effects = {}
+    for name, (a, b) in EFFECTS.items():
+        if a in runs and b in runs:
+            mean, ci = mean_ci(runs[a].returns - runs[b].returns)
+            effects[name] = dict(mean=mean, ci=ci)
+    return dict(policy=policy(cfg), episodes=len(learned.returns), effects=effects, consts=consts,
+                returns={a: e.mean for a, e in runs.items()},
+                episode_returns={a: e.returns.tolist() for a, e in runs.items()})
+
+def welch_greater(a: np.ndarray, b: np.ndarray, alpha: float) -> tuple[bool, float, float]:
+    """One-sided Welch test of mean(a) > mean(b) at level alpha -> (rejected, t, critical t)."""
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    d = a.mean() - b.mean()
+    if va + vb == 0:  # no spread on either side: the difference is exact
+        return bool(d > 0), math.copysign(math.inf, d) if d else 0.0, 0.0
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1) + 1e-300)
+    t, crit = d / math.sqrt(va + vb), t_quantile(1 - alpha, max(df, 1.0))
+    return bool(t > crit), float(t), float(crit)
+
 def _corr(x: np.ndarray, y: np.ndarray) -> float:
     return float("nan") if len(x) < 3 or x.std() == 0 or y.std() == 0 else float(np.corrcoef(x, y)[0, 1])
 
 def gatecheck(td_abs: np.ndarray, c: np.ndarray, dc: np.ndarray, dc_ok: np.ndarray, res: np.ndarray,
-              floor_frac: float, td_std: float, evals: list, cfg: Cfg) -> dict:
+              floor_frac: float, td_std: float, eval_returns: list, cfg: Cfg) -> dict:
     """Does the gate track surprise, and did the agent learn? td_abs, c: |td_prev| fed to the router and the
     gate, per step of the last rollouts; dc = c_t - c_{t-1} where dc_ok (not at an episode start); res: the
     router's learned residual logit (empty without one). rho: Pearson; tail: steps with |td| in the top 20%.
     rho(td,c) is high by construction (the prior is td_scale*|td|); rho(td,res) is what the router learned.
     std_ok: the TD scale sat at its clamp floor td_std_min in under half of the window's normalizer updates
     (floor_frac); small TD errors alone are what a solved task has (the spec's rule td_std > 5*td_std_min
-    fails those). eval_ok: the mean of the last k evaluations beats the first k (the first after one rollout,
-    before any update) by eval_ok_margin, k = max(1, min(3, n_evals // 4))."""
+    fails those). eval_ok: per-episode returns (eval_returns: one list per evaluation) of the last k evaluations,
+    k = max(1, min(3, (n_evals - 1) // 4)), beat those of the first (after one rollout, before any update) by a
+    one-sided Welch test at level eval_ok_alpha, by at least eval_ok_min_effect of the range of all evaluation
+    returns (the task's return scale as this run saw it)."""
     tail = td_abs >= np.quantile(td_abs, 0.8) if len(td_abs) else np.zeros(0, bool)
     tdd, dcc = td_abs[dc_ok], dc[dc_ok]
     taild = tdd >= np.quantile(tdd, 0.8) if len(tdd) else np.zeros(0, bool)
-    vals = [e for _, e in evals]
-    k = max(1, min(3, len(vals) // 4))
-    early = float(np.mean(vals[:k])) if vals else float("nan")
-    late = float(np.mean(vals[-k:])) if vals else float("nan")
+    ev = [np.asarray(r, float)[np.isfinite(r)] for r in eval_returns]
+    k = max(1, min(3, (len(ev) - 1) // 4))
+    first, late = (ev[0], np.concatenate(ev[-k:])) if len(ev) >= 2 else (np.zeros(0), np.zeros(0))
+    eval_ok, t, crit, share = False, float("nan"), float("nan"), float("nan")
+    if len(first) >= 2 and len(late) >= 2:
+        span = np.ptp(np.concatenate(ev))
+        share = float((late.mean() - first.mean()) / span) if span > 0 else 0.0
+        sig, t, crit = welch_greater(late, first, cfg.eval_ok_alpha)
+        eval_ok = sig and share >= cfg.eval_ok_min_effect
     std_ok = bool(floor_frac < 0.5)
-    eval_ok = bool(len(vals) >= 2 and late > early + cfg.eval_ok_margin)
     return dict(rho_td_c=_corr(td_abs, c), rho_tail=_corr(td_abs[tail], c[tail]), rho_td_dc=_corr(tdd, dcc),
                 rho_tail_dc=_corr(tdd[taild], dcc[taild]), rho_td_res=_corr(td_abs, res) if len(res) else float("nan"),
                 td_std=float(td_std), floor_frac=float(floor_frac), std_ok=std_ok,
-                early_eval=early, late_eval=late, eval_k=k, eval_ok=eval_ok,
-                verdict="PASS" if (std_ok and eval_ok) else "FAIL")
+                early_eval=float(first.mean()) if len(first) else float("nan"),
+                late_eval=float(late.mean()) if len(late) else float("nan"), eval_k=k, eval_t=t, eval_t_crit=crit,
+                eval_effect_share=share, eval_ok=bool(eval_ok), verdict="PASS" if (std_ok and eval_ok) else "FAIL")
 
 @torch.no_grad()
 def gate_samples(agent: Agent, b: dict, floor_frac: float) -> dict:
@@ -775,16 +954,23 @@ def gate_samples(agent: Agent, b: dict, floor_frac: float) -> dict:
                dc_ok=dc_ok, res=res)
     return {**{k: v.cpu().numpy().ravel() for k, v in out.items()}, "floor_frac": floor_frac}
 
-def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float, mmer: float) -> str:
-    return (f"GATECHECK\n"
-            f"rho(td,c)={g['rho_td_c']:.3f}  rho_tail={g['rho_tail']:.3f} | "
-            f"rho(td,Δc)={g['rho_td_dc']:.3f} rho_tailΔ={g['rho_tail_dc']:.3f}\n"
-            f"rho(td,residual)={g['rho_td_res']:.3f} | gate effect {g.get('gate_effect', float('nan')):+.3f} "
-            f"± {g.get('gate_effect_ci', float('nan')):.3f} (greedy return: learned gate - gate fixed at "
-            f"{g.get('gate_const', float('nan')):.3f})\n"
-            f"td_std={g['td_std']:.6f} (at floor {g['floor_frac']:.0%}, std_ok={g['std_ok']}) | eval_ok={g['eval_ok']} "
-            f"(early {g['early_eval']:.3f} -> late {g['late_eval']:.3f}) -> {g['verdict']}\n"
-            f"mean_c={mean_c:.4f}  EV={ev:.4f}  ep100={ep100:.2f}  MMER={mmer:.3f}")
+def format_evidence(e: dict) -> list:
+    eff = [f"{k} {v['mean']:+.3f} ± {v['ci']:.3f}" for k, v in e["effects"].items()]
+    held = {a: f" ({'|td|' if a == 'mean_surprise' else 'c'} {v:.3f})" for a, v in e["consts"].items()}
+    return [f"what the gate does, in {e['policy']} return over {e['episodes']} paired episodes (± 95% t-CI):",
+            "  " + " | ".join(eff[:3]), "  " + " | ".join(eff[3:]),
+            "  arms: " + " | ".join(f"{a}{held.get(a, '')} {r:.3f}" for a, r in e["returns"].items())]
+
+def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float, mmer: float, cfg: Cfg) -> str:
+    lines = ["GATECHECK", f"rho(td,c)={g['rho_td_c']:.3f}  rho_tail={g['rho_tail']:.3f} | rho(td,Δc)={g['rho_td_dc']:.3f} "
+             f"rho_tailΔ={g['rho_tail_dc']:.3f} | rho(td,residual)={g['rho_td_res']:.3f}"]
+    lines += format_evidence(g["evidence"]) if g.get("evidence") else []
+    lines += [f"td_std={g['td_std']:.6f} (at floor {g['floor_frac']:.0%}, std_ok={g['std_ok']}) | eval_ok={g['eval_ok']} "
+              f"({cfg.eval_mode}: first {g['early_eval']:.3f} -> last {g['eval_k']} {g['late_eval']:.3f}, Welch t "
+              f"{g['eval_t']:.2f} vs {g['eval_t_crit']:.2f} at {cfg.eval_ok_alpha:g}, {g['eval_effect_share']:.0%} of the "
+              f"return range, need {cfg.eval_ok_min_effect:.0%}) -> {g['verdict']}",
+              f"mean_c={mean_c:.4f} (target {cfg.target_c:g})  EV={ev:.4f}  ep100={ep100:.2f}  MMER={mmer:.3f}"]
+    return "\n".join(lines)
 
 
 # ============================================================================ run management
@@ -846,16 +1032,16 @@ def lock_run(run_dir: Path, cleanup: contextlib.ExitStack) -> None:
 RESUMABLE = ("total_timesteps", "halt_after", "progress", "log_every", "save_plot", "checkpoint_every", "eval_every",
              "eval_episodes", "device", "torch_threads", "cpu_kernel")
 
-def run_config(run_dir: Path) -> Cfg:
+def run_config(run_dir: Path, flag: str = "resume") -> Cfg:
     """The Cfg saved in run_dir/config.json (fields it lacks keep their defaults; halt_after is never read back)."""
     what = "must be a run directory with config.json and checkpoint.pt"
     if not (run_dir / "checkpoint.pt").is_file():
-        raise ConfigError("resume", str(run_dir), what)
+        raise ConfigError(flag, str(run_dir), what)
     try:
         saved = json.loads((run_dir / "config.json").read_text())
         return Cfg(**{k: v for k, v in saved.items() if k in Cfg.__dataclass_fields__ and k != "halt_after"})
     except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, not a JSON object
-        raise ConfigError("resume", str(run_dir), f"{what} ({one_line(e)})") from None
+        raise ConfigError(flag, str(run_dir), f"{what} ({one_line(e)})") from None
 
 def check_resume(cfg: Cfg, saved: Cfg) -> None:
     """The resume contract: only RESUMABLE fields may differ from the run's saved Cfg, and total_timesteps may only
@@ -916,60 +1102,6 @@ def plot_training(run_dir: Path, cfg: Cfg) -> None:
     fig.tight_layout()
     fig.savefig(run_dir / "training.png", dpi=90)
     plt.close(fig)
-
-Eval = namedtuple("Eval", "mean returns mean_c trace")  # returns: (eval_episodes,) in env order, NaN if unfinished
-
-@contextlib.contextmanager
-def isolated_rng():
-    """Training's random streams set aside: evaluation must not move them, and some envs (POPGym's mazes) reseed
-    Python's and numpy's global generators on reset. As a decorator, around each call."""
-    state = random.getstate(), np.random.get_state()
-    # CUDA's generators only where CUDA is in use: a CPU run on a GPU machine must not start it
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count() if torch.cuda.is_initialized() else 0)):
-        yield
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-
-@isolated_rng()
-@torch.no_grad()
-def evaluate(ev: Collector, cfg: Cfg, greedy: Optional[bool] = None, trace: bool = False) -> Eval:
-    """One episode in each eval env (fixed seeds: the same episodes every time; frozen TD normalizer), with
-    the policy cfg.eval_mode names unless `greedy` is given. mean_c: the gate over those episodes' steps.
-    With trace, env 0's episode as lists of c, |td_norm| fed to the router, reward."""
-    ev.reset(seed=cfg.seed + 1_000_003)
-    rets, tr, c_sum, n = {}, {"c": [], "td_abs": [], "reward": []}, 0.0, 0
-    for _ in range(100_000):
-        live = torch.tensor([i not in rets for i in range(ev.N)], device=ev.dev)
-        rec, fin = ev.step(greedy=cfg.eval_mode == "greedy" if greedy is None else greedy, update_norm=False)
-        c_sum, n = c_sum + (rec["c"] * live).sum(), n + int(live.sum())
-        if trace and 0 not in rets:
-            td_in = ev.agent.router_td(rec["td_prev"], rec["start"])
-            for k, v in (("c", rec["c"]), ("td_abs", td_in.abs()), ("reward", rec["reward"])):
-                tr[k].append(v[0].item())
-        rets.update({i: R for i, R, _ in fin if i not in rets})
-        if len(rets) == ev.N:
-            break
-    r = np.array([rets.get(i, np.nan) for i in range(ev.N)])
-    return Eval(float(np.mean(list(rets.values()))) if rets else float("nan"), r, float(c_sum / max(n, 1)), tr)
-
-def gate_effect(su: "Setup") -> dict:
-    """GateCheck's counterfactual: greedy return with the learned gate minus the return with the gate held
-    at its mean over those episodes (same seeds, so the same episodes), paired per episode: mean and 95% CI
-    half-width (normal approximation). Positive and CI-separated from 0: the timing of writes matters."""
-    ag, cfg = su.agent, su.cfg
-    if cfg.force_c is not None:
-        return dict(gate_effect=float("nan"), gate_effect_ci=float("nan"), gate_const=float("nan"))
-    learned = evaluate(su.evc, cfg, greedy=True)
-    saved = ag.cfg, ag.accel  # the reference cell, with c = the constant through force_c
-    ag.cfg, ag.accel = dataclasses.replace(cfg, force_c=learned.mean_c), None
-    try:
-        const = evaluate(su.evc, cfg, greedy=True)
-    finally:
-        ag.cfg, ag.accel = saved
-    d = (learned.returns - const.returns)[np.isfinite(learned.returns - const.returns)]
-    ci = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return dict(gate_effect=float(d.mean()) if len(d) else float("nan"), gate_effect_ci=float(ci),
-                gate_const=learned.mean_c)
 
 Setup = namedtuple("Setup", "cfg dev envs eval_envs agent opt norm col evc")  # what build(cfg) makes of a run
 
@@ -1074,9 +1206,11 @@ def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> di
     cleanup.callback(su.envs.close)
     agent, opt, norm, batch = su.agent, su.opt, su.norm, cfg.num_envs * cfg.rollout_steps
     num_updates = cfg.total_timesteps // batch
-    # what a checkpoint carries besides modules and RNGs; evals: (update, return); gc_hist: GateCheck samples;
-    # mmer: the max over updates of the mean return of the training (sampled-policy) episodes that ended in it
-    st = dict(update=0, env_steps=0, wall_s=0.0, ep_hist=[], evals=[], gc_hist=[], mmer=float("nan"))
+    # what a checkpoint carries besides modules and RNGs; evals: (update, mean return), eval_returns: each one's
+    # per-episode returns; gc_hist: GateCheck samples; mmer: the max over updates of the mean return of the training
+    # (sampled-policy) episodes that ended in it; budget_i, multiplier: the budget constraint's (dual_step)
+    st = dict(update=0, env_steps=0, wall_s=0.0, ep_hist=[], evals=[], eval_returns=[], gc_hist=[],
+              mmer=float("nan"), budget_i=0.0, multiplier=0.0)
     if resume:
         st = load_checkpoint(su, run_dir)
         if st["update"] >= num_updates:
@@ -1110,10 +1244,12 @@ def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> di
                 adv, ret = gae(b, last_value, cfg.gamma, cfg.gae_lambda)
                 t_roll = time.perf_counter() - tr0
                 if not st["evals"]:  # GateCheck's early baseline: no update yet, a normalizer that saw a rollout
-                    st["evals"].append((0, evaluate(su.evc, cfg).mean))
+                    add_eval(st, 0, evaluate(su.evc, cfg))
                 check_finite(update, "in the rollout", {"TD mean": norm.mean, "TD scale": norm.scale, "return": ret})
                 gs = gate_samples(agent, b, (norm.floor_hits.item() - floor0) / cfg.rollout_steps)
-                m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c := ib_weight(cfg, update, num_updates), update)
+                lam_c = ib_weight(cfg, update, num_updates, st["multiplier"])
+                m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c, update)
+                st["budget_i"], st["multiplier"] = dual_step(cfg, st["budget_i"], b["c"].mean().item())
                 t_upd = time.perf_counter() - tr0 - t_roll
                 check_finite(update, "after the update", {f"parameter {n}": p for n, p in agent.named_parameters()})
                 st["gc_hist"] = (st["gc_hist"] + [gs])[-cfg.gatecheck_rollouts:]
@@ -1124,7 +1260,7 @@ def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> di
                 st["update"] = done
                 fresh = done == num_updates or (cfg.eval_every and done % cfg.eval_every == 0)
                 if fresh:
-                    st["evals"].append((done, evaluate(su.evc, cfg).mean))
+                    add_eval(st, done, evaluate(su.evc, cfg))
                 st["wall_s"] = wall0 + time.perf_counter() - t0
                 last = dict(update=done, env_steps=st["env_steps"], **m, lambda_c=lam_c, mean_c=b["c"].mean().item(),
                             c_std=b["c"].std().item(), td_mean=norm.mean.item(), td_std=norm.scale.item(),
@@ -1170,10 +1306,15 @@ def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> di
         print(f"gwt_ib.py: io_error: the end of the run was not written ({one_line(e)})", file=sys.stderr)
         return dict(status="io_error", message=one_line(e), exit_code=5, run_dir=str(run_dir))
 
+def add_eval(st: dict, update: int, e: Eval) -> None:
+    st["evals"].append((update, e.mean))
+    st["eval_returns"].append(e.returns.tolist())
+
 def log_line(m: dict, num_updates: int, cfg: Cfg) -> str:
     return (f"upd {m['update']:4d}/{num_updates} | td_mean {m['td_mean']:+.3f} td_std {m['td_std']:.4f} | "
-            f"mean_c {m['mean_c']:.3f} (tgt {cfg.target_c:.2f}) | EV {m['ev']:.3f} | ep100 {m['ep100']:.2f} | "
-            f"bias {m['bias']:+.3f} | {m['steps_per_s']:,.0f} steps/s | eval {m['eval']:.2f}")
+            f"mean_c {m['mean_c']:.3f} (tgt {cfg.target_c:.2f}, ib_w {m['lambda_c']:.3f}) | EV {m['ev']:.3f} | "
+            f"ep100 {m['ep100']:.2f} | bias {m['bias']:+.3f} | {m['steps_per_s']:,.0f} steps/s | "
+            f"eval {m['eval']:.2f} ({cfg.eval_mode})")
 
 def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, last: dict, exit_code: int,
                steps_per_s: float) -> dict:
@@ -1182,15 +1323,15 @@ def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, la
     gs = {k: np.concatenate([h[k] for h in st["gc_hist"]] or [np.zeros(0, bool if k == "dc_ok" else float)])
           for k in ("td_abs", "c", "dc", "dc_ok", "res")}
     floor = float(np.mean([h["floor_frac"] for h in st["gc_hist"]])) if st["gc_hist"] else float("nan")
-    g = gatecheck(**gs, floor_frac=floor, td_std=su.norm.scale.item(), evals=st["evals"], cfg=cfg)
+    g = gatecheck(**gs, floor_frac=floor, td_std=su.norm.scale.item(), eval_returns=st["eval_returns"], cfg=cfg)
     np.savez_compressed(buf := io.BytesIO(), **gs)  # for plots
     write_atomic(run_dir / "gate_samples.npz", buf.getvalue())
     c = gs["c"]
     mean_c = float(c.mean()) if len(c) else float("nan")
     ev, ep100 = last.get("ev", float("nan")), float(np.mean(st["ep_hist"])) if st["ep_hist"] else float("nan")
-    if status == "completed":  # the gate's counterfactual, and one greedy episode's gate/TD/reward for plots
-        g.update(gate_effect(su))
-        write_json(evaluate(su.evc, cfg, greedy=True, trace=True).trace, run_dir / "eval_trace.json")
+    if status == "completed":  # the gate's counterfactuals, and one evaluation episode's gate/TD/reward for plots
+        g["evidence"] = gate_evidence(su.agent, su.evc, cfg)
+        write_json(evaluate(su.evc, cfg, trace=True).trace, run_dir / "eval_trace.json")
     summary = dict(status=status, message=message, exit_code=exit_code, run_dir=str(run_dir), env_id=cfg.env_id,
                    seed=cfg.seed, updates=st["update"], gatecheck=g, final_eval=st["evals"][-1][1]
                    if st["evals"] else float("nan"), eval_mode=cfg.eval_mode, evals=st["evals"],
@@ -1202,11 +1343,50 @@ def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, la
             plot_training(run_dir, cfg)
     except Exception as e:  # a missing font or backend must not lose the run's summary
         print(f"note: training.png not written ({e})", file=sys.stderr)
-    print("\n" + format_gatecheck(g, mean_c, ev, ep100, summary["mmer"]), flush=True)
+    print("\n" + format_gatecheck(g, mean_c, ev, ep100, summary["mmer"], cfg), flush=True)
     print(f"run: {run_dir}  ({status}, {st['env_steps']:,} env steps, {st['wall_s']:.1f} s)", flush=True)
     if status in ("interrupted", "halted", "env_error", "io_error") and (run_dir / "checkpoint.pt").exists():
         print(f"resume with: python gwt_ib.py --resume {shlex.quote(str(run_dir))}", flush=True)
     return summary
+
+
+# `--evaluate RUN` may change only these: how many episodes, which policy, where it runs
+EVALUATE_FLAGS = ("eval_episodes", "eval_mode", "device", "torch_threads", "cpu_kernel", "progress")
+
+def reevaluate(cfg: Cfg, run_dir: Path) -> dict:
+    """--evaluate: RUN's last checkpoint (model and TD normalizer) evaluated again, with GateCheck's counterfactual
+    arms, on cfg.eval_episodes episodes; printed and written to a new evaluate-<time>.json, nothing else changed."""
+    saved = run_config(run_dir, "evaluate")
+    for f in dataclasses.fields(Cfg):
+        if getattr(cfg, f.name) != getattr(saved, f.name) and f.name not in EVALUATE_FLAGS + ("halt_after",):
+            raise ConfigError(f.name, getattr(cfg, f.name), f"cannot change with --evaluate (the run has "
+                              f"{getattr(saved, f.name)!r}); it may change only "
+                              + ", ".join("--" + n.replace("_", "-") for n in EVALUATE_FLAGS))
+    su = build(cfg)
+    try:
+        ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)  # runs no code
+        su.agent.load_state_dict(ck["agent"])
+        su.norm.load_state_dict(ck["norm"])
+        update = int(ck["state"]["update"])
+    except Exception as e:
+        raise ConfigError("evaluate", str(run_dir), f"its checkpoint does not load ({one_line(e)})") from None
+    finally:
+        su.envs.close()
+    try:
+        e = evaluate(su.evc, cfg)
+        out = dict(run_dir=str(run_dir), update=update, policy=policy(cfg), episodes=len(e.returns),
+                   eval=mean_ci(e.returns), mean_c=e.mean_c, returns=e.returns.tolist(),
+                   evidence=gate_evidence(su.agent, su.evc, cfg))
+    finally:
+        su.eval_envs.close()
+    print(f"evaluate: {run_dir} at update {update}: {out['policy']} return {out['eval'][0]:.3f} ± {out['eval'][1]:.3f}"
+          f" over {out['episodes']} episodes, mean_c {e.mean_c:.3f}", *format_evidence(out["evidence"]) if
+          out["evidence"] else [], sep="\n")
+    stem = f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = next(p for i in range(1, 10 ** 6) if not (p := run_dir / f"{stem}{'' if i == 1 else f'-{i}'}.json").exists())
+    write_json(out, path)
+    print(f"wrote {path}", flush=True)
+    return out
 
 
 # ============================================================================ main
@@ -1216,6 +1396,9 @@ def main(argv: Optional[list] = None) -> int:
         print(list_envs())
         return 0
     try:
+        if ns.evaluate:
+            reevaluate(parse_overrides(ns, run_config(Path(ns.evaluate), "evaluate")), Path(ns.evaluate))
+            return 0
         base = run_config(Path(ns.resume)) if ns.resume else Cfg()
         summary = train(parse_overrides(ns, base), resume=ns.resume)  # build() validates before anything runs
     except (ConfigError, EnvError, OSError) as e:  # before training: a faulty setting, environment or path

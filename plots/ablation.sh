@@ -1,25 +1,29 @@
 #!/bin/bash
-# What should the router see at an episode's first step? GWT-IB with each --episode-start-td (zero, carry, max),
-# a plain GRU (--force-c 1) and a memoryless agent on four POPGym Easy tasks, 3 seeds, 500k env steps, plus
-# the default (start max) against the GRU on CountRecall at 1M. Every run in parallel with one torch thread
-# (66 runs: ~15 min on 16 cores).
-# Run dirs go to ${OUT:-plots}/ablation{,_1m}; summarize with
+# What in the gate matters, and does the budget hold? GWT-IB with each --episode-start-td (max: the default, zero,
+# carry), with the budget as a constraint (--ib-loss constraint), a plain GRU (--force-c 1) and a memoryless agent on
+# four POPGym Easy tasks, 3 seeds, 500k env steps; then GateCheck's labelled runs: a plain GRU on CartPole-v1 (500k,
+# should PASS) and agents that cannot learn (--lr 0) on CartPole-v1 and CountRecallEasy (should FAIL). Every run in
+# parallel with one torch thread (94 runs: ~15 min on 16 cores).
+# Run dirs go to ${OUT:-plots}/ablation and ${OUT:-plots}/labels; summarize with
 #   python plots/sweep.py report --out plots/ablation
-#   python plots/sweep.py report --out plots/ablation_1m --dest plots/ablation_1m
+#   python plots/sweep.py figures --out plots/ablation --timeline-variant start_max
+#   python plots/sweep.py report --out plots/labels --dest plots/labels
 set -u
-V=("start_zero:--episode-start-td zero" "start_carry:--episode-start-td carry" "start_max:--episode-start-td max"
-   "no_gate:--force-c 1.0" "memoryless:--memoryless true")
-launch() {  # out_dir steps env...  (the variants: $V)
-  local D=$1 steps=$2; shift 2; mkdir -p "$D"
-  for env in "$@"; do for v in "${V[@]}"; do for s in 0 1 2; do
-    OMP_NUM_THREADS=1 python3 gwt_ib.py --env-id "$env" --seed $s --total-timesteps $steps --device cpu \
-      --torch-threads 1 --progress false --out-dir "$D" --run-name "${env}__${v%%:*}__s$s" ${v#*:} \
-      > "$D/${env}__${v%%:*}__s$s.log" 2>&1 &
+launch() {  # out_dir "env ..." "seed ..." variant:flags ...
+  local D=$1 envs=$2 seeds=$3; shift 3; mkdir -p "$D"
+  for env in $envs; do for v in "$@"; do for s in $seeds; do
+    OMP_NUM_THREADS=1 python3 gwt_ib.py --env-id "$env" --seed $s --device cpu --torch-threads 1 --progress false \
+      --save-plot false --out-dir "$D" --run-name "${env}__${v%%:*}__s$s" ${v#*:} > "$D/${env}__${v%%:*}__s$s.log" 2>&1 &
   done; done; done
 }
-launch "${OUT:-plots}/ablation" 500000 popgym-CountRecallEasy-v0 popgym-RepeatFirstEasy-v0 \
-  popgym-RepeatPreviousEasy-v0 popgym-PositionOnlyCartPoleEasy-v0
-V=("start_max:--episode-start-td max" "no_gate:--force-c 1.0")
-launch "${OUT:-plots}/ablation_1m" 1000000 popgym-CountRecallEasy-v0
+O=${OUT:-plots}
+launch "$O/ablation" "popgym-CountRecallEasy-v0 popgym-RepeatFirstEasy-v0 popgym-RepeatPreviousEasy-v0
+  popgym-PositionOnlyCartPoleEasy-v0" "0 1 2" "start_zero:--episode-start-td zero --ib-loss sq" \
+  "start_carry:--episode-start-td carry --ib-loss sq" "start_max:--episode-start-td max --ib-loss sq" \
+  "constraint:--episode-start-td max --ib-loss constraint" \
+  "no_gate:--force-c 1.0" "memoryless:--memoryless true"
+launch "$O/labels" "CartPole-v1" "0 1 2" "no_gate:--force-c 1.0"
+launch "$O/labels" "popgym-CountRecallEasy-v0" "0 1 2" "lr0:--lr 0"
+launch "$O/labels" "CartPole-v1 popgym-CountRecallEasy-v0" "0 1 2 3 4 5 6 7" "lr0_8upd:--lr 0 --total-timesteps 32768"
 wait
-grep -h "^run:" "${OUT:-plots}"/ablation*/*.log
+grep -h "^run:" "$O"/ablation/*.log "$O"/labels/*.log

@@ -42,7 +42,10 @@ VARIANTS: dict[str, list[str]] = {
     "fixed_half": ["--force-c", "0.5"],
     "no_ib": ["--lambda-c", "0"],
     "prior_only": ["--use-router-residual", "false"],
+    "constraint": ["--ib-loss", "constraint"],
     "memoryless": ["--memoryless", "true"],
+    "lr0": ["--lr", "0"],
+    "lr0_8upd": ["--lr", "0", "--total-timesteps", "32768"],
     "sec": ["--gate", "vector", "--ib-loss", "kl", "--lambda-c", "0.1", "--lambda-c-end", "0.01"],
 }
 VARIANT_DOC = {
@@ -54,7 +57,10 @@ VARIANT_DOC = {
     "fixed_half": "gate fixed at 0.5",
     "no_ib": "learned gate, no information-bottleneck penalty",
     "prior_only": "gate = TD prior only (no router MLP over [z, h])",
+    "constraint": "the budget as a constraint: a PI-controlled Lagrange multiplier holds the mean gate at target_c",
     "memoryless": "h reset to zero every step (no memory)",
+    "lr0": "learning rate 0: an agent that cannot learn (GateCheck must FAIL)",
+    "lr0_8upd": "learning rate 0, 8 updates (GateCheck must FAIL)",
     "sec": "GWT-IB-SEC: per-unit gate, KL bottleneck, lambda_c 0.1 -> 0.01",
 }
 RUN_RE = re.compile(r"^(?P<env>.+)__(?P<variant>[A-Za-z0-9_]+?)__s(?P<seed>\d+)$")
@@ -355,8 +361,21 @@ def collect(out: Path, include_all: bool = False) -> list[dict]:
     return runs
 
 
+def last_quarter_mean_c(run_dir: Path) -> float:
+    """The mean gate of the rollouts of the run's last quarter of updates (metrics.jsonl), where a budget is judged."""
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()] \
+        if (run_dir / "metrics.jsonl").exists() else []
+    q = rows[len(rows) - max(1, len(rows) // 4):]
+    return float(sum(r["mean_c"] for r in q) / len(q)) if q else float("nan")
+
+
+# GateCheck's effects (gwt_ib.EFFECTS), in the order of the report's columns, with short column names
+EFFECT_COLS = {"gate vs constant": "gate vs const", "start rule": "start rule", "after the start": "after start",
+               "surprise term": "surprise term", "surprise timing": "surprise timing", "learned router": "router"}
+
+
 def final_eval(summ: dict) -> float:
-    """Mean of the last FINAL_K greedy evaluations (fewer if the run has fewer)."""
+    """Mean of the last FINAL_K evaluations (fewer if the run has fewer), under the run's eval_mode."""
     ev = [e for _, e in summ.get("evals", []) if e is not None and math.isfinite(e)]
     return float(sum(ev[-FINAL_K:]) / len(ev[-FINAL_K:])) if ev else float("nan")
 
@@ -390,10 +409,15 @@ def cmd_report(a) -> int:
         sps = s.get("steps_per_s", float("nan"))
         if r["summary"].get("env_steps") and s.get("wall_s"):  # over the whole run, resumed parts included
             sps = s["env_steps"] / s["wall_s"]
+        effects = (g.get("evidence") or {}).get("effects", {})
+        arms = (g.get("evidence") or {}).get("returns", {})
         rows.append(dict(env=r["env"], variant=r["variant"], seed=r["seed"], final_eval=final_eval(s),
                          mmer=s.get("mmer", float("nan")), eval_mode=s.get("eval_mode", "greedy"),
-                         gate_effect=g.get("gate_effect", float("nan")), rho_td_res=g.get("rho_td_res", float("nan")),
-                         ev=s.get("ev"), mean_c=s.get("mean_c"), verdict=g.get("verdict", ""),
+                         **{f"effect {k}": effects.get(k, {}).get("mean", float("nan")) for k in EFFECT_COLS},
+                         **{f"return {k}": v for k, v in arms.items()},
+                         rho_td_res=g.get("rho_td_res", float("nan")), ev=s.get("ev"), mean_c=s.get("mean_c"),
+                         mean_c_last_quarter=last_quarter_mean_c(r["dir"]), target_c=r["cfg"].get("target_c"),
+                         verdict=g.get("verdict", ""),
                          td_std=g.get("td_std"), wall_s=s.get("wall_s"), steps_per_s=sps,
                          status=s.get("status"), last_eval=s.get("final_eval"), rho_td_c=g.get("rho_td_c"),
                          eval_ok=g.get("eval_ok"), std_ok=g.get("std_ok"), env_steps=s.get("env_steps"),
@@ -401,9 +425,9 @@ def cmd_report(a) -> int:
     envs = order_envs(out, {r["env"] for r in rows})
     vorder = order_variants({r["variant"] for r in rows})
     rows.sort(key=lambda r: (envs.index(r["env"]), vorder.index(r["variant"]), r["seed"]))
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(k for r in rows for k in r))  # arms differ between runs (no router, fixed gates)
     with open(dest / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
+        w = csv.DictWriter(f, fieldnames=cols, restval="")
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -413,30 +437,38 @@ def cmd_report(a) -> int:
 
     man = read_json(out / "sweep.json") or {}
     steps = sorted({r["env_steps"] for r in rows if r["status"] == "completed" and r["env_steps"]})
+    modes = "/".join(sorted({r["eval_mode"] for r in rows}))
     md = ["# GWT-IB ablation results", "",
           f"Source: `{out}` ({sum(r['status'] == 'completed' for r in rows)} completed runs"
           + (f", {len(steps) == 1 and f'{steps[0]:,}' or ', '.join(f'{s:,}' for s in steps)} env steps each" if steps else "")
           + (f"; extra flags `{' '.join(man['extra'])}`" if man.get("extra") else "") + ").",
           "",
           f"- **final eval**: per run, the mean of its last {FINAL_K} evaluations (each the mean return of "
-          f"`eval_episodes` episodes of the {'/'.join(sorted({r['eval_mode'] for r in rows}))} policy; evaluations "
+          f"`eval_episodes` episodes of the {modes} policy; evaluations "
           f"every `eval_every` updates and at the end), less noisy than the last evaluation alone. **MMER**: "
           f"POPGym's max over training of the mean return of a rollout's (sampled-policy) episodes. Both as the "
           f"mean over seeds ± the half-width of a 95% Student-t confidence interval (n-1 degrees of freedom; "
           f"none for n = 1).",
-          "- **gate effect**: GateCheck's counterfactual, the greedy return with the learned gate minus the "
-          "return with the gate held at its mean (same episodes), mean over seeds; **rho(td,res)**: correlation "
-          "of |td| with the router's learned residual alone (learned gates only).",
-          "- **EV**: explained variance of the value function at the last update; **mean c**: mean gate over "
-          "GateCheck's final rollouts (for `sec`, the mean over memory units); **rho(td,c)**: GateCheck's Pearson "
-          "correlation of |td_norm| and c over those rollouts (only for learned gates).",
-          "- **GateCheck**: runs whose verdict is PASS (TD scale not collapsed and late eval > early eval + margin).",
+          f"- **What the gate does** (learned gates only): GateCheck's counterfactuals at the end of each run, "
+          f"{modes} return differences on the same seeded evaluation episodes, paired per episode; each cell the "
+          f"mean over seeds of the runs' mean differences ± the 95% t-interval over seeds. **gate vs const**: the "
+          f"learned gate against the gate held at its mean; **start rule**: that constant with the learned gate "
+          f"kept at each episode's first step, against the constant; **after start**: the learned gate against "
+          f"the constant-with-start-rule (what varying the gate within an episode adds); **surprise term**: the "
+          f"learned gate against itself with |td| = 0 after each episode's first step (this changes the gate's "
+          f"level too); **surprise timing**: against itself with |td| held at its mean after the first step (the "
+          f"level kept, the timing gone); **router**: against itself without the router's learned residual.",
+          "- **mean c, last ¼**: the rollouts' mean gate over the last quarter of updates (the budget is "
+          "`target_c`; for `sec`, the mean over memory units).",
+          "- **GateCheck**: runs whose verdict is PASS (TD scale not pinned at its floor, and the last evaluations' "
+          "episodes beat the first evaluation's by a one-sided Welch test and by a minimum share of the return "
+          "range). EV, rho(td,c), rho(td,res) and each arm's return are in `results.csv`.",
           "- Only completed runs enter the statistics; other statuses are counted in the last column.", ""]
     for env in envs:
         md += [f"## {env}", "",
-               "| variant | n | final eval (mean ± 95% CI) | MMER (mean ± 95% CI) | EV | mean c | rho(td,c) | "
-               "rho(td,res) | gate effect | GateCheck PASS | not completed |",
-               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+               f"| variant | n | final eval ({modes}) | MMER | mean c, last ¼ | "
+               + " | ".join(EFFECT_COLS.values()) + " | GateCheck PASS | not completed |",
+               "|---|---:|---:|---:|---:|" + "---:|" * len(EFFECT_COLS) + "---:|---|"]
         for v in vorder:
             rs = [r for r in rows if r["env"] == env and r["variant"] == v]
             if not rs:
@@ -448,14 +480,13 @@ def cmd_report(a) -> int:
 
             n = len(ok)
             learned = ok and ok[0]["learned_gate"]
-            rho, rho_res, effect = (f3(mean_ci([r[k] for r in ok])[0]) if learned else "—"
-                                    for k in ("rho_td_c", "rho_td_res", "gate_effect"))
+            effects = [ci(f"effect {k}") if learned else "—" for k in EFFECT_COLS]
             other = {}
             for r in rs:
                 if r["status"] != "completed":
                     other[r["status"]] = other.get(r["status"], 0) + 1
-            md.append(f"| {v} | {n} | {ci('final_eval')} | {ci('mmer')} | {f3(mean_ci([r['ev'] for r in ok])[0])} | "
-                      f"{f3(mean_ci([r['mean_c'] for r in ok])[0])} | {rho} | {rho_res} | {effect} | "
+            md.append(f"| {v} | {n} | {ci('final_eval')} | {ci('mmer')} | {ci('mean_c_last_quarter')} | "
+                      f"{' | '.join(effects)} | "
                       f"{sum(r['verdict'] == 'PASS' for r in ok)}/{len(ok)} | "
                       f"{', '.join(f'{k} {c}' for k, c in other.items()) or ''} |")
         md.append("")
@@ -530,6 +561,16 @@ def _smooth(y, k):
     return out
 
 
+def _policy(runs) -> str:
+    """The evaluation policy of these runs' evaluations (summary.json's eval_mode), for labels."""
+    return "/".join(sorted({r["summary"].get("eval_mode", "greedy") for r in runs}))
+
+
+def _trace_policy(runs) -> str:
+    """The policy of their eval_trace.json episodes (older traces were greedy and did not say so)."""
+    return "/".join(sorted({(read_json(r["dir"] / "eval_trace.json") or {}).get("policy", "greedy") for r in runs}))
+
+
 def _metrics(d: Path) -> list[dict]:
     try:
         return [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()]
@@ -571,10 +612,11 @@ def fig_learning_curves(plt, runs, envs, variants, colors, path):
                 _band(a, x, Y, colors[v], f"{v}", _style(v))
         a.set_title(env)
         a.set_xlabel("env steps")
-        a.set_ylabel("greedy eval return")
+        a.set_ylabel(f"{_policy(runs)} eval return")
         a.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
     _legend_below(fig, ax[0], ncol=4)
-    fig.suptitle("Learning curves: greedy eval return, mean over seeds, band = 95% t-CI of the mean", fontsize=10)
+    fig.suptitle(f"Learning curves: {_policy(runs)} eval return, mean over seeds, band = 95% t-CI of the mean",
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0.1 if len(variants) > 4 else 0.06, 1, 1))
     fig.savefig(path)
     plt.close(fig)
@@ -612,12 +654,13 @@ def fig_gate_budget(plt, runs, envs, variants, colors, path, smooth):
         ax[0, i].set_title(env)
         ax[0, i].set_ylabel("mean gate c (per rollout)" + (f", {smooth}-update mean" if smooth > 1 else ""))
         ax[0, i].set_ylim(-0.02, 1.02)
-        ax[1, i].set_ylabel("IB weight lambda_c")
+        ax[1, i].set_ylabel("IB weight in force")
         ax[1, i].set_xlabel("env steps")
         ax[1, i].ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
     _legend_below(fig, list(ax[0]) + list(ax[1]), ncol=4)
     fig.suptitle("Top: mean gate c per rollout (mean over seeds, band = seed min..max; dashed = fixed gate)\n"
-                 "Bottom: IB weight lambda_c (warm-up, schedule)", fontsize=10)
+                 "Bottom: IB weight in force (lambda_c with warm-up and schedule, or the constraint's multiplier)",
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0.1 if len(variants) > 4 else 0.06, 1, 1))
     fig.savefig(path)
     plt.close(fig)
@@ -677,7 +720,7 @@ def fig_gate_vs_td(plt, runs, envs, variants, colors, path, nbins):
             a.plot(xs, mu, "o-", color=colors[v], ms=3.5, lw=2, zorder=4)
             a.text(0.97, 0.04, f"{len(rs)} runs, {len(td)} steps\nrho = {rho:.2f}", ha="right", va="bottom",
                    transform=a.transAxes, fontsize=8, bbox=dict(fc="white", ec="none", alpha=0.8))
-    fig.suptitle("Gate vs surprise: one greedy eval episode per run (eval_trace.json), seeds pooled\n"
+    fig.suptitle(f"Gate vs surprise: one {_trace_policy(runs)} eval episode per run (eval_trace.json), seeds pooled\n"
                  "line = mean c per |td| bin (equal counts), band = 10-90% of c in the bin\n"
                  "dots = steps; sec: c = mean over memory units", fontsize=9)
     fig.tight_layout()
@@ -712,7 +755,8 @@ def fig_timeline(plt, runs, envs, variant, path, seed):
         ax[2, i].axhline(0, color="k", lw=0.6)
         ax[2, i].set_ylabel("reward r_t")
         ax[2, i].set_xlabel(f"step of the episode (return {sum(tr['reward']):.2f}, {len(t)} steps)")
-    fig.suptitle("One greedy evaluation episode at the end of training (eval_trace.json)", fontsize=10)
+    fig.suptitle(f"One {tr.get('policy', 'greedy') if tr else ''} evaluation episode at the end of training "
+                 "(eval_trace.json)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -737,9 +781,9 @@ def fig_final_eval(plt, runs, envs, variants, colors, path):
         a.set_xticklabels(variants, rotation=30, ha="right")
         a.set_xlim(-0.6, len(variants) - 0.4)
         a.set_title(env)
-        a.set_ylabel(f"final eval (mean of last {FINAL_K} evals)")
-    fig.suptitle("Final eval return per variant: diamond = mean over seeds, bar = 95% t-CI, dots = seeds",
-                 fontsize=10)
+        a.set_ylabel(f"final {_policy(runs)} eval (mean of last {FINAL_K} evals)")
+    fig.suptitle(f"Final {_policy(runs)} eval return per variant: diamond = mean over seeds, bar = 95% t-CI, "
+                 "dots = seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -145,7 +145,7 @@ BAD = [  # argv, field, the bad value as it must appear, a piece of what is allo
     (["--td-window", "1"], "td_window", "1", ">= 2"),
     (["--clip-eps", "0"], "clip_eps", "0", "> 0"),
     (["--lambda-c-end", "-1"], "lambda_c_end", "-1", ">= 0 or none"),
-    (["--ib-loss", "l1"], "ib_loss", "l1", "sq, kl"),
+    (["--ib-loss", "l1"], "ib_loss", "l1", "sq, kl, constraint"),
     (["--gate", "matrix"], "gate", "matrix", "scalar, vector"),
     (["--gate", "vector", "--use-router-residual", "false"], "gate", "vector", "use_router_residual"),
     (["--device", "tpu"], "device", "tpu", "auto, cpu, cuda or cuda:N"),

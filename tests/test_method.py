@@ -11,8 +11,10 @@ The C accelerator has its own tests; here it appears only where the PPO ratio mu
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -658,6 +660,33 @@ def test_ib_weight_follows_lambda_c_end_schedule():
     assert np.allclose(np.diff(w), 0.05)
     warm = tiny_cfg(lambda_c=0.1, lambda_c_end=0.5, budget_warmup_updates=4)
     assert gwt_ib.ib_weight(warm, 2, n) == pytest.approx(0.5 * (0.1 + 0.4 * 2 / 8))
+
+
+def test_budget_constraint_is_a_pi_controlled_lagrange_multiplier():
+    """"constraint": the loss term is multiplier * (mean c - target_c); after each update the multiplier is
+    integral + kp*e with integral += ki*e, e = the rollout's mean gate - target_c; signed, so a gate below budget
+    is pushed up as one above is pushed down. The weight in force is the multiplier (no warm-up schedule)."""
+    cfg = tiny_cfg(ib_loss="constraint", target_c=0.35, budget_ki=0.5, budget_kp=5.0)
+    c = torch.full((4, 2, 1), 0.45, requires_grad=True)
+    loss = gwt_ib.ib_loss(c, cfg)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.10) and torch.allclose(c.grad, torch.full_like(c, 1 / 8))
+    i, m = gwt_ib.dual_step(cfg, 0.0, 0.45)
+    assert (i, m) == pytest.approx((0.05, 0.55))
+    assert gwt_ib.dual_step(cfg, i, 0.35) == pytest.approx((0.05, 0.05))  # at the target only the integral stays
+    assert gwt_ib.dual_step(cfg, 0.0, 0.25)[1] == pytest.approx(-0.55)
+    assert gwt_ib.ib_weight(cfg, 0, 100, 0.7) == 0.7
+    assert gwt_ib.dual_step(tiny_cfg(), 1.0, 0.9) == (0.0, 0.0)  # the penalty forms have no multiplier
+
+
+def test_budget_constraint_pulls_the_gate_to_its_target(tmp_path):
+    """In training, a gate far above target_c under "constraint" ends nearer the target than with no budget."""
+    runs = {ib: gwt_ib.train(tiny_cfg(tmp_path, total_timesteps=64 * 40, target_c=0.1, lr=3e-3, eval_every=0,
+                                      ib_loss=ib, lambda_c=0.0)) for ib in ("sq", "constraint")}
+    rows = {ib: [json.loads(l) for l in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            for ib, s in runs.items()}
+    last = {ib: np.mean([r["mean_c"] for r in rs[-10:]]) for ib, rs in rows.items()}
+    assert abs(last["constraint"] - 0.1) < abs(last["sq"] - 0.1) and rows["constraint"][-1]["lambda_c"] != 0, last
 
 
 # ----------------------------------------------------------------------------- bias clamp

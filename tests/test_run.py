@@ -22,7 +22,7 @@ from conftest import COUNTER_ID, ROOT, TINY_ARGS, built, close, read_metrics, ti
 
 PROGRESS = re.compile(r"^upd\s+\d+/\d+ \| td_mean [-+]\d.*\| .*steps/s", re.M)
 GATE_KEYS = {"rho_td_c", "rho_tail", "rho_td_dc", "rho_tail_dc", "rho_td_res", "td_std", "floor_frac", "std_ok",
-             "eval_ok", "verdict", "gate_effect", "gate_effect_ci", "gate_const"}
+             "eval_ok", "verdict", "evidence", "early_eval", "late_eval", "eval_t", "eval_t_crit", "eval_effect_share"}
 SUMMARY_KEYS = {"gatecheck", "final_eval", "eval_mode", "mmer", "mean_c", "ev", "ep100", "steps_per_s", "env_steps",
                 "wall_s"}
 
@@ -88,49 +88,6 @@ def test_list_envs_prints_every_popgym_id(capsys):
 
 
 # ----------------------------------------------------------------------------- GateCheck
-def test_gatecheck_fails_when_nothing_can_be_learned(tmp_path):
-    """With lr=0 the weights never change, so evaluation does not improve and GateCheck says FAIL."""
-    cfg = tiny_cfg(tmp_path, lr=0.0, total_timesteps=256, eval_every=1)
-    s = gwt_ib.train(cfg)
-    g = s["gatecheck"]
-    assert g["eval_ok"] is False and g["verdict"] == "FAIL"
-    su = gwt_ib.build(cfg)  # same seed: the initial weights
-    assert state_equal(su.agent.state_dict(), torch.load(Path(s["run_dir"]) / "model.pt"))
-    su.envs.close()
-    su.eval_envs.close()
-
-
-def test_gatecheck_verdict_logic():
-    """PASS needs a TD scale off its clamp floor (in at least half of the window's normalizer updates) AND late
-    eval > early eval + margin; a small scale above the floor is what a solved task has; correlations are
-    Pearson's, rho(td,residual) over the router's residual alone."""
-    cfg = tiny_cfg()
-    rng = np.random.default_rng(0)
-    td = np.abs(rng.normal(size=2000))
-    c = 1 / (1 + np.exp(-(5 * td - 2.5)))
-    dc = np.diff(c, prepend=c[:1])
-    ok = np.ones(2000, bool)
-    ok[0] = False
-    rising = [(i, float(i)) for i in range(8)]
-    res = rng.normal(size=2000)  # a residual that ignores |td|
-    g = gwt_ib.gatecheck(td, c, dc, ok, res, 0.0, 0.5, rising, cfg)
-    assert g["verdict"] == "PASS" and g["std_ok"] and g["eval_ok"]
-    assert g["rho_td_c"] == pytest.approx(np.corrcoef(td, c)[0, 1])
-    assert g["rho_td_c"] > 0.8 and g["rho_tail"] > 0
-    assert g["rho_td_res"] == pytest.approx(np.corrcoef(td, res)[0, 1]) and abs(g["rho_td_res"]) < 0.1
-    solved = gwt_ib.gatecheck(td, c, dc, ok, res, 0.0, 4.8 * cfg.td_std_min, rising, cfg)  # small, not pinned
-    assert solved["std_ok"] and solved["verdict"] == "PASS"
-    pinned = gwt_ib.gatecheck(td, c, dc, ok, res, 0.9, cfg.td_std_min, rising, cfg)  # TD scale stuck at its floor
-    assert pinned["std_ok"] is False and pinned["verdict"] == "FAIL"
-    flat = gwt_ib.gatecheck(td, c, dc, ok, res, 0.0, 0.5, [(i, 1.0) for i in range(8)], cfg)
-    assert flat["eval_ok"] is False and flat["verdict"] == "FAIL"
-    small = gwt_ib.gatecheck(td, c, dc, ok, res, 0.0, 0.5, [(0, 0.0), (1, 0.05)], cfg)  # below eval_ok_margin
-    assert small["eval_ok"] is False
-    e = np.zeros(0)
-    empty = gwt_ib.gatecheck(e, e, e, np.zeros(0, bool), e, float("nan"), 0.5, [], cfg)
-    assert empty["verdict"] == "FAIL" and math.isnan(empty["rho_td_c"]) and math.isnan(empty["rho_td_res"])
-
-
 def test_first_evaluation_is_after_one_rollout_and_before_any_update(tmp_path, monkeypatch):
     """GateCheck's early baseline measures the untrained agent's real gate: the TD normalizer has seen one
     rollout (so the gate is not the near-closed gate of scale 1), and no parameter has moved yet."""
@@ -166,17 +123,6 @@ def test_gate_samples_residual_is_the_routers_part_of_the_rollout_gate():
         close(su)
 
 
-def test_gate_effect_is_zero_when_the_gate_is_already_constant(tmp_path):
-    """The counterfactual holds c at its mean over the same episodes: a learned gate that cannot vary (no TD
-    term, no router) gives the same greedy episodes, so the effect is exactly 0; a fixed gate has none."""
-    s = gwt_ib.train(tiny_cfg(tmp_path, td_scale=0.0, use_router_residual=False, total_timesteps=64))
-    g = s["gatecheck"]
-    assert g["gate_effect"] == 0.0 and g["gate_effect_ci"] == 0.0
-    assert g["gate_const"] == pytest.approx(1 / (1 + math.exp(2.5)), abs=0.01)  # sigmoid(base_logit + bias_init)
-    fixed = gwt_ib.train(tiny_cfg(tmp_path, force_c=1.0, total_timesteps=64))["gatecheck"]
-    assert math.isnan(fixed["gate_effect"]) and math.isnan(fixed["rho_td_res"])
-
-
 def test_mmer_is_the_best_mean_return_of_a_rollouts_training_episodes(tmp_path):
     """MMER (POPGym): the max over updates of the mean return of the sampled-policy episodes that ended in
     that update's rollout; in metrics.jsonl per update and in summary.json."""
@@ -186,18 +132,6 @@ def test_mmer_is_the_best_mean_return_of_a_rollouts_training_episodes(tmp_path):
     assert means and s["mmer"] == max(means) == rows[-1]["mmer"]
     assert [r["mmer"] for r in rows if not math.isnan(r["mmer"])] == sorted(r["mmer"] for r in rows
                                                                           if not math.isnan(r["mmer"]))
-
-
-def test_greedy_evaluation_replays_the_same_episodes(tmp_path):
-    """Evaluation resets its envs with fixed seeds: greedy returns repeat exactly; eval_mode is recorded."""
-    cfg = tiny_cfg(num_envs=2, eval_episodes=4, eval_mode="greedy")
-    su = built(cfg)
-    try:
-        a, b = gwt_ib.evaluate(su.evc, cfg), gwt_ib.evaluate(su.evc, cfg)
-        np.testing.assert_array_equal(a.returns, b.returns)
-        assert len(a.returns) == 4 and 0 <= a.mean_c <= 1
-    finally:
-        close(su)
 
 
 # ----------------------------------------------------------------------------- determinism and resume
@@ -225,14 +159,16 @@ def same(a, b, tol: float) -> bool:
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("env_id,device", [("popgym-CountRecallEasy-v0", "cpu"), ("CartPole-v1", "cpu"),
-                                           pytest.param("popgym-CountRecallEasy-v0", "cuda", marks=CUDA)])
-def test_halt_and_resume_reproduce_an_uninterrupted_run(tmp_path, env_id, device, capsys):
+@pytest.mark.parametrize("env_id,device,ib_loss", [("popgym-CountRecallEasy-v0", "cpu", "sq"),
+                                                   ("CartPole-v1", "cpu", "constraint"),
+                                                   pytest.param("popgym-CountRecallEasy-v0", "cuda", "sq", marks=CUDA)])
+def test_halt_and_resume_reproduce_an_uninterrupted_run(tmp_path, env_id, device, ib_loss, capsys):
     """Halting after k updates and resuming twice (in-process and as `--resume RUN --halt-after 2`) gives the
     metrics rows, evaluations and final model of one uninterrupted run: bit for bit on the CPU, within
     floating-point tolerance on a GPU (where the RNG states come back to the CPU generators they belong to)."""
     tol = 0.0 if device == "cpu" else 1e-4
-    cfg = tiny_cfg(tmp_path, env_id=env_id, device=device, total_timesteps=5 * 64, eval_every=2, checkpoint_every=100)
+    cfg = tiny_cfg(tmp_path, env_id=env_id, device=device, total_timesteps=5 * 64, eval_every=2, checkpoint_every=100,
+                   ib_loss=ib_loss)  # "constraint": its multiplier is part of the state
     full = gwt_ib.train(dataclasses.replace(cfg, run_name="full"))
     assert full["status"] == "completed"
     part_cfg = dataclasses.replace(cfg, run_name="part", halt_after=2)
