@@ -3,8 +3,9 @@
 # carry), with the budget as a constraint (--ib-loss constraint), a plain GRU (--force-c 1) and a memoryless agent on
 # four POPGym Easy tasks, 3 seeds, 500k env steps; then GateCheck's labelled runs: a plain GRU on CartPole-v1 (500k,
 # should PASS) and agents that cannot learn (--lr 0) on CartPole-v1 and CountRecallEasy (should FAIL). Every run in
-# parallel with one torch thread (94 runs: ~15 min on 16 cores).
-# Run dirs go to ${OUT:-plots}/ablation and ${OUT:-plots}/labels; summarize with
+# parallel with one torch thread. `bash plots/ablation.sh ablation` runs the first part (60 runs: ~12 min on 16
+# cores), `bash plots/ablation.sh labels` the second (22 runs, 6 of them at 500k), no argument both.
+# Run dirs go to ${DEST:-plots}/ablation and ${DEST:-plots}/labels; summarize with
 #   python plots/sweep.py report --out plots/ablation
 #   python plots/sweep.py figures --out plots/ablation --timeline-variant start_max
 #   python plots/sweep.py report --out plots/labels --dest plots/labels
@@ -16,14 +17,17 @@ launch() {  # out_dir "env ..." "seed ..." variant:flags ...
       --save-plot false --out-dir "$D" --run-name "${env}__${v%%:*}__s$s" ${v#*:} > "$D/${env}__${v%%:*}__s$s.log" 2>&1 &
   done; done; done
 }
-O=${OUT:-plots}
-launch "$O/ablation" "popgym-CountRecallEasy-v0 popgym-RepeatFirstEasy-v0 popgym-RepeatPreviousEasy-v0
-  popgym-PositionOnlyCartPoleEasy-v0" "0 1 2" "start_zero:--episode-start-td zero --ib-loss sq" \
-  "start_carry:--episode-start-td carry --ib-loss sq" "start_max:--episode-start-td max --ib-loss sq" \
-  "constraint:--episode-start-td max --ib-loss constraint" \
-  "no_gate:--force-c 1.0" "memoryless:--memoryless true"
-launch "$O/labels" "CartPole-v1" "0 1 2" "no_gate:--force-c 1.0"
-launch "$O/labels" "popgym-CountRecallEasy-v0" "0 1 2" "lr0:--lr 0"
-launch "$O/labels" "CartPole-v1 popgym-CountRecallEasy-v0" "0 1 2 3 4 5 6 7" "lr0_8upd:--lr 0 --total-timesteps 32768"
+O=${DEST:-plots}
+if [ "${1:-ablation}" = ablation ] || [ $# = 0 ]; then
+  launch "$O/ablation" "popgym-CountRecallEasy-v0 popgym-RepeatFirstEasy-v0 popgym-RepeatPreviousEasy-v0
+    popgym-PositionOnlyCartPoleEasy-v0" "0 1 2" "start_max:--episode-start-td max --ib-loss sq" \
+    "constraint:--episode-start-td max --ib-loss constraint" "start_carry:--episode-start-td carry --ib-loss sq" \
+    "no_gate:--force-c 1.0" "memoryless:--memoryless true"
+fi
+if [ "${1:-labels}" = labels ] || [ $# = 0 ]; then
+  launch "$O/labels" "CartPole-v1" "0 1 2" "no_gate:--force-c 1.0"
+  launch "$O/labels" "popgym-CountRecallEasy-v0" "0 1 2" "lr0:--lr 0"
+  launch "$O/labels" "CartPole-v1 popgym-CountRecallEasy-v0" "0 1 2 3 4 5 6 7" "lr0_8upd:--lr 0 --total-timesteps 32768"
+fi
 wait
-grep -h "^run:" "$O"/ablation/*.log "$O"/labels/*.log
+grep -h "^run:" "$O"/ablation/*.log "$O"/labels/*.log 2>/dev/null
