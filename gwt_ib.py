@@ -935,7 +935,8 @@ def gatecheck(td_abs: np.ndarray, c: np.ndarray, dc: np.ndarray, dc_ok: np.ndarr
     return dict(rho_td_c=_corr(td_abs, c), rho_tail=_corr(td_abs[tail], c[tail]), rho_td_dc=_corr(tdd, dcc),
                 rho_tail_dc=_corr(tdd[taild], dcc[taild]), rho_td_res=_corr(td_abs, res) if len(res) else float("nan"),
                 td_std=float(td_std), floor_frac=float(floor_frac), std_ok=std_ok,
-                early_eval=float(first.mean()) if len(first) else float("nan"),
+                early_eval=float(first.mean()) if len(first) else float("nan"),  # best: a policy that was lost again
+                best_eval=max((float(e.mean()) for e in ev[1:] if len(e)), default=float("nan")),
                 late_eval=float(late.mean()) if len(late) else float("nan"), eval_k=k, eval_t=t, eval_t_crit=crit,
                 eval_effect_share=share, eval_ok=bool(eval_ok), verdict="PASS" if (std_ok and eval_ok) else "FAIL")
 
@@ -959,6 +960,9 @@ def format_evidence(e: dict) -> list:
     held = {a: f" ({'|td|' if a == 'mean_surprise' else 'c'} {v:.3f})" for a, v in e["consts"].items()}
     return [f"what the gate does, in {e['policy']} return over {e['episodes']} paired episodes (± 95% t-CI):",
             "  " + " | ".join(eff[:3]), "  " + " | ".join(eff[3:]),
+            "  (return of one arm - another: gate vs constant = learned - c held at its mean; start rule = that constant "
+            "but the learned c at first steps - the constant; after the start = learned - that; surprise term/timing = "
+            "learned - |td| 0 / |td| at its mean after first steps; learned router = learned - no router residual)",
             "  arms: " + " | ".join(f"{a}{held.get(a, '')} {r:.3f}" for a, r in e["returns"].items())]
 
 def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float, mmer: float, cfg: Cfg) -> str:
@@ -968,7 +972,7 @@ def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float, mmer: floa
     lines += [f"td_std={g['td_std']:.6f} (at floor {g['floor_frac']:.0%}, std_ok={g['std_ok']}) | eval_ok={g['eval_ok']} "
               f"({cfg.eval_mode}: first {g['early_eval']:.3f} -> last {g['eval_k']} {g['late_eval']:.3f}, Welch t "
               f"{g['eval_t']:.2f} vs {g['eval_t_crit']:.2f} at {cfg.eval_ok_alpha:g}, {g['eval_effect_share']:.0%} of the "
-              f"return range, need {cfg.eval_ok_min_effect:.0%}) -> {g['verdict']}",
+              f"return range, need {cfg.eval_ok_min_effect:.0%}; best eval {g['best_eval']:.3f}) -> {g['verdict']}",
               f"mean_c={mean_c:.4f} (target {cfg.target_c:g})  EV={ev:.4f}  ep100={ep100:.2f}  MMER={mmer:.3f}"]
     return "\n".join(lines)
 

@@ -59,6 +59,8 @@ def test_eval_ok_is_a_test_on_episode_returns_with_a_minimum_effect():
     assert same["eval_ok"] is False and same["verdict"] == "FAIL"
     learned = verdict([noise(20 + 30 * i, 10) for i in range(9)])
     assert learned["eval_ok"] and learned["verdict"] == "PASS" and learned["eval_k"] == 2
+    lost = verdict([noise(20, 10), noise(400, 10), noise(20, 10)])  # learned, then lost it: the final policy fails
+    assert lost["eval_ok"] is False and lost["best_eval"] == pytest.approx(400, abs=10)
     tiny = verdict([noise(0, 0.01), [-50.0, 50.0], noise(0.05, 0.01)])  # significant, but 0.05 of a range of 100
     assert tiny["eval_t"] > tiny["eval_t_crit"] and tiny["eval_ok"] is False
     assert verdict([noise(-0.5, 0.3), np.ones(32)])["eval_ok"]  # solved by the second evaluation: no spread there
