@@ -960,9 +960,9 @@ def format_evidence(e: dict) -> list:
     held = {a: f" ({'|td|' if a == 'mean_surprise' else 'c'} {v:.3f})" for a, v in e["consts"].items()}
     return [f"what the gate does, in {e['policy']} return over {e['episodes']} paired episodes (± 95% t-CI):",
             "  " + " | ".join(eff[:3]), "  " + " | ".join(eff[3:]),
-            "  (return of one arm - another: gate vs constant = learned - c held at its mean; start rule = that constant "
-            "but the learned c at first steps - the constant; after the start = learned - that; surprise term/timing = "
-            "learned - |td| 0 / |td| at its mean after first steps; learned router = learned - no router residual)",
+            "  (gate vs constant: learned - c held at its mean | start rule: that constant but the learned c at first steps"
+            " - the constant | after the start: learned - that", "   surprise term / timing: learned - |td| 0 / |td| at its "
+            "mean after first steps | learned router: learned - no router residual)",
             "  arms: " + " | ".join(f"{a}{held.get(a, '')} {r:.3f}" for a, r in e["returns"].items())]
 
 def format_gatecheck(g: dict, mean_c: float, ev: float, ep100: float, mmer: float, cfg: Cfg) -> str:
