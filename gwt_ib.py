@@ -1440,63 +1440,103 @@ class _CUnroll(torch.autograd.Function):
 KernelUnavailable = type("KernelUnavailable", (RuntimeError,), {"__doc__": "Why the C cell cannot run here."})
 
 _private = lambda st: st.st_uid == os.getuid() and not st.st_mode & 0o022  # noqa: E731  (ours; no one else writes)
+# a directory whose entries no other user can rename or replace (in a sticky one, such as /tmp: only their owners')
+_guarded = lambda st: st.st_uid in (0, os.getuid()) and (not st.st_mode & 0o022 or st.st_mode & stat.S_ISVTX)  # noqa
 
-def _cache_dir() -> Path:
-    """$XDG_CACHE_HOME/gwt_ib (default ~/.cache/gwt_ib), created 0700, if it is a directory (not a symlink)
-    that only this user can write; else a fresh private temporary directory for this process."""
+def _private_dir(path: str) -> int:
+    """A descriptor of directory `path` (missing parts made 0700), opened one part at a time from / without
+    following links: it must be ours and private, and every directory above it guarded; else OSError."""
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in Path(os.path.realpath(os.path.dirname(path)), os.path.basename(path)).parts[1:]:  # last: no link
+            if not _guarded(os.fstat(fd)):
+                raise PermissionError(f"another user can replace what is in a directory above {path}")
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o700, dir_fd=fd)
+            fd, parent = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd), fd
+            os.close(parent)
+        if not _private(os.fstat(fd)):
+            raise PermissionError(f"{path} is not a directory only this user can write")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+def _cache_dir() -> tuple[int, str]:
+    """(descriptor, path) of $XDG_CACHE_HOME/gwt_ib (default ~/.cache/gwt_ib; a relative XDG_CACHE_HOME is ignored, as
+    the XDG spec says) if _private_dir accepts it; else of a fresh private temporary directory for this process."""
     global _TMP_DIR
-    d = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gwt_ib"
-    with contextlib.suppress(OSError):
-        d.parent.mkdir(parents=True, exist_ok=True)
-        if not os.path.lexists(d):
-            os.mkdir(d, 0o700)
-        if stat.S_ISDIR(os.lstat(d).st_mode) and _private(os.lstat(d)):
-            return d
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    d = str(Path(xdg if os.path.isabs(xdg) else Path.home() / ".cache") / "gwt_ib")
+    try:
+        return _private_dir(d), d
+    except OSError as e:
+        why = e
     if _TMP_DIR is None:
         _TMP_DIR = tempfile.mkdtemp(prefix="gwt_ib_")  # mode 0700, a fresh random name
         atexit.register(shutil.rmtree, _TMP_DIR, True)
-        print(f"note: {d} is not a directory only this user can write; C cell built in {_TMP_DIR}", file=sys.stderr)
-    return Path(_TMP_DIR)
+        print(f"note: C cell built in {_TMP_DIR}, not in {d} ({one_line(why)})", file=sys.stderr)
+    try:
+        return _private_dir(_TMP_DIR), _TMP_DIR
+    except OSError as e:
+        raise KernelUnavailable(f"no private directory to build it in ({one_line(e)})") from None
 
-def _read_own(path: Path) -> Optional[bytes]:
-    """The bytes of a regular file of this user's that no one else can write, never through a symlink."""
-    with contextlib.suppress(OSError), os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+def _read_own(dfd: int, name: str) -> Optional[bytes]:
+    """The bytes of file `name` in directory dfd if it is a regular file of this user's that no one else can write,
+    never through a symlink."""
+    with contextlib.suppress(OSError), os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd), "rb") as f:
         st = os.fstat(f.fileno())
         return f.read() if stat.S_ISREG(st.st_mode) and _private(st) else None
 
-def _write_own(path: Path, data: bytes) -> None:
-    """A new file beside `path` (O_EXCL, never through a symlink), renamed over `path` atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as f:
+def _write_own(dfd: int, name: str, data: bytes) -> None:
+    """A new file beside `name` (O_EXCL, never through a symlink), renamed over `name` atomically."""
+    tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}"
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd), "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
+    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
-def build_library() -> Path:
-    """Path of _CELL_C compiled into the private cache; a library there is reused only if its SHA-256 is the
-    one recorded when it was built (a truncated, altered or foreign file is rebuilt, never loaded)."""
+def _load_bytes(data: bytes) -> ctypes.CDLL:
+    """A library loaded from exactly these bytes: copied into an anonymous memory file, loaded through its
+    descriptor (kept open: a reused descriptor number would name the first library to the loader)."""
+    fd = os.memfd_create("gwt_ib_cell", os.MFD_CLOEXEC)
+    with open(fd, "wb", closefd=False) as f:
+        f.write(data)
+    lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+    lib.memfd = fd
+    return lib
+
+def load_library() -> ctypes.CDLL:
+    """_CELL_C compiled into the private cache, loaded from the bytes whose SHA-256 was just checked against the one
+    recorded when it was built (a truncated, altered or foreign file is rebuilt, never loaded)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc or not hasattr(os, "O_NOFOLLOW"):
-        raise KernelUnavailable("no C compiler found ($CC, cc, gcc, clang)" if not cc else "needs a POSIX system")
+    if not cc or not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
+        raise KernelUnavailable("no C compiler found ($CC, cc, gcc, clang)" if not cc else
+                                "loading it from checked bytes needs Linux (memfd_create, /proc/self/fd)")
     flags = ["-O3", "-std=c99", "-ffp-contract=fast", "-shared", "-fPIC"]
     cpu = platform.machine() + (Path("/proc/cpuinfo").read_text()[:4000] if Path("/proc/cpuinfo").exists() else "")
     key = hashlib.sha256("\0".join([_CELL_C, cc, *flags, platform.platform(), cpu]).encode()).hexdigest()[:16]
-    so = _cache_dir() / f"cell_{key}.so"
-    data, want = _read_own(so), _read_own(so.with_suffix(".sha256"))
-    if data is not None and want is not None and hashlib.sha256(data).hexdigest().encode() == want.strip():
-        return so
-    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # private too: mode 0700
-        (Path(tmp) / "cell.c").write_text(_CELL_C)
-        for arch in (["-march=native"], []):  # the CPU's widest vectors where the compiler knows them
-            r = subprocess.run([cc, *flags, *arch, f"{tmp}/cell.c", "-o", f"{tmp}/cell.so"], capture_output=True,
-                               text=True)
-            if r.returncode == 0:
-                break
-        else:
-            raise KernelUnavailable(f"{cc} failed: {r.stderr.strip()[-200:]}")
-        data = (Path(tmp) / "cell.so").read_bytes()
-    _write_own(so, data)
-    _write_own(so.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
-    return so
+    so, rec = f"cell_{key}.so", f"cell_{key}.sha256"
+    dfd, path = _cache_dir()
+    try:
+        data, want = _read_own(dfd, so), _read_own(dfd, rec)
+        if data is None or want is None or hashlib.sha256(data).hexdigest().encode() != want.strip():
+            with tempfile.TemporaryDirectory(dir=path) as tmp:  # private too: mode 0700, in a checked directory
+                (Path(tmp) / "cell.c").write_text(_CELL_C)
+                for arch in (["-march=native"], []):  # the CPU's widest vectors where the compiler knows them
+                    r = subprocess.run([cc, *flags, *arch, f"{tmp}/cell.c", "-o", f"{tmp}/cell.so"],
+                                       capture_output=True, text=True)
+                    if r.returncode == 0:
+                        break
+                else:
+                    raise KernelUnavailable(f"{cc} failed: {r.stderr.strip()[-200:]}")
+                data = _read_own(dfd, f"{Path(tmp).name}/cell.so")
+            if data is None:
+                raise KernelUnavailable(f"{cc} wrote no library")
+            _write_own(dfd, so, data)
+            _write_own(dfd, rec, hashlib.sha256(data).hexdigest().encode())
+    finally:
+        os.close(dfd)
+    return _load_bytes(data)
 
 _TMP_DIR, _LIB = None, None  # this process's private build directory if needed; the library or why there is none
 
@@ -1507,7 +1547,7 @@ def accelerate(agent: Agent, dev: torch.device) -> None:
         return
     if dev.type == "cpu" and _LIB is None:
         try:
-            _LIB = ctypes.CDLL(str(build_library()))
+            _LIB = load_library()
         except (KernelUnavailable, OSError) as e:
             _LIB = KernelUnavailable(str(e) if isinstance(e, KernelUnavailable) else f"loading it failed: {e}")
     if dev.type != "cpu":
