@@ -319,8 +319,8 @@ def test_a_resume_after_a_full_disk_reaches_the_uninterrupted_run(runs, tmp_path
     assert [r["update"] for r in read_metrics(run)] == [1, 2]  # update 2 was logged, its checkpoint failed
     capsys.readouterr()
     assert gwt_ib.main(["--resume", str(run)]) == 0
-    assert message_lines(capsys.readouterr().err) == ["note: dropped 1 line(s) of metrics.jsonl logged after the "
-                                                      "checkpoint (update 1) or cut short"]
+    assert message_lines(capsys.readouterr().err) == ["note: dropped 1 line(s) of metrics.jsonl: 1 logged after the "
+                                                      "checkpoint (update 1)"]
     assert read_metrics(run) == read_metrics(runs["completed"])
     assert_same_model(run, runs["completed"])
 
@@ -374,8 +374,8 @@ def test_resume_drops_a_torn_last_metrics_line(runs, tmp_path, capsys):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"update": 3, "env_steps": 192, "loss": 0.1')
     assert gwt_ib.main(["--resume", str(run)]) == 0
-    assert message_lines(capsys.readouterr().err) == ["note: dropped 1 line(s) of metrics.jsonl logged after the "
-                                                      "checkpoint (update 2) or cut short"]
+    assert message_lines(capsys.readouterr().err) == ["note: dropped 1 line(s) of metrics.jsonl: 1 cut short or not "
+                                                      "a row in order"]
     assert read_metrics(run) == read_metrics(runs["completed"])
 
 
