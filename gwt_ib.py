@@ -1167,7 +1167,9 @@ def save_checkpoint(su: Setup, st: dict, run_dir: Path) -> None:
 
 def _need(where: str, v: Any, ok: bool, allowed: str) -> None:
     if not ok:
-        brief = f"a {str(v.dtype)[6:]} tensor of shape {tuple(v.shape)}" if torch.is_tensor(v) else repr(v)[:60]
+        brief = (f"a {str(v.dtype)[6:]} tensor of shape {tuple(v.shape)}" if torch.is_tensor(v) else repr(v)[:160]
+                 if isinstance(v, str) else f"a dict of {', '.join(map(str, v))}"[:80] if isinstance(v, dict) else
+                 repr(v)[:60])
         raise ValueError(f"{where} is {brief}, must be {allowed}")
 
 def _like(where: str, v: Any, ref: Any) -> None:
@@ -1207,8 +1209,8 @@ def check_checkpoint(ck: Any, su: Setup) -> None:
         isinstance(x, dict) and all(type(k) is str and torch.is_tensor(v) for k, v in x.items()) for x in g),
         f"a list of at most {cfg.gatecheck_rollouts} dicts of tensors")
     _need("envs", ck["envs"], ck["envs"] is None or ck["envs"] == f"envs-{u}.pkl", f"None or 'envs-{u}.pkl'")
-    _need("agent", ck["agent"], isinstance(ck["agent"], dict) and all(
-        torch.is_tensor(v) and bool(torch.isfinite(v).all()) for v in ck["agent"].values()), "a dict of finite tensors")
+    for k, v in ck["agent"].items():  # keys and shapes: load_state_dict
+        _need(f"agent.{k}", v, torch.is_tensor(v) and bool(torch.isfinite(v).all()), "a finite tensor")
     _like("collector", ck["collector"], {k: torch.as_tensor(getattr(su.col, k)).cpu() for k in Collector.STATE})
     _like("norm", ck["norm"], {k: v.cpu() if torch.is_tensor(v) else v for k, v in su.norm.state_dict().items()})
     _need("norm.wpos", ck["norm"]["wpos"], ck["norm"]["wpos"] < cfg.td_window, f"< td_window ({cfg.td_window})")
@@ -1280,9 +1282,9 @@ def fault(e: BaseException) -> Optional[tuple[str, str]]:
         return "diverged" if isinstance(e, NonFinite) else "env_error", str(e)
     if isinstance(e, OSError):
         return "io_error", one_line(e)
-    if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and re.search("out of memory|can't allocate|not enough "
-                                                                               "memory", str(e), re.I):
-        return "out_of_memory", one_line(e)
+    oom = re.search(r"(out of memory|can't allocate|not enough memory)[^.]*", str(e), re.I)  # torch's text on a CPU, GPU
+    if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and oom:
+        return "out_of_memory", f"{type(e).__name__}{': ' + oom[0] if oom else ''}"
     return None
 
 def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> dict:
@@ -1415,17 +1417,18 @@ def end_run(su: Setup, run_dir: Path, st: dict, how: tuple, last: dict, rate: fl
             if end[0] == "interrupted" else end
         summary = None
     kept = f"kept the checkpoint of update {ck_update}" if ck_update else "no checkpoint had been written yet"
+    kept += f" in {run_dir}"
     if end and status in ("completed", "halted"):  # what failed is the end: its status is the run's
+        trained = status == "completed"
         status, message, code = *end, EXIT_CODES.get(end[0], 128 + (stop.signum or signal.SIGINT))
-        if ck_update == st["update"] and status != "halted":
-            kept += ", which has trained to its end: --resume writes its results"
-        line = f"{status}: {message} while writing the end of the run; {kept}"
+        line = f"{status}: {message} while writing the end of the run; {kept}" + (
+            ", which has trained to its end: --resume writes its results" if trained else "")
     elif end:
         line = f"{status}: {message}; {kept}; the end of the run (summary.json) was not written ({': '.join(end)})"
     else:
         line = f"{status}: {message}; {kept}" if failed else ""
     if line:
-        print(f"gwt_ib.py: {line} in {run_dir}", file=sys.stderr)
+        print(f"gwt_ib.py: {line}", file=sys.stderr)
     if end and ck_update and status != "diverged":  # finish_run prints it when the end is written
         print(f"resume with: python gwt_ib.py --resume {shlex.quote(str(run_dir))}", flush=True)
     return summary or dict(status=status, message=message, exit_code=code, run_dir=str(run_dir))
