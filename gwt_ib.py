@@ -1315,12 +1315,12 @@ def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> di
         why = f"stopped by {signal.Signals(stop.signum).name} before training started"
         print(f"gwt_ib.py: interrupted: {why}; nothing was written", file=sys.stderr)
         return dict(status="interrupted", message=why, exit_code=128 + stop.signum, run_dir="")
+    stop.notice = "after this update (again to abandon it)"  # from here on a first signal stops after an update
     if resume is None:
         su.col.reset(seed=cfg.seed)
         run_dir = start_run(cfg, cleanup)
     status, message, last, ck_update, failed = "completed", "", {}, st["update"], False  # ck_update: last checkpoint's
     start_update, steps0, wall0, t0, bar = st["update"], st["env_steps"], st["wall_s"], time.perf_counter(), None
-    stop.notice = "after this update (again to abandon it)"
     try:  # from here on every failure is a status of the run, with its checkpoint kept
         if resume is not None:
             for tmp in run_dir.glob("*.tmp"):  # left by a process killed mid-write

@@ -233,6 +233,19 @@ def fail_on_second(name: str, error: BaseException) -> Callable:
     return patch
 
 
+def signal_after(name: str, sig: int = signal.SIGINT) -> Callable:
+    """gwt_ib.<name> sends this process `sig` once it has returned."""
+    def patch(monkeypatch):
+        real = getattr(gwt_ib, name)
+
+        def fn(*a, **k):
+            out = real(*a, **k)
+            os.kill(os.getpid(), sig)
+            return out
+        monkeypatch.setattr(gwt_ib, name, fn)
+    return patch
+
+
 def crafted_checkpoint(run: Path, tmp: Path):
     torch.save({"agent": Payload(tmp / "pwned")}, run / "checkpoint.pt")
 
@@ -383,6 +396,8 @@ HOSTILE = {
                                "interrupted: stopped by SIGINT before training started; nothing was written"),
     "sigint-twice-at-start-up": Case(FRESH + ["--env-id", fault_env("init-SIGINTx2")], 130,
                                      "interrupted: stopped by SIGINT before training started; nothing was written"),
+    "sigint-after-the-run-dir-is-made": Case(FRESH, 130, "[SIGINT] stopping after this update", kept=("interrupted", 1),
+                                             patch=signal_after("start_run")),
     "disk-full-at-start-up": Case(FRESH, 2, "cannot hold a new run directory (OSError: [Errno 28] No space left on "
                                             "device)", patch=disk_full("config.json")),
     # faults during training: the last good checkpoint stays, summary.json says what happened
@@ -566,7 +581,7 @@ def test_a_running_run_refuses_a_second_writer_and_sighup_stops_it_resumably(tmp
     with open(log, "w") as f:
         p = subprocess.Popen([sys.executable, "gwt_ib.py", *ARGS, "--total-timesteps", "10000000", "--eval-every",
                               "1000", "--out-dir", str(out), "--run-name", "held"], cwd=ROOT, stdout=f,
-                             stderr=subprocess.STDOUT)
+                             stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     run = out / "held"
     try:
         deadline = time.monotonic() + 120
@@ -830,3 +845,16 @@ def test_a_signal_to_the_process_group_with_env_workers_is_an_interruption(sig, 
     assert (s["status"], s["message"]) == ("interrupted", f"stopped by {signal.Signals(sig).name}")
     time.sleep(0.5)
     assert not [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]]
+
+
+def test_ctrl_c_while_the_trainer_starts_is_one_line(tmp_path):
+    """SIGINT while gwt_ib.py still imports torch (the first second): exit 130, one line, no traceback."""
+    p = subprocess.Popen([sys.executable, "gwt_ib.py", *ARGS, "--out-dir", str(tmp_path / "out")], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGINT or p.returncode == 130, err
+    assert err.strip().splitlines() == ["gwt_ib.py: interrupted: stopped by SIGINT before training started; nothing "
+                                        "was written"] and not (tmp_path / "out").exists()
