@@ -353,6 +353,8 @@ HOSTILE = {
                                     damage=edit_checkpoint(lambda ck: ck["opt"]["state"][0].update(exp_avg=torch.zeros(7)))),
     "checkpoint-lr": Case(RESUME, 2, "opt.lr is 'fast', must be a number >= 0",
                           damage=edit_checkpoint(lambda ck: ck["opt"]["param_groups"][0].update(lr="fast"))),
+    "checkpoint-rng": Case(RESUME, 2, f"{NOT_LOADED} (ValueError: state with version x passed to Random.setstate()",
+                           damage=edit_checkpoint(lambda ck: ck["rng"].update(python="x"))),
     # run files that are links: never read, written or truncated through
     "checkpoint-symlink": Case(RESUME, 2, "checkpoint.pt is a link or not a regular file", damage=linked("checkpoint.pt")),
     "config-symlink": Case(RESUME, 2, "config.json is a link or not a regular file", damage=linked("config.json")),
