@@ -350,8 +350,9 @@ class ShardedVectorEnv:
         self.num_envs, self.sizes = n, [len(a) for a in np.array_split(np.arange(n), workers)]
         self.pipes, children = zip(*[ctx.Pipe() for _ in self.sizes])
         ends = [*self.pipes, *children]  # a forked worker inherits all of them
-        self.procs = [ctx.Process(target=_shard_worker, daemon=True, args=(c, env_id, k, [e for e in ends if e is not c]
-                                                                           if fork else [])) for c, k in zip(children, self.sizes)]
+        self.procs = [ctx.Process(target=_shard_worker, daemon=True,
+                                  args=(c, env_id, k, [e for e in ends if e is not c] if fork else []))
+                      for c, k in zip(children, self.sizes)]
         old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # no signal before a worker ignores them
         try:
             for p in self.procs:
@@ -991,7 +992,8 @@ def metrics_plan(path: Path, update: int) -> tuple[Optional[bytes], str, dict]:
                                                                                      "in order"] * bool(bad)
     note = f"note: dropped {late + bad} line(s) of metrics.jsonl: {', '.join(what)}" if what else ""
     if len(keep) < update:
-        note += f"{'; ' if note else 'note: '}metrics.jsonl lacks {update - len(keep)} of the checkpoint's {update} rows"
+        note += f"{'; ' if note else 'note: '}metrics.jsonl lacks {update - len(keep)} of the checkpoint's {update} " \
+                "rows"
     return ("".join(keep).encode() if keep != lines else None), note, last if last.get("update") == update else {}
 
 def results_written(run_dir: Path, st: dict) -> bool:
@@ -1008,7 +1010,8 @@ class StopFlag:
     def __enter__(self):
         self.signum, main = 0, threading.current_thread() is threading.main_thread()  # handlers: main thread only
         sigs = STOP_SIGNALS if main else ()  # SIGHUP: the terminal went away; an ignored one (nohup) stays ignored
-        self._old = {sig: signal.signal(sig, self._handle) for sig in sigs if signal.getsignal(sig) is not signal.SIG_IGN}
+        self._old = {sig: signal.signal(sig, self._handle) for sig in sigs
+                     if signal.getsignal(sig) is not signal.SIG_IGN}
         return self
 
     def _handle(self, signum, frame):
@@ -1175,8 +1178,8 @@ def _need(where: str, v: Any, ok: bool, allowed: str) -> None:
 def _like(where: str, v: Any, ref: Any) -> None:
     """v is built as ref is: the same keys, lengths and types, tensors of its shapes and dtypes; finite; ints >= 0."""
     if isinstance(ref, (dict, list, tuple)):
-        _need(where, v, type(v) is type(ref) and (v.keys() == ref.keys() if isinstance(ref, dict) else len(v) == len(ref)),
-              f"a {type(ref).__name__} of {', '.join(ref) if isinstance(ref, dict) else len(ref)}")
+        same = type(v) is type(ref) and (v.keys() == ref.keys() if isinstance(ref, dict) else len(v) == len(ref))
+        _need(where, v, same, f"a {type(ref).__name__} of {', '.join(ref) if isinstance(ref, dict) else len(ref)}")
         for k in (ref if isinstance(ref, dict) else range(len(ref))):
             _like(f"{where}.{k}", v[k], ref[k])
     elif torch.is_tensor(ref):
@@ -1189,8 +1192,8 @@ def check_checkpoint(ck: Any, su: Setup) -> None:
     """Every field of a checkpoint has the type, shape and range this run needs, or ValueError names the first that has
     not: a file that loads with weights_only=True runs no code, but may hold anything. opt: check_optimizer."""
     cfg, batch, num = su.cfg, su.cfg.num_envs * su.cfg.rollout_steps, lambda v: type(v) in (int, float)
-    keys, st_keys = ("agent", "opt", "norm", "collector", "state", "rng", "envs"), ("update", "env_steps", "wall_s",
-                                                                                       "ep_hist", "evals", "gc_hist", "mmer")
+    keys = ("agent", "opt", "norm", "collector", "state", "rng", "envs")
+    st_keys = ("update", "env_steps", "wall_s", "ep_hist", "evals", "gc_hist", "mmer")
     _need("the checkpoint", ck, isinstance(ck, dict) and all(k in ck for k in keys), f"a dict of {', '.join(keys)}")
     st, n = ck["state"], cfg.total_timesteps // batch
     _need("state", st, isinstance(st, dict) and all(k in st for k in st_keys), f"a dict of {', '.join(st_keys)}")
@@ -1202,9 +1205,9 @@ def check_checkpoint(ck: Any, su: Setup) -> None:
     _need("state.mmer", st["mmer"], num(st["mmer"]) and not math.isinf(st["mmer"]), "a number or NaN")
     _need("state.ep_hist", h, isinstance(h, list) and len(h) <= 100 and all(num(x) and math.isfinite(x) for x in h),
           "a list of at most 100 finite returns")
-    _need("state.evals", e, isinstance(e, list) and all(isinstance(x, (tuple, list)) and len(x) == 2 and type(x[0]) is int
-                                                        and 0 <= x[0] <= u and num(x[1]) for x in e),
-          f"a list of (update in 0..{u}, return) pairs")
+    def pair(x):  # (update, return)
+        return isinstance(x, (tuple, list)) and len(x) == 2 and type(x[0]) is int and 0 <= x[0] <= u and num(x[1])
+    _need("state.evals", e, isinstance(e, list) and all(map(pair, e)), f"a list of (update in 0..{u}, return) pairs")
     _need("state.gc_hist", g, isinstance(g, list) and len(g) <= cfg.gatecheck_rollouts and all(
         isinstance(x, dict) and all(type(k) is str and torch.is_tensor(v) for k, v in x.items()) for x in g),
         f"a list of at most {cfg.gatecheck_rollouts} dicts of tensors")
@@ -1227,8 +1230,8 @@ def check_optimizer(opt: torch.optim.Optimizer) -> None:
             type(x) in (int, float) and 0 <= x < 1 for x in b), "two numbers in [0, 1)")
         for p in group["params"]:
             for k, v in opt.state.get(p, {}).items():
-                _need(f"opt.state.{k}", v, torch.is_tensor(v) and v.shape in (p.shape, ()) and bool(torch.isfinite(v).all()),
-                      f"a finite tensor of shape {tuple(p.shape)} or ()")
+                ok = torch.is_tensor(v) and v.shape in (p.shape, ()) and bool(torch.isfinite(v).all())
+                _need(f"opt.state.{k}", v, ok, f"a finite tensor of shape {tuple(p.shape)} or ()")
 
 def load_checkpoint(su: Setup, run_dir: Path) -> dict:
     """Restore modules, counters, env state and RNGs from run_dir/checkpoint.pt once every field is checked, or raise
@@ -1282,7 +1285,7 @@ def fault(e: BaseException) -> Optional[tuple[str, str]]:
         return "diverged" if isinstance(e, NonFinite) else "env_error", str(e)
     if isinstance(e, OSError):
         return "io_error", one_line(e)
-    oom = re.search(r"(out of memory|can't allocate|not enough memory)[^.]*", str(e), re.I)  # torch's text on a CPU, GPU
+    oom = re.search(r"(out of memory|can't allocate|not enough memory)[^.]*", str(e), re.I)  # torch's words, CPU, GPU
     if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and oom:
         return "out_of_memory", f"{type(e).__name__}{': ' + oom[0] if oom else ''}"
     return None
@@ -1331,8 +1334,8 @@ def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> di
                 write_atomic(run_dir / "metrics.jsonl", rows)
             # per-invocation settings are not saved (resume: only total_timesteps may change); plots/sweep.py takes
             # this rewrite as the sign that the rows after the checkpoint are gone
-            write_json(dataclasses.asdict(dataclasses.replace(saved, total_timesteps=cfg.total_timesteps, halt_after=0)),
-                       run_dir / "config.json")
+            saved = dataclasses.replace(saved, total_timesteps=cfg.total_timesteps, halt_after=0)
+            write_json(dataclasses.asdict(saved), run_dir / "config.json")
             if start_update >= num_updates:  # trained to its end before, its results never written
                 print(f"run: {run_dir} has trained to its end ({start_update} updates), its results were not written: "
                       "writing them", flush=True)
@@ -1467,7 +1470,8 @@ def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, la
         print(f"note: training.png not written ({e})", file=sys.stderr)
     print("\n" + format_gatecheck(g, mean_c, ev, ep100, summary["mmer"]), flush=True)
     print(f"run: {run_dir}  ({status}, {st['env_steps']:,} env steps, {st['wall_s']:.1f} s)", flush=True)
-    if status in ("interrupted", "halted", "env_error", "io_error", "out_of_memory") and (run_dir / "checkpoint.pt").exists():
+    resumable = ("interrupted", "halted", "env_error", "io_error", "out_of_memory")
+    if status in resumable and (run_dir / "checkpoint.pt").exists():
         print(f"resume with: python gwt_ib.py --resume {shlex.quote(str(run_dir))}", flush=True)
     return summary
 

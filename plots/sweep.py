@@ -210,7 +210,8 @@ def lock_holder(path: Path, hold: bool = False):
     """An exclusive flock on `path` (never through a link): the open file if `hold` and it was free (it then names
     this process until exit), else who holds it ('' if no one; the file is let go)."""
     try:
-        f = open(os.open(path, (os.O_RDWR | os.O_CREAT if hold else os.O_RDONLY) | os.O_NOFOLLOW, 0o644), "r+" if hold else "r")
+        flags = (os.O_RDWR | os.O_CREAT if hold else os.O_RDONLY) | os.O_NOFOLLOW
+        f = open(os.open(path, flags, 0o644), "r+" if hold else "r")
     except FileNotFoundError:
         return ""
     except OSError as e:  # e.g. a symlink
@@ -304,7 +305,7 @@ def trainer_rows(job: dict):
 
 
 def plan_jobs(a, out: Path, plan: list, defaults: dict) -> tuple[dict, int, int, list]:
-    """The runs still to do (name -> job), how many are finished and resumable, and the runs made with other settings."""
+    """The runs still to do (name -> job), how many are finished, how many resumable, and runs with other settings."""
     jobs, finished, resumable, diffs = {}, 0, 0, []
     for env, var, seed in plan:
         name = run_name(env, var, seed)
@@ -346,7 +347,8 @@ def cmd_run(a) -> int:
             import ray
             from ray import tune
         except ImportError as e:
-            print(f"sweep.py run: error: Ray Tune is not installed ({e}); install it with: {RAY_INSTALL}", file=sys.stderr)
+            print(f"sweep.py run: error: Ray Tune is not installed ({e}); install it with: {RAY_INSTALL}",
+                  file=sys.stderr)
             return 2
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_holder(out / ".sweep.lock", hold=True)  # held until exit: a second sweep on --out is refused

@@ -1,7 +1,8 @@
 """The optional accelerator (the C cell at the end of gwt_ib.py): it equals Agent.cell in values and
 gradients for every gate variant, it is only used when it matches the agent being trained, and its
 compiled library is only ever loaded from bytes just checked against the checksum recorded at build time,
-read from a private cache that no other user can replace. Without a C compiler these tests are skipped, and the trainer runs the reference."""
+read from a private cache that no other user can replace. Without a C compiler these tests are skipped, and the
+trainer runs the reference."""
 from __future__ import annotations
 
 import ctypes

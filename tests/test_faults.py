@@ -342,13 +342,14 @@ HOSTILE = {
     "checkpoint-collector-shape": Case(RESUME, 2, "collector.h is a float32 tensor of shape (3, 16), must be a "
                                        "finite float32 tensor of shape (2, 16)",
                                        damage=edit_checkpoint(lambda ck: ck["collector"].update(h=torch.zeros(3, 16)))),
-    "checkpoint-norm-extra-key": Case(RESUME, 2, "norm is a dict of mean, var, scale, count, window, wpos, wfill, cfg", damage=edit_checkpoint(lambda ck: ck["norm"].update(cfg=1))),
+    "checkpoint-norm-extra-key": Case(RESUME, 2, "norm is a dict of mean, var, scale, count, window, wpos, wfill, cfg",
+                                      damage=edit_checkpoint(lambda ck: ck["norm"].update(cfg=1))),
     "checkpoint-norm-nan": Case(RESUME, 2, "norm.mean is a float32 tensor of shape (), must be a finite",
                                 damage=edit_checkpoint(lambda ck: ck["norm"].update(mean=torch.tensor(float("nan"))))),
     "checkpoint-norm-position": Case(RESUME, 2, "norm.wpos is 5000, must be < td_window (4096)",
                                      damage=edit_checkpoint(lambda ck: ck["norm"].update(wpos=5000))),
-    "checkpoint-agent-nan": Case(RESUME, 2, "agent.bias is a float32 tensor of shape (1,), must be a finite", damage=edit_checkpoint(
-        lambda ck: ck["agent"].update(bias=torch.tensor([float("nan")])))),
+    "checkpoint-agent-nan": Case(RESUME, 2, "agent.bias is a float32 tensor of shape (1,), must be a finite",
+                                 damage=edit_checkpoint(lambda ck: ck["agent"].update(bias=torch.tensor([float("nan")])))),
     "checkpoint-moment-shape": Case(RESUME, 2, "opt.state.exp_avg is a float32 tensor of shape (7,), must be a finite",
                                     damage=edit_checkpoint(lambda ck: ck["opt"]["state"][0].update(exp_avg=torch.zeros(7)))),
     "checkpoint-lr": Case(RESUME, 2, "opt.lr is 'fast', must be a number >= 0",
@@ -796,7 +797,8 @@ def start_trainer(tmp_path: Path, *more: str, sig: int = signal.SIGINT) -> tuple
     out, log = tmp_path / "runs", open(tmp_path / "log.txt", "w")
     p = subprocess.Popen([sys.executable, "gwt_ib.py", *ARGS, "--total-timesteps", "10000000", "--eval-every", "1000",
                           "--env-workers", "2", "--out-dir", str(out), "--run-name", "w", *more], cwd=ROOT, stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
+                         stderr=subprocess.STDOUT, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "w" / "checkpoint.pt").exists():
         assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
@@ -846,7 +848,8 @@ def test_a_signal_to_the_process_group_with_env_workers_is_an_interruption(sig, 
     s = json.loads((run / "summary.json").read_text())
     assert (s["status"], s["message"]) == ("interrupted", f"stopped by {signal.Signals(sig).name}")
     time.sleep(0.5)
-    assert not [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]]
+    alive = [w for w in workers if Path(f"/proc/{w}").exists() and Path(f"/proc/{w}/stat").read_text().split()[2] != "Z"]
+    assert not alive
 
 
 def test_ctrl_c_while_the_trainer_starts_is_one_line(tmp_path):

@@ -94,8 +94,9 @@ def test_sweep_runs_every_run_as_a_ray_trial_then_report(tmp_path):
     flags and one torch thread, its metrics rows reach Tune, one line per run; report reads the runs; the same
     command again does nothing (no Ray needed) and a settings change is refused before anything starts."""
     out = tmp_path / "sweep"
-    proc = subprocess.Popen([sys.executable, str(SWEEP), *run_args(out, "gwt_ib,no_gate", "0,1", 1024, "--num-cpus", "2")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = run_args(out, "gwt_ib,no_gate", "0,1", 1024, "--num-cpus", "2")
+    proc = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     exposed, raylet_env = set(), ""
     while proc.poll() is None:  # what Ray listens on while the sweep runs
         pids = tree(proc.pid)
