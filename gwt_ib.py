@@ -10,8 +10,14 @@ rollout, PPO+IB update, GateCheck, run management, main; last, an optional accel
 checked against Agent.cell at start-up). `python gwt_ib.py --help` lists every setting."""
 from __future__ import annotations
 
+import sys
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback
+    sys.excepthook = lambda t, e, tb: print("gwt_ib.py: interrupted: stopped by SIGINT before training started; "
+                                            "nothing was written", file=sys.stderr) if t is KeyboardInterrupt \
+        else sys.__excepthook__(t, e, tb)
+
 import argparse, contextlib, copy, ctypes, dataclasses, difflib, inspect, json, math, os, pickle, random, re, signal
-import atexit, fcntl, hashlib, io, platform, shlex, shutil, stat, subprocess, sys, tempfile, threading, time
+import atexit, errno, fcntl, hashlib, io, platform, shlex, shutil, stat, subprocess, tempfile, threading, time
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +108,7 @@ class ConfigError(ValueError):
 def one_line(e: BaseException) -> str:
     """An exception as one line for an error message: its type and the first sentence of its text (torch's run on)."""
     text = re.sub(r"(?s).*WeightsUnpickler error:", "", str(e)).strip().split("\n\n")[0].split(". ")[0]
-    return f"{type(e).__name__}: {' '.join(text.split())}"[:200]
+    return f"{type(e).__name__}: {' '.join(text.split())}".removesuffix(": ")[:200]
 
 def field_docs() -> dict[str, str]:
     """One-line docs of Cfg's fields, read from the comment beside each field above."""
@@ -207,6 +213,10 @@ def validate(cfg: Cfg) -> None:
          "vector gates need use_router_residual=true (the prior alone is one number per step)")
     need("env_workers", c.env_workers <= c.num_envs, f"must be <= num_envs ({c.num_envs})")
     need("env_workers", not (c.env_workers and c.async_envs), "cannot be combined with async_envs=true")
+    cpus = os.cpu_count() or 1  # settings that would take the machine down rather than run faster
+    need("torch_threads", c.torch_threads <= cpus, f"must be <= the number of CPUs here ({cpus})")
+    need("num_envs" if c.async_envs else "env_workers", (c.num_envs if c.async_envs else c.env_workers) <= 4 * cpus,
+         f"makes too many env processes: at most 4 per CPU ({4 * cpus} here)")
     m = re.fullmatch(r"(auto|cpu|cuda)(:(\d+))?", c.device)
     need("device", m is not None and (m.group(2) is None or m.group(1) == "cuda"), "must be auto, cpu, cuda or cuda:N")
     n = torch.cuda.device_count() if m.group(1) == "cuda" else 1
@@ -286,12 +296,12 @@ EnvError = type("EnvError", (RuntimeError,), {"__doc__": "The environment raised
                                                           "status env_error during it."})
 
 def env_call(fn, *args, **kw):
-    """fn(*args, **kw), with whatever the environment raises (its bugs, its I/O) as an EnvError."""
+    """fn(*args, **kw), with whatever the environment raises (its bugs, its I/O, a sys.exit) as an EnvError."""
     try:
         return fn(*args, **kw)
-    except ConfigError:
+    except (ConfigError, EnvError):
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise EnvError(f"the environment raised {one_line(e)}") from e
 
 def make_env(env_id: str):
@@ -307,48 +317,97 @@ def make_envs(cfg: Cfg, n: int, async_envs: bool = False, workers: int = 0):
     from gymnasium.vector import AutoresetMode, SyncVectorEnv
     return SyncVectorEnv([lambda: make_env(cfg.env_id)] * n, autoreset_mode=AutoresetMode.SAME_STEP)
 
-def _shard_worker(pipe, env_id: str, n: int) -> None:
-    envs = make_envs(Cfg(env_id=env_id), n)
-    while (msg := pipe.recv())[0] != "close":
-        if msg[0] == "reset":
-            pipe.send(envs.reset(seed=msg[1])[0])
-        else:
-            obs, r, term, trunc, info = envs.step(msg[1])
-            pipe.send((obs, r, term, trunc, info.get("final_obs", np.full(n, None, object))))
-    envs.close()
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what StopFlag handles
+
+def _shard_worker(pipe, env_id: str, n: int, inherited: list) -> None:
+    """Steps n envs for ShardedVectorEnv. Stop signals are the trainer's (a Ctrl-C reaches the whole process group):
+    ignored here, the trainer closes its workers. What the envs raise, sys.exit included, goes back as a message."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the trainer while it forked
+    for conn in inherited:  # the other pipes' ends: only then does a dead peer read as EOF
+        conn.close()
+    try:
+        envs = make_envs(Cfg(env_id=env_id), n)
+        while (msg := pipe.recv())[0] != "close":
+            if msg[0] == "reset":
+                pipe.send(("ok", envs.reset(seed=msg[1])[0]))
+            else:
+                obs, r, term, trunc, info = envs.step(msg[1])
+                pipe.send(("ok", (obs, r, term, trunc, info.get("final_obs", np.full(n, None, object)))))
+        envs.close()
+    except EOFError:  # the trainer is gone
+        pass
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            pipe.send(("error", f"the environment raised {one_line(e)}"))
 
 class ShardedVectorEnv:
     """n envs stepped by `workers` subprocesses, each a SAME_STEP SyncVectorEnv over its share: unlike
     one process per env (gymnasium's AsyncVectorEnv) the messages stay few. Env i gets seed `seed + i`
-    at reset, as in SyncVectorEnv, so a run is the same as in-process."""
+    at reset, as in SyncVectorEnv, so a run is the same as in-process. A worker that dies is an EnvError."""
     def __init__(self, env_id: str, n: int, workers: int):
         import multiprocessing as mp
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        from multiprocessing.connection import wait
+        fork = "fork" in mp.get_all_start_methods()
+        ctx, self.wait = mp.get_context("fork" if fork else "spawn"), wait
         with make_env(env_id) as probe:
             self.single_observation_space, self.single_action_space = probe.observation_space, probe.action_space
         self.num_envs, self.sizes = n, [len(a) for a in np.array_split(np.arange(n), workers)]
         self.pipes, children = zip(*[ctx.Pipe() for _ in self.sizes])
-        self.procs = [ctx.Process(target=_shard_worker, args=(c, env_id, k), daemon=True)
+        ends = [*self.pipes, *children]  # a forked worker inherits all of them
+        self.procs = [ctx.Process(target=_shard_worker, daemon=True,
+                                  args=(c, env_id, k, [e for e in ends if e is not c] if fork else []))
                       for c, k in zip(children, self.sizes)]
-        for p in self.procs:
-            p.start()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # no signal before a worker ignores them
+        try:
+            for p in self.procs:
+                p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for c in children:
+            c.close()
+        atexit.register(self.close)  # before multiprocessing's exit handler, which would wait for them forever
+
+    def _recv(self, i: int):
+        pipe, proc = self.pipes[i], self.procs[i]
+        self.wait([pipe, proc.sentinel])
+        with contextlib.suppress(EOFError, OSError):
+            if pipe.poll():
+                kind, value = pipe.recv()
+                if kind == "ok":
+                    return value
+                raise EnvError(value)
+        proc.join(1)
+        code = proc.exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit status {code}"
+        raise EnvError(f"env worker {i} (pid {proc.pid}) died ({how})")
 
     def reset(self, seed: Optional[int] = None):
-        for pipe, o in zip(self.pipes, np.cumsum([0] + self.sizes[:-1])):
-            pipe.send(("reset", None if seed is None else seed + int(o)))
-        return np.concatenate([p.recv() for p in self.pipes]), {}
+        with contextlib.suppress(BrokenPipeError):
+            for pipe, o in zip(self.pipes, np.cumsum([0] + self.sizes[:-1])):
+                pipe.send(("reset", None if seed is None else seed + int(o)))
+        return np.concatenate([self._recv(i) for i in range(len(self.pipes))]), {}
 
     def step(self, actions):
-        for pipe, a in zip(self.pipes, np.split(actions, np.cumsum(self.sizes)[:-1])):
-            pipe.send(("step", a))
-        obs, r, term, trunc, final = (np.concatenate(z) for z in zip(*[p.recv() for p in self.pipes]))
+        with contextlib.suppress(BrokenPipeError):  # a dead worker: _recv says which and how
+            for pipe, a in zip(self.pipes, np.split(actions, np.cumsum(self.sizes)[:-1])):
+                pipe.send(("step", a))
+        obs, r, term, trunc, final = (np.concatenate(z) for z in zip(*[self._recv(i) for i in range(len(self.pipes))]))
         return obs, r, term, trunc, {"final_obs": final}
 
     def close(self):
         for pipe, p in zip(self.pipes, self.procs):
-            with contextlib.suppress(BrokenPipeError, OSError):  # a worker that died already
+            with contextlib.suppress(OSError):  # a worker that died already
                 pipe.send(("close", None))
+        for p in self.procs:
             p.join(timeout=5)
+            if p.exitcode is None:  # stuck in an env: it ignores SIGTERM
+                p.kill()
+                p.join()
+        for pipe in self.pipes:
+            pipe.close()
+        atexit.unregister(self.close)
 
 def list_envs() -> str:
     lines = []
@@ -993,11 +1052,13 @@ def new_run_dir(cfg: Cfg) -> Path:
         raise ConfigError("out_dir", cfg.out_dir, f"cannot hold a new run directory ({one_line(e)})") from None
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write beside `path`, then rename over it: a kill or a full disk mid-write leaves the last good file whole and
-    no .tmp behind (after a kill -9, the next resume removes it)."""
+    """Write a new file beside `path`, then rename it over `path`: a kill or a full disk mid-write leaves the last good
+    file whole and no .tmp behind (after a kill -9, the next resume removes it); a link there is replaced, never
+    written through."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it the file
@@ -1013,20 +1074,61 @@ def torch_bytes(obj: Any) -> bytes:
     torch.save(obj, buf := io.BytesIO())  # in memory first: a full disk is then an OSError of write_atomic's
     return buf.getvalue()
 
+def open_run_file(path: Path, flags: int, own: bool = False) -> int:
+    """A descriptor of a file of a run directory, never through a link: a regular file, not a symlink, and where it is
+    written in place (own), with no other name (a hard link would carry the write outside the run); else OSError."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)  # NONBLOCK: a FIFO
+    except OSError as e:
+        if e.errno != errno.ELOOP:  # ELOOP: a symlink
+            raise
+        fd = -1
+    st = os.fstat(fd) if fd >= 0 else None
+    if st and stat.S_ISREG(st.st_mode) and not (own and st.st_nlink > 1):
+        return fd
+    if fd >= 0:
+        os.close(fd)
+    raise OSError(f"{path.name} is a link or not a regular file; a run reads and writes only files of its own")
+
+def read_run_file(path: Path, own: bool = False) -> bytes:
+    with open(open_run_file(path, os.O_RDONLY, own), "rb") as f:
+        return f.read()
+
 def lock_run(run_dir: Path, cleanup: contextlib.ExitStack) -> None:
     """One writer per run directory: an exclusive flock on run.lock until `cleanup` closes it (the kernel drops it
     when the process dies). While held, the file names its holder; it is left empty."""
-    f = cleanup.enter_context(open(run_dir / "run.lock", "a+"))
+    try:
+        f = cleanup.enter_context(open(open_run_file(run_dir / "run.lock", os.O_RDWR | os.O_CREAT, own=True), "r+"))
+    except OSError as e:
+        raise ConfigError("resume", str(run_dir), f"cannot hold its run.lock ({one_line(e)})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
         raise ConfigError("resume", str(run_dir), f"is in use by {f.read().strip() or 'another process'}; one "
                                                   "process at a time may write a run") from None
     cleanup.callback(f.truncate, 0)  # before the close: still held
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
+
+def start_run(cfg: Cfg, cleanup: contextlib.ExitStack) -> Path:
+    """A new run directory holding run.lock (held) and config.json. Whatever fails here (a full disk) removes it
+    again: nothing was written, a ConfigError of out_dir says why."""
+    made = not os.path.lexists(cfg.out_dir)
+    run_dir = new_run_dir(cfg)
+    try:
+        lock_run(run_dir, cleanup)
+        write_json(dataclasses.asdict(dataclasses.replace(cfg, halt_after=0)), run_dir / "config.json")
+        return run_dir
+    except BaseException as e:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(cfg.out_dir)
+        if isinstance(e, (OSError, ConfigError)):
+            why = one_line(e) if isinstance(e, OSError) else e.allowed
+            raise ConfigError("out_dir", cfg.out_dir, f"cannot hold a new run directory ({why})") from None
+        raise
 
 # The resume contract (README): `--resume RUN` may change only these; none changes what is trained or how. A larger
 # total_timesteps extends it (an update stays num_envs*rollout_steps steps; not where a schedule spans the total);
@@ -1036,16 +1138,16 @@ def lock_run(run_dir: Path, cleanup: contextlib.ExitStack) -> None:
 RESUMABLE = ("total_timesteps", "halt_after", "progress", "log_every", "save_plot", "checkpoint_every", "eval_every",
              "eval_episodes", "device", "torch_threads", "cpu_kernel")
 
-def run_config(run_dir: Path, flag: str = "resume") -> Cfg:
-    """The Cfg saved in run_dir/config.json (fields it lacks keep their defaults; halt_after is never read back)."""
-    what = "must be a run directory with config.json and checkpoint.pt"
-    if not (run_dir / "checkpoint.pt").is_file():
-        raise ConfigError(flag, str(run_dir), what)
+def run_config(resume: str, flag: str = "resume") -> Cfg:
+    """The Cfg saved in <resume>/config.json (fields it lacks keep their defaults; halt_after is never read back)."""
+    what, run_dir = "must be a run directory with config.json and checkpoint.pt", Path(resume)
+    if not resume.strip() or not (run_dir / "checkpoint.pt").is_file():  # "": not the working directory
+        raise ConfigError(flag, resume, what)
     try:
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = json.loads(read_run_file(run_dir / "config.json"))
         return Cfg(**{k: v for k, v in saved.items() if k in Cfg.__dataclass_fields__ and k != "halt_after"})
-    except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, not a JSON object
-        raise ConfigError(flag, str(run_dir), f"{what} ({one_line(e)})") from None
+    except (OSError, ValueError, AttributeError) as e:  # unreadable or a link, not JSON, not a JSON object
+        raise ConfigError(flag, resume, f"{what} ({one_line(e)})") from None
 
 def check_resume(cfg: Cfg, saved: Cfg) -> None:
     """The resume contract: only RESUMABLE fields may differ from the run's saved Cfg, and total_timesteps may only
@@ -1058,28 +1160,55 @@ def check_resume(cfg: Cfg, saved: Cfg) -> None:
                               "only --total-timesteps (to grow it, without anneal_lr or lambda_c_end), "
                               + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE[1:]))
 
-def trim_metrics(path: Path, update: int) -> None:
-    """The checkpoint is the truth: keep the rows of the `update` updates it holds, drop later ones and a torn line."""
-    lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
-    if (keep := [line for line in lines[:update] if line.endswith("\n")]) != lines:
-        print(f"note: dropped {len(lines) - len(keep)} line(s) of metrics.jsonl logged after the checkpoint (update "
-              f"{update}) or cut short", file=sys.stderr)
-        write_atomic(path, "".join(keep).encode())
+def metrics_plan(path: Path, update: int) -> tuple[Optional[bytes], str, dict]:
+    """The checkpoint is the truth: metrics.jsonl as it must be for its `update` updates, read and checked now, written
+    once the resume writes -> (the new contents or None if unchanged, a note saying what was dropped, the last row)."""
+    lines = read_run_file(path, own=True).decode(errors="replace").splitlines(True) if os.path.lexists(path) else []
+    keep, late, bad, last = [], 0, 0, {}
+    for line in lines:
+        try:
+            row = json.loads(line) if line.endswith("\n") else None
+        except ValueError:
+            row = None
+        u = row.get("update") if isinstance(row, dict) else None
+        if type(u) is int and last.get("update", 0) < u <= update:  # the rows of updates 1..update, in order
+            keep.append(line)
+            last = row
+        elif type(u) is int and u > update:
+            late += 1
+        else:
+            bad += 1
+    what = [f"{late} logged after the checkpoint (update {update})"] * bool(late) + [f"{bad} cut short or not a row "
+                                                                                     "in order"] * bool(bad)
+    note = f"note: dropped {late + bad} line(s) of metrics.jsonl: {', '.join(what)}" if what else ""
+    if len(keep) < update:
+        note += f"{'; ' if note else 'note: '}metrics.jsonl lacks {update - len(keep)} of the checkpoint's {update} " \
+                "rows"
+    return ("".join(keep).encode() if keep != lines else None), note, last if last.get("update") == update else {}
+
+def results_written(run_dir: Path, st: dict) -> bool:
+    """Does summary.json hold the completed results of the checkpoint's state (the end of the run was written)?"""
+    with contextlib.suppress(OSError, ValueError):
+        s = json.loads(read_run_file(run_dir / "summary.json"))
+        return isinstance(s, dict) and s.get("status") == "completed" and s.get("updates") == st["update"]
+    return False
 
 class StopFlag:
-    """First Ctrl-C/SIGTERM/SIGHUP: finish the current update, then save and exit. Second: abandon it now."""
+    """First Ctrl-C/SIGTERM/SIGHUP: stop at the next safe point (`notice` says where). Second: abandon it now."""
+    notice = "before training starts (again to stop at once)"
+
     def __enter__(self):
         self.signum, main = 0, threading.current_thread() is threading.main_thread()  # handlers: main thread only
-        sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if main else ()  # SIGHUP: the terminal went away
-        self._old = {sig: signal.signal(sig, self._handle) for sig in sigs  # an ignored one (nohup) stays ignored
+        sigs = STOP_SIGNALS if main else ()  # SIGHUP: the terminal went away; an ignored one (nohup) stays ignored
+        self._old = {sig: signal.signal(sig, self._handle) for sig in sigs
                      if signal.getsignal(sig) is not signal.SIG_IGN}
         return self
 
     def _handle(self, signum, frame):
         if self.signum:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signum)
         self.signum = signum
-        print(f"\n[{signal.Signals(signum).name}] stopping after this update (again to abandon it)", file=sys.stderr)
+        print(f"\n[{signal.Signals(signum).name}] stopping {self.notice}", file=sys.stderr)
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -1090,7 +1219,7 @@ def plot_training(run_dir: Path, cfg: Cfg) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = [json.loads(l) for l in read_run_file(run_dir / "metrics.jsonl").decode().splitlines() if l.strip()]
     fig, ax = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
     for a, k, line in zip(ax.flat, ("ep100", "mean_c", "td_std", "ev"), (None, cfg.target_c, cfg.td_std_min * 5, None)):
         a.plot([r["env_steps"] for r in rows], [r[k] for r in rows], label=k)
@@ -1104,8 +1233,9 @@ def plot_training(run_dir: Path, cfg: Cfg) -> None:
         a.legend(fontsize=8)
     fig.suptitle(run_dir.name)
     fig.tight_layout()
-    fig.savefig(run_dir / "training.png", dpi=90)
+    fig.savefig(buf := io.BytesIO(), format="png", dpi=90)
     plt.close(fig)
+    write_atomic(run_dir / "training.png", buf.getvalue())
 
 Setup = namedtuple("Setup", "cfg dev envs eval_envs agent opt norm col evc")  # what build(cfg) makes of a run
 
@@ -1128,6 +1258,15 @@ def build(cfg: Cfg) -> Setup:
                 raise
             name = max(names, key=lambda n: getattr(cfg, n))
             raise ConfigError(name, getattr(cfg, name), f"is too large: cannot be allocated on {dev}") from None
+    need = cfg.rollout_steps * cfg.num_envs * (cfg.hid_dim + 1) * 4  # a rollout's h0 and obs, at the least
+    have = math.inf
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # no sysconf: no check
+        have = (torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else
+                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > have:
+        name = max(("num_envs", "rollout_steps", "hid_dim"), key=lambda n: getattr(cfg, n))
+        raise ConfigError(name, getattr(cfg, name), f"is too large: a rollout needs at least {need / 2 ** 30:.1f} GiB, "
+                                                    f"more than the {have / 2 ** 30:.1f} GiB of {dev}")
     envs = env_call(make_envs, cfg, cfg.num_envs, cfg.async_envs, cfg.env_workers)
     eval_envs = env_call(make_envs, cfg, cfg.eval_episodes)
     act = action_spec(envs.single_action_space)
@@ -1165,19 +1304,96 @@ def save_checkpoint(su: Setup, st: dict, run_dir: Path) -> None:
         if old.name != name:
             old.unlink()
 
+def _need(where: str, v: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        brief = (f"a {str(v.dtype)[6:]} tensor of shape {tuple(v.shape)}" if torch.is_tensor(v) else repr(v)[:160]
+                 if isinstance(v, str) else f"a dict of {', '.join(map(str, v))}"[:80] if isinstance(v, dict) else
+                 repr(v)[:60])
+        raise ValueError(f"{where} is {brief}, must be {allowed}")
+
+def _like(where: str, v: Any, ref: Any) -> None:
+    """v is built as ref is: the same keys, lengths and types, tensors of its shapes and dtypes; finite; ints >= 0."""
+    if isinstance(ref, (dict, list, tuple)):
+        same = type(v) is type(ref) and (v.keys() == ref.keys() if isinstance(ref, dict) else len(v) == len(ref))
+        _need(where, v, same, f"a {type(ref).__name__} of {', '.join(ref) if isinstance(ref, dict) else len(ref)}")
+        for k in (ref if isinstance(ref, dict) else range(len(ref))):
+            _like(f"{where}.{k}", v[k], ref[k])
+    elif torch.is_tensor(ref):
+        _need(where, v, torch.is_tensor(v) and v.shape == ref.shape and v.dtype == ref.dtype and
+              bool(torch.isfinite(v).all()), f"a finite {str(ref.dtype)[6:]} tensor of shape {tuple(ref.shape)}")
+    else:
+        _need(where, v, type(v) is type(ref) and v >= 0 and math.isfinite(v), f"a {type(ref).__name__} >= 0")
+
+def check_checkpoint(ck: Any, su: Setup) -> None:
+    """Every field of a checkpoint has the type, shape and range this run needs, or ValueError names the first that has
+    not: a file that loads with weights_only=True runs no code, but may hold anything. opt: check_optimizer."""
+    cfg, batch, num = su.cfg, su.cfg.num_envs * su.cfg.rollout_steps, lambda v: type(v) in (int, float)
+    keys = ("agent", "opt", "norm", "collector", "state", "rng", "envs")
+    st_keys = ("update", "env_steps", "wall_s", "ep_hist", "evals", "eval_returns", "gc_hist", "mmer", "budget_i",
+               "multiplier")
+    _need("the checkpoint", ck, isinstance(ck, dict) and all(k in ck for k in keys), f"a dict of {', '.join(keys)}")
+    st, n = ck["state"], cfg.total_timesteps // batch
+    _need("state", st, isinstance(st, dict) and all(k in st for k in st_keys), f"a dict of {', '.join(st_keys)}")
+    u, w, h, e, g = st["update"], st["wall_s"], st["ep_hist"], st["evals"], st["gc_hist"]
+    _need("state.update", u, type(u) is int and 1 <= u <= n, f"an integer in 1..{n}")
+    _need("state.env_steps", st["env_steps"], type(st["env_steps"]) is int and st["env_steps"] == u * batch,
+          f"update*num_envs*rollout_steps = {u * batch}")
+    _need("state.wall_s", w, num(w) and 0 <= w < math.inf, "a number >= 0")
+    _need("state.mmer", st["mmer"], num(st["mmer"]) and not math.isinf(st["mmer"]), "a number or NaN")
+    _need("state.ep_hist", h, isinstance(h, list) and len(h) <= 100 and all(num(x) and math.isfinite(x) for x in h),
+          "a list of at most 100 finite returns")
+    def pair(x):  # (update, return)
+        return isinstance(x, (tuple, list)) and len(x) == 2 and type(x[0]) is int and 0 <= x[0] <= u and num(x[1])
+    _need("state.evals", e, isinstance(e, list) and all(map(pair, e)), f"a list of (update in 0..{u}, return) pairs")
+    _need("state.eval_returns", st["eval_returns"], isinstance(st["eval_returns"], list) and len(st["eval_returns"])
+          == len(e) and all(isinstance(r, list) and all(num(x) for x in r) for r in st["eval_returns"]),
+          "a list of per-episode returns for each evaluation")
+    for k in ("budget_i", "multiplier"):
+        _need(f"state.{k}", st[k], num(st[k]) and math.isfinite(st[k]), "a finite number")
+    _need("state.gc_hist", g, isinstance(g, list) and len(g) <= cfg.gatecheck_rollouts and all(
+        isinstance(x, dict) and all(type(k) is str and torch.is_tensor(v) for k, v in x.items()) for x in g),
+        f"a list of at most {cfg.gatecheck_rollouts} dicts of tensors")
+    _need("envs", ck["envs"], ck["envs"] is None or ck["envs"] == f"envs-{u}.pkl", f"None or 'envs-{u}.pkl'")
+    for k, v in ck["agent"].items():  # keys and shapes: load_state_dict
+        _need(f"agent.{k}", v, torch.is_tensor(v) and bool(torch.isfinite(v).all()), "a finite tensor")
+    _like("collector", ck["collector"], {k: torch.as_tensor(getattr(su.col, k)).cpu() for k in Collector.STATE})
+    _like("norm", ck["norm"], {k: v.cpu() if torch.is_tensor(v) else v for k, v in su.norm.state_dict().items()})
+    _need("norm.wpos", ck["norm"]["wpos"], ck["norm"]["wpos"] < cfg.td_window, f"< td_window ({cfg.td_window})")
+    _need("norm.wfill", ck["norm"]["wfill"], ck["norm"]["wfill"] <= cfg.td_window, f"<= td_window ({cfg.td_window})")
+
+def check_optimizer(opt: torch.optim.Optimizer) -> None:
+    """The hyperparameters and moment tensors a loaded optimizer state brought (load_state_dict checks only groups)."""
+    for group in opt.param_groups:
+        for k in ("lr", "eps", "weight_decay"):
+            _need(f"opt.{k}", group.get(k), type(group.get(k)) in (int, float) and 0 <= group[k] < math.inf,
+                  "a number >= 0")
+        b = group.get("betas")
+        _need("opt.betas", b, isinstance(b, (tuple, list)) and len(b) == 2 and all(
+            type(x) in (int, float) and 0 <= x < 1 for x in b), "two numbers in [0, 1)")
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                ok = torch.is_tensor(v) and v.shape in (p.shape, ()) and bool(torch.isfinite(v).all())
+                _need(f"opt.state.{k}", v, ok, f"a finite tensor of shape {tuple(p.shape)} or ()")
+
 def load_checkpoint(su: Setup, run_dir: Path) -> dict:
-    """Restore modules, counters, env state and RNGs from run_dir/checkpoint.pt, or raise ConfigError. It is read
-    onto the CPU, where torch.set_rng_state needs the RNG states; the rest moves to su.dev as it is restored."""
+    """Restore modules, counters, env state and RNGs from run_dir/checkpoint.pt once every field is checked, or raise
+    ConfigError. It is read onto the CPU, where torch.set_rng_state needs the RNG states; the rest moves to su.dev."""
     su.col.reset(seed=su.cfg.seed)  # the envs must be reset before their saved state replaces them
     try:
-        ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)  # runs no code
-        su.agent.load_state_dict(ck["agent"])
+        ck = torch.load(io.BytesIO(read_run_file(run_dir / "checkpoint.pt")), map_location="cpu",
+                        weights_only=True)  # runs no code
+        su.agent.load_state_dict(ck["agent"])  # first: it names a model of another size best
+        check_checkpoint(ck, su)
         su.opt.load_state_dict(ck["opt"])
+        check_optimizer(su.opt)
         su.norm.load_state_dict(ck["norm"])
         st, col, rng = ck["state"], ck["collector"], ck["rng"]
         st["gc_hist"] = [{k: v.numpy() for k, v in h.items()} for h in st["gc_hist"]]
-        if ck["envs"] and hasattr(su.envs, "envs") and (run_dir / ck["envs"]).is_file():
-            su.envs.envs = pickle.loads((run_dir / ck["envs"]).read_bytes())  # a run directory is trusted like code
+        name = f"envs-{st['update']}.pkl"  # its one name, in the run directory: a checkpoint cannot point elsewhere
+        if ck["envs"] and hasattr(su.envs, "envs") and os.path.lexists(run_dir / name):
+            envs = pickle.loads(read_run_file(run_dir / name))  # a run directory is trusted like code
+            _need(name, envs, isinstance(envs, list) and len(envs) == su.cfg.num_envs, f"{su.cfg.num_envs} envs")
+            su.envs.envs = envs
             for k in Collector.STATE:
                 setattr(su.col, k, col[k].to(su.dev) if torch.is_tensor(getattr(su.col, k)) else col[k].numpy())
             su.col.refresh()
@@ -1196,13 +1412,30 @@ def load_checkpoint(su: Setup, run_dir: Path) -> dict:
 def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
     """Train GWT-IB with `cfg`, or continue the run in directory `resume` (the resume contract: RESUMABLE); returns
     the summary (also written to <run_dir>/summary.json). summary["status"] is "completed", "halted" (halt_after),
-    "interrupted", "diverged", "env_error" or "io_error". A bad setting raises ConfigError before any run starts."""
+    "interrupted", "diverged", "env_error", "io_error" or "out_of_memory". A bad setting raises ConfigError before
+    anything is written."""
     with contextlib.ExitStack() as cleanup:  # the envs and the run's lock are let go however the run ends
         return _train(cfg, resume, cleanup)
 
+EXIT_CODES = {"completed": 0, "halted": 0, "diverged": 3, "env_error": 4, "io_error": 5, "out_of_memory": 6}
+
+def fault(e: BaseException) -> Optional[tuple[str, str]]:
+    """(status, message) of an exception that ends a run with a status, or None: a bug, whose traceback shows."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", "a second signal abandoned the update in progress"
+    if isinstance(e, (NonFinite, EnvError)):
+        return "diverged" if isinstance(e, NonFinite) else "env_error", str(e)
+    if isinstance(e, OSError):
+        return "io_error", one_line(e)
+    oom = re.search(r"(out of memory|can't allocate|not enough memory)[^.]*", str(e), re.I)  # torch's words, CPU, GPU
+    if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and oom:
+        return "out_of_memory", f"{type(e).__name__}{': ' + oom[0] if oom else ''}"
+    return None
+
 def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> dict:
-    if resume:  # the contract first: nothing in the run directory is written before it holds
-        run_dir, saved = Path(resume), run_config(Path(resume))
+    stop = cleanup.enter_context(StopFlag())  # from the start: a signal during start-up stops it before any write
+    if resume is not None:  # the contract first: nothing in the run directory is written before it holds
+        run_dir, saved = Path(resume), run_config(resume)
         check_resume(cfg, saved)
         lock_run(run_dir, cleanup)
     su = build(cfg)
@@ -1215,100 +1448,139 @@ def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> di
     # (sampled-policy) episodes that ended in it; budget_i, multiplier: the budget constraint's (dual_step)
     st = dict(update=0, env_steps=0, wall_s=0.0, ep_hist=[], evals=[], eval_returns=[], gc_hist=[],
               mmer=float("nan"), budget_i=0.0, multiplier=0.0)
-    if resume:
+    if resume is not None:  # every file the resume reads is read and checked here, before anything is written
         st = load_checkpoint(su, run_dir)
-        if st["update"] >= num_updates:
+        try:
+            rows, note, last_row = metrics_plan(run_dir / "metrics.jsonl", st["update"])
+        except OSError as e:
+            raise ConfigError("resume", resume, f"its metrics.jsonl cannot be read ({one_line(e)})") from None
+        if st["update"] >= num_updates and results_written(run_dir, st):
             print(f"run: {run_dir} is complete ({st['update']} updates); nothing was changed (a larger "
                   "--total-timesteps extends it)", flush=True)
             return dict(status="completed", message="complete already", exit_code=0, run_dir=str(run_dir))
-        for tmp in run_dir.glob("*.tmp"):  # left by a process killed mid-write
-            tmp.unlink()
-        trim_metrics(run_dir / "metrics.jsonl", st["update"])
-    else:
+    if stop.signum:
+        why = f"stopped by {signal.Signals(stop.signum).name} before training started"
+        print(f"gwt_ib.py: interrupted: {why}; nothing was written", file=sys.stderr)
+        return dict(status="interrupted", message=why, exit_code=128 + stop.signum, run_dir="")
+    stop.notice = "after this update (again to abandon it)"  # from here on a first signal stops after an update
+    if resume is None:
         su.col.reset(seed=cfg.seed)
-        run_dir = new_run_dir(cfg)
-        lock_run(run_dir, cleanup)
-    # per-invocation settings are not saved (resume: only total_timesteps may change); plots/sweep.py takes this
-    # rewrite as the sign that the rows after the checkpoint are gone
-    write_json(dataclasses.asdict(dataclasses.replace(saved if resume else cfg, total_timesteps=cfg.total_timesteps,
-                                                      halt_after=0)), run_dir / "config.json")
-    metrics_f, t0 = cleanup.enter_context(open(run_dir / "metrics.jsonl", "a")), time.perf_counter()
-    status, message, last, ck_update = "completed", "", {}, st["update"]  # ck_update: of the last good checkpoint
-    start_update, steps0, wall0 = st["update"], st["env_steps"], st["wall_s"]
-    from tqdm import tqdm
-    bar = tqdm(total=num_updates, initial=start_update, disable=not cfg.progress, desc=cfg.env_id, unit="upd")
-    with StopFlag() as stop:
-        try:
-            for update in range(start_update, num_updates):
-                if cfg.anneal_lr:
-                    opt.param_groups[0]["lr"] = cfg.lr * (1 - update / num_updates)
-                tr0 = time.perf_counter()
-                floor0 = norm.floor_hits.item()
-                b, last_value, fin = rollout(su.col, cfg.rollout_steps)
-                adv, ret = gae(b, last_value, cfg.gamma, cfg.gae_lambda)
-                t_roll = time.perf_counter() - tr0
-                if not st["evals"]:  # GateCheck's early baseline: no update yet, a normalizer that saw a rollout
-                    add_eval(st, 0, evaluate(su.evc, cfg))
-                check_finite(update, "in the rollout", {"TD mean": norm.mean, "TD scale": norm.scale, "return": ret})
-                gs = gate_samples(agent, b, (norm.floor_hits.item() - floor0) / cfg.rollout_steps)
-                lam_c = ib_weight(cfg, update, num_updates, st["multiplier"])
-                m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c, update)
-                st["budget_i"], st["multiplier"] = dual_step(cfg, st["budget_i"], b["c"].mean().item())
-                t_upd = time.perf_counter() - tr0 - t_roll
-                check_finite(update, "after the update", {f"parameter {n}": p for n, p in agent.named_parameters()})
-                st["gc_hist"] = (st["gc_hist"] + [gs])[-cfg.gatecheck_rollouts:]
-                st["ep_hist"] = (st["ep_hist"] + [R for _, R, _ in fin])[-100:]
-                ep_mean = float(np.mean([R for _, R, _ in fin])) if fin else float("nan")
-                st["mmer"] = max(st["mmer"], ep_mean, key=lambda v: -math.inf if math.isnan(v) else v)  # POPGym's
-                done, st["env_steps"] = update + 1, st["env_steps"] + batch
-                st["update"] = done
-                fresh = done == num_updates or (cfg.eval_every and done % cfg.eval_every == 0)
-                if fresh:
-                    add_eval(st, done, evaluate(su.evc, cfg))
-                st["wall_s"] = wall0 + time.perf_counter() - t0
-                last = dict(update=done, env_steps=st["env_steps"], **m, lambda_c=lam_c, mean_c=b["c"].mean().item(),
-                            c_std=b["c"].std().item(), td_mean=norm.mean.item(), td_std=norm.scale.item(),
-                            td_raw_std=b["td"].std().item(), ev=explained_variance(b["value"], ret),
-                            ep100=float(np.mean(st["ep_hist"])) if st["ep_hist"] else float("nan"),
-                            episodes=len(st["ep_hist"]), ep_mean=ep_mean, mmer=st["mmer"], bias=agent.bias.item(),
-                            eval=st["evals"][-1][1],
-                            eval_fresh=bool(fresh), lr=opt.param_groups[0]["lr"], rollout_s=t_roll, update_s=t_upd,
-                            steps_per_s=(st["env_steps"] - steps0) / (time.perf_counter() - t0), wall_s=st["wall_s"])
-                metrics_f.write(json.dumps(last) + "\n")
-                metrics_f.flush()  # a kill loses at most the update in progress
-                bar.update(1)
-                if done % cfg.log_every == 0 or done == num_updates:
-                    bar.write(log_line(last, num_updates, cfg), file=sys.stdout)
-                    sys.stdout.flush()  # tqdm.write does not flush: keep `| tee log` and nohup logs live
-                halt = cfg.halt_after and done - start_update >= cfg.halt_after and done < num_updates
-                if done % cfg.checkpoint_every == 0 or done == num_updates or stop.signum or halt:
-                    save_checkpoint(su, st, run_dir)
-                    ck_update = done
-                if stop.signum or halt:
-                    status, message = ("interrupted", f"stopped by {signal.Signals(stop.signum).name}") if stop.signum \
-                        else ("halted", "")
-                    break
-        except (KeyboardInterrupt, NonFinite, EnvError, OSError) as e:  # the last good checkpoint stays as it was
-            status = ("interrupted" if isinstance(e, KeyboardInterrupt) else "diverged" if isinstance(e, NonFinite)
-                      else "env_error" if isinstance(e, EnvError) else "io_error")
-            stop.signum = stop.signum or (signal.SIGINT if status == "interrupted" else 0)
-            message = ("a second signal abandoned the update in progress" if status == "interrupted"
-                       else one_line(e) if status == "io_error" else str(e))
-            kept = f"kept the checkpoint of update {ck_update}" if ck_update else "no checkpoint had been written yet"
-            bar.close()
-            print(f"gwt_ib.py: {status}: {message}; {kept} in {run_dir}", file=sys.stderr)
-        finally:
+        run_dir = start_run(cfg, cleanup)
+    status, message, last, ck_update, failed = "completed", "", {}, st["update"], False  # ck_update: last checkpoint's
+    start_update, steps0, wall0, t0, bar = st["update"], st["env_steps"], st["wall_s"], time.perf_counter(), None
+    try:  # from here on every failure is a status of the run, with its checkpoint kept
+        if resume is not None:
+            for tmp in run_dir.glob("*.tmp"):  # left by a process killed mid-write
+                tmp.unlink()
+            if note:
+                print(note, file=sys.stderr)
+            if rows is not None:
+                write_atomic(run_dir / "metrics.jsonl", rows)
+            # per-invocation settings are not saved (resume: only total_timesteps may change); plots/sweep.py takes
+            # this rewrite as the sign that the rows after the checkpoint are gone
+            saved = dataclasses.replace(saved, total_timesteps=cfg.total_timesteps, halt_after=0)
+            write_json(dataclasses.asdict(saved), run_dir / "config.json")
+            if start_update >= num_updates:  # trained to its end before, its results never written
+                print(f"run: {run_dir} has trained to its end ({start_update} updates), its results were not written: "
+                      "writing them", flush=True)
+                last = last_row
+        metrics_fd = open_run_file(run_dir / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, own=True)
+        cleanup.callback(os.close, metrics_fd)  # unbuffered: nothing is left to fail at the close
+        from tqdm import tqdm
+        bar = tqdm(total=num_updates, initial=start_update, disable=not cfg.progress, desc=cfg.env_id, unit="upd")
+        for update in range(start_update, num_updates):
+            if cfg.anneal_lr:
+                opt.param_groups[0]["lr"] = cfg.lr * (1 - update / num_updates)
+            tr0 = time.perf_counter()
+            floor0 = norm.floor_hits.item()
+            b, last_value, fin = rollout(su.col, cfg.rollout_steps)
+            adv, ret = gae(b, last_value, cfg.gamma, cfg.gae_lambda)
+            t_roll = time.perf_counter() - tr0
+            if not st["evals"]:  # GateCheck's early baseline: no update yet, a normalizer that saw a rollout
+                add_eval(st, 0, evaluate(su.evc, cfg))
+            check_finite(update, "in the rollout", {"TD mean": norm.mean, "TD scale": norm.scale, "return": ret})
+            gs = gate_samples(agent, b, (norm.floor_hits.item() - floor0) / cfg.rollout_steps)
+            lam_c = ib_weight(cfg, update, num_updates, st["multiplier"])
+            m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c, update)
+            st["budget_i"], st["multiplier"] = dual_step(cfg, st["budget_i"], b["c"].mean().item())
+            t_upd = time.perf_counter() - tr0 - t_roll
+            check_finite(update, "after the update", {f"parameter {n}": p for n, p in agent.named_parameters()})
+            st["gc_hist"] = (st["gc_hist"] + [gs])[-cfg.gatecheck_rollouts:]
+            st["ep_hist"] = (st["ep_hist"] + [R for _, R, _ in fin])[-100:]
+            ep_mean = float(np.mean([R for _, R, _ in fin])) if fin else float("nan")
+            st["mmer"] = max(st["mmer"], ep_mean, key=lambda v: -math.inf if math.isnan(v) else v)  # POPGym's
+            done, st["env_steps"] = update + 1, st["env_steps"] + batch
+            st["update"] = done
+            fresh = done == num_updates or (cfg.eval_every and done % cfg.eval_every == 0)
+            if fresh:
+                add_eval(st, done, evaluate(su.evc, cfg))
+            st["wall_s"] = wall0 + time.perf_counter() - t0
+            last = dict(update=done, env_steps=st["env_steps"], **m, lambda_c=lam_c, mean_c=b["c"].mean().item(),
+                        c_std=b["c"].std().item(), td_mean=norm.mean.item(), td_std=norm.scale.item(),
+                        td_raw_std=b["td"].std().item(), ev=explained_variance(b["value"], ret),
+                        ep100=float(np.mean(st["ep_hist"])) if st["ep_hist"] else float("nan"),
+                        episodes=len(st["ep_hist"]), ep_mean=ep_mean, mmer=st["mmer"], bias=agent.bias.item(),
+                        eval=st["evals"][-1][1],
+                        eval_fresh=bool(fresh), lr=opt.param_groups[0]["lr"], rollout_s=t_roll, update_s=t_upd,
+                        steps_per_s=(st["env_steps"] - steps0) / (time.perf_counter() - t0), wall_s=st["wall_s"])
+            os.write(metrics_fd, (json.dumps(last) + "\n").encode())  # a kill loses at most the update in progress
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == num_updates:
+                bar.write(log_line(last, num_updates, cfg), file=sys.stdout)
+                sys.stdout.flush()  # tqdm.write does not flush: keep `| tee log` and nohup logs live
+            halt = cfg.halt_after and done - start_update >= cfg.halt_after and done < num_updates
+            if done % cfg.checkpoint_every == 0 or done == num_updates or stop.signum or halt:
+                save_checkpoint(su, st, run_dir)
+                ck_update = done
+            if (stop.signum and done < num_updates) or halt:  # a signal in the last update: the run is complete
+                status, message = ("interrupted", f"stopped by {signal.Signals(stop.signum).name}") if stop.signum \
+                    else ("halted", "")
+                break
+    except BaseException as e:  # the last good checkpoint stays as it was
+        if (f := fault(e)) is None:
+            raise
+        (status, message), failed = f, True
+        stop.signum = stop.signum or (signal.SIGINT if status == "interrupted" else 0)
+    finally:
+        if bar is not None:
             bar.close()
     st["wall_s"] = wall0 + time.perf_counter() - t0
-    code = {"completed": 0, "halted": 0, "diverged": 3, "env_error": 4, "io_error": 5}.get(status, 128 + stop.signum)
+    rate = last.get("steps_per_s", math.nan) if start_update >= num_updates else \
+        (st["env_steps"] - steps0) / max(time.perf_counter() - t0, 1e-9)
+    return end_run(su, run_dir, st, (status, message, failed), last, rate, ck_update, stop)
+
+def end_run(su: Setup, run_dir: Path, st: dict, how: tuple, last: dict, rate: float, ck_update: int,
+            stop: StopFlag) -> dict:
+    """model.pt, then finish_run (GateCheck, summary.json, ...), then a fault's one line. A second signal or a fault
+    while the end is written leaves the last checkpoint, from which --resume writes the end again; the line says so."""
+    (status, message, failed), code = how, EXIT_CODES.get(how[0], 128 + stop.signum)
+    stop.notice = "once the results are written (again to abandon them; --resume writes them)"
     try:
         if status != "diverged":  # a diverged model is not worth keeping; checkpoint.pt holds the last good one
-            write_atomic(run_dir / "model.pt", torch_bytes(agent.state_dict()))
-        return finish_run(su, run_dir, st, status, message, last, code,
-                          (st["env_steps"] - steps0) / max(time.perf_counter() - t0, 1e-9))
-    except OSError as e:  # e.g. a disk still full: what was written before stays whole
-        print(f"gwt_ib.py: io_error: the end of the run was not written ({one_line(e)})", file=sys.stderr)
-        return dict(status="io_error", message=one_line(e), exit_code=5, run_dir=str(run_dir))
+            write_atomic(run_dir / "model.pt", torch_bytes(su.agent.state_dict()))
+        summary, end = finish_run(su, run_dir, st, status, message, last, code, rate), None
+    except BaseException as e:
+        if (end := fault(e)) is None:
+            raise
+        end = ("interrupted", f"stopped by {signal.Signals(stop.signum or signal.SIGINT).name}") \
+            if end[0] == "interrupted" else end
+        summary = None
+    kept = f"kept the checkpoint of update {ck_update}" if ck_update else "no checkpoint had been written yet"
+    kept += f" in {run_dir}"
+    if end and status in ("completed", "halted"):  # what failed is the end: its status is the run's
+        trained = status == "completed"
+        status, message, code = *end, EXIT_CODES.get(end[0], 128 + (stop.signum or signal.SIGINT))
+        line = f"{status}: {message} while writing the end of the run; {kept}" + (
+            ", which has trained to its end: --resume writes its results" if trained else "")
+    elif end:
+        line = f"{status}: {message}; {kept}; the end of the run (summary.json) was not written ({': '.join(end)})"
+    else:
+        line = f"{status}: {message}; {kept}" if failed else ""
+    if line:
+        print(f"gwt_ib.py: {line}", file=sys.stderr)
+    if end and ck_update and status != "diverged":  # finish_run prints it when the end is written
+        print(f"resume with: python gwt_ib.py --resume {shlex.quote(str(run_dir))}", flush=True)
+    return summary or dict(status=status, message=message, exit_code=code, run_dir=str(run_dir))
 
 def add_eval(st: dict, update: int, e: Eval) -> None:
     st["evals"].append((update, e.mean))
@@ -1349,7 +1621,8 @@ def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, la
         print(f"note: training.png not written ({e})", file=sys.stderr)
     print("\n" + format_gatecheck(g, mean_c, ev, ep100, summary["mmer"], cfg), flush=True)
     print(f"run: {run_dir}  ({status}, {st['env_steps']:,} env steps, {st['wall_s']:.1f} s)", flush=True)
-    if status in ("interrupted", "halted", "env_error", "io_error") and (run_dir / "checkpoint.pt").exists():
+    resumable = ("interrupted", "halted", "env_error", "io_error", "out_of_memory")
+    if status in resumable and (run_dir / "checkpoint.pt").exists():
         print(f"resume with: python gwt_ib.py --resume {shlex.quote(str(run_dir))}", flush=True)
     return summary
 
@@ -1360,7 +1633,7 @@ EVALUATE_FLAGS = ("eval_episodes", "eval_mode", "device", "torch_threads", "cpu_
 def reevaluate(cfg: Cfg, run_dir: Path) -> dict:
     """--evaluate: RUN's last checkpoint (model and TD normalizer) evaluated again, with GateCheck's counterfactual
     arms, on cfg.eval_episodes episodes; printed and written to a new evaluate-<time>.json, nothing else changed."""
-    saved = run_config(run_dir, "evaluate")
+    saved = run_config(str(run_dir), "evaluate")
     for f in dataclasses.fields(Cfg):
         if getattr(cfg, f.name) != getattr(saved, f.name) and f.name not in EVALUATE_FLAGS + ("halt_after",):
             raise ConfigError(f.name, getattr(cfg, f.name), f"cannot change with --evaluate (the run has "
@@ -1400,14 +1673,19 @@ def main(argv: Optional[list] = None) -> int:
         print(list_envs())
         return 0
     try:
-        if ns.evaluate:
-            reevaluate(parse_overrides(ns, run_config(Path(ns.evaluate), "evaluate")), Path(ns.evaluate))
+        if ns.evaluate is not None:
+            reevaluate(parse_overrides(ns, run_config(ns.evaluate, "evaluate")), Path(ns.evaluate))
             return 0
-        base = run_config(Path(ns.resume)) if ns.resume else Cfg()
+        base = run_config(ns.resume) if ns.resume is not None else Cfg()
         summary = train(parse_overrides(ns, base), resume=ns.resume)  # build() validates before anything runs
-    except (ConfigError, EnvError, OSError) as e:  # before training: a faulty setting, environment or path
+    except (ConfigError, EnvError, OSError) as e:  # before anything is written: a faulty setting, environment or path
         print(f"gwt_ib.py: error: {one_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # a second signal before training started
+        sig = signal.Signals(e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
+        print(f"gwt_ib.py: interrupted: stopped by {sig.name} before training started; nothing was written",
+              file=sys.stderr)
+        return 128 + sig
     return summary["exit_code"]  # README, "Exit statuses"
 
 
@@ -1627,63 +1905,103 @@ class _CUnroll(torch.autograd.Function):
 KernelUnavailable = type("KernelUnavailable", (RuntimeError,), {"__doc__": "Why the C cell cannot run here."})
 
 _private = lambda st: st.st_uid == os.getuid() and not st.st_mode & 0o022  # noqa: E731  (ours; no one else writes)
+# a directory whose entries no other user can rename or replace (in a sticky one, such as /tmp: only their owners')
+_guarded = lambda st: st.st_uid in (0, os.getuid()) and (not st.st_mode & 0o022 or st.st_mode & stat.S_ISVTX)  # noqa
 
-def _cache_dir() -> Path:
-    """$XDG_CACHE_HOME/gwt_ib (default ~/.cache/gwt_ib), created 0700, if it is a directory (not a symlink)
-    that only this user can write; else a fresh private temporary directory for this process."""
+def _private_dir(path: str) -> int:
+    """A descriptor of directory `path` (missing parts made 0700), opened one part at a time from / without
+    following links: it must be ours and private, and every directory above it guarded; else OSError."""
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in Path(os.path.realpath(os.path.dirname(path)), os.path.basename(path)).parts[1:]:  # last: no link
+            if not _guarded(os.fstat(fd)):
+                raise PermissionError(f"another user can replace what is in a directory above {path}")
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o700, dir_fd=fd)
+            fd, parent = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd), fd
+            os.close(parent)
+        if not _private(os.fstat(fd)):
+            raise PermissionError(f"{path} is not a directory only this user can write")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+def _cache_dir() -> tuple[int, str]:
+    """(descriptor, path) of $XDG_CACHE_HOME/gwt_ib (default ~/.cache/gwt_ib; a relative XDG_CACHE_HOME is ignored, as
+    the XDG spec says) if _private_dir accepts it; else of a fresh private temporary directory for this process."""
     global _TMP_DIR
-    d = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gwt_ib"
-    with contextlib.suppress(OSError):
-        d.parent.mkdir(parents=True, exist_ok=True)
-        if not os.path.lexists(d):
-            os.mkdir(d, 0o700)
-        if stat.S_ISDIR(os.lstat(d).st_mode) and _private(os.lstat(d)):
-            return d
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    d = str(Path(xdg if os.path.isabs(xdg) else Path.home() / ".cache") / "gwt_ib")
+    try:
+        return _private_dir(d), d
+    except OSError as e:
+        why = e
     if _TMP_DIR is None:
         _TMP_DIR = tempfile.mkdtemp(prefix="gwt_ib_")  # mode 0700, a fresh random name
         atexit.register(shutil.rmtree, _TMP_DIR, True)
-        print(f"note: {d} is not a directory only this user can write; C cell built in {_TMP_DIR}", file=sys.stderr)
-    return Path(_TMP_DIR)
+        print(f"note: C cell built in {_TMP_DIR}, not in {d} ({one_line(why)})", file=sys.stderr)
+    try:
+        return _private_dir(_TMP_DIR), _TMP_DIR
+    except OSError as e:
+        raise KernelUnavailable(f"no private directory to build it in ({one_line(e)})") from None
 
-def _read_own(path: Path) -> Optional[bytes]:
-    """The bytes of a regular file of this user's that no one else can write, never through a symlink."""
-    with contextlib.suppress(OSError), os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+def _read_own(dfd: int, name: str) -> Optional[bytes]:
+    """The bytes of file `name` in directory dfd if it is a regular file of this user's that no one else can write,
+    never through a symlink."""
+    with contextlib.suppress(OSError), os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd), "rb") as f:
         st = os.fstat(f.fileno())
         return f.read() if stat.S_ISREG(st.st_mode) and _private(st) else None
 
-def _write_own(path: Path, data: bytes) -> None:
-    """A new file beside `path` (O_EXCL, never through a symlink), renamed over `path` atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as f:
+def _write_own(dfd: int, name: str, data: bytes) -> None:
+    """A new file beside `name` (O_EXCL, never through a symlink), renamed over `name` atomically."""
+    tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}"
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd), "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
+    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
-def build_library() -> Path:
-    """Path of _CELL_C compiled into the private cache; a library there is reused only if its SHA-256 is the
-    one recorded when it was built (a truncated, altered or foreign file is rebuilt, never loaded)."""
+def _load_bytes(data: bytes) -> ctypes.CDLL:
+    """A library loaded from exactly these bytes: copied into an anonymous memory file, loaded through its
+    descriptor (kept open: a reused descriptor number would name the first library to the loader)."""
+    fd = os.memfd_create("gwt_ib_cell", os.MFD_CLOEXEC)
+    with open(fd, "wb", closefd=False) as f:
+        f.write(data)
+    lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+    lib.memfd = fd
+    return lib
+
+def load_library() -> ctypes.CDLL:
+    """_CELL_C compiled into the private cache, loaded from the bytes whose SHA-256 was just checked against the one
+    recorded when it was built (a truncated, altered or foreign file is rebuilt, never loaded)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc or not hasattr(os, "O_NOFOLLOW"):
-        raise KernelUnavailable("no C compiler found ($CC, cc, gcc, clang)" if not cc else "needs a POSIX system")
+    if not cc or not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
+        raise KernelUnavailable("no C compiler found ($CC, cc, gcc, clang)" if not cc else
+                                "loading it from checked bytes needs Linux (memfd_create, /proc/self/fd)")
     flags = ["-O3", "-std=c99", "-ffp-contract=fast", "-shared", "-fPIC"]
     cpu = platform.machine() + (Path("/proc/cpuinfo").read_text()[:4000] if Path("/proc/cpuinfo").exists() else "")
     key = hashlib.sha256("\0".join([_CELL_C, cc, *flags, platform.platform(), cpu]).encode()).hexdigest()[:16]
-    so = _cache_dir() / f"cell_{key}.so"
-    data, want = _read_own(so), _read_own(so.with_suffix(".sha256"))
-    if data is not None and want is not None and hashlib.sha256(data).hexdigest().encode() == want.strip():
-        return so
-    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # private too: mode 0700
-        (Path(tmp) / "cell.c").write_text(_CELL_C)
-        for arch in (["-march=native"], []):  # the CPU's widest vectors where the compiler knows them
-            r = subprocess.run([cc, *flags, *arch, f"{tmp}/cell.c", "-o", f"{tmp}/cell.so"], capture_output=True,
-                               text=True)
-            if r.returncode == 0:
-                break
-        else:
-            raise KernelUnavailable(f"{cc} failed: {r.stderr.strip()[-200:]}")
-        data = (Path(tmp) / "cell.so").read_bytes()
-    _write_own(so, data)
-    _write_own(so.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
-    return so
+    so, rec = f"cell_{key}.so", f"cell_{key}.sha256"
+    dfd, path = _cache_dir()
+    try:
+        data, want = _read_own(dfd, so), _read_own(dfd, rec)
+        if data is None or want is None or hashlib.sha256(data).hexdigest().encode() != want.strip():
+            with tempfile.TemporaryDirectory(dir=path) as tmp:  # private too: mode 0700, in a checked directory
+                (Path(tmp) / "cell.c").write_text(_CELL_C)
+                for arch in (["-march=native"], []):  # the CPU's widest vectors where the compiler knows them
+                    r = subprocess.run([cc, *flags, *arch, f"{tmp}/cell.c", "-o", f"{tmp}/cell.so"],
+                                       capture_output=True, text=True)
+                    if r.returncode == 0:
+                        break
+                else:
+                    raise KernelUnavailable(f"{cc} failed: {r.stderr.strip()[-200:]}")
+                data = _read_own(dfd, f"{Path(tmp).name}/cell.so")
+            if data is None:
+                raise KernelUnavailable(f"{cc} wrote no library")
+            _write_own(dfd, so, data)
+            _write_own(dfd, rec, hashlib.sha256(data).hexdigest().encode())
+    finally:
+        os.close(dfd)
+    return _load_bytes(data)
 
 _TMP_DIR, _LIB = None, None  # this process's private build directory if needed; the library or why there is none
 
@@ -1694,7 +2012,7 @@ def accelerate(agent: Agent, dev: torch.device) -> None:
         return
     if dev.type == "cpu" and _LIB is None:
         try:
-            _LIB = ctypes.CDLL(str(build_library()))
+            _LIB = load_library()
         except (KernelUnavailable, OSError) as e:
             _LIB = KernelUnavailable(str(e) if isinstance(e, KernelUnavailable) else f"loading it failed: {e}")
     if dev.type != "cpu":

@@ -15,11 +15,15 @@ eval_trace.json); nothing is imported from it. Needs numpy and matplotlib, not s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
+import ipaddress
 import json
 import math
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -208,6 +212,45 @@ def check_existing(run_dir: Path, want: dict[str, str]) -> tuple[str, list[str]]
     return ("resumable" if cfg is not None and (run_dir / "checkpoint.pt").exists() else "redo"), diff
 
 
+def lock_holder(path: Path, hold: bool = False):
+    """An exclusive flock on `path` (never through a link): the open file if `hold` and it was free (it then names
+    this process until exit), else who holds it ('' if no one; the file is let go)."""
+    try:
+        flags = (os.O_RDWR | os.O_CREAT if hold else os.O_RDONLY) | os.O_NOFOLLOW
+        f = open(os.open(path, flags, 0o644), "r+" if hold else "r")
+    except FileNotFoundError:
+        return ""
+    except OSError as e:  # e.g. a symlink
+        return f"no one it can name ({path.name} cannot be locked: {e.strerror})"
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = f.read().strip() or "another process"
+        f.close()
+        return holder
+    if not hold:
+        f.close()
+        return ""
+    f.truncate(0)
+    f.write(f"sweep pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def exposed_ports() -> list[str]:
+    """'address:port' of the TCP sockets this process and its children (Ray's processes) listen on, but not on
+    loopback only. Needs psutil, which Ray brings."""
+    import psutil
+    found = set()
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            for c in proc.net_connections(kind="tcp"):
+                ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+                if c.status == psutil.CONN_LISTEN and not ip.is_loopback:
+                    found.add(f"{f'[{ip}]' if ip.version == 6 else ip}:{c.laddr.port}")
+    return sorted(found)
+
+
 def trainer_rows(job: dict):
     """One run as its Tune trial sees it: gwt_ib.py as a subprocess (fresh, or --resume when the run dir has a
     checkpoint, so that a trial that Tune starts again continues); yields its metrics.jsonl rows as the trainer
@@ -216,8 +259,10 @@ def trainer_rows(job: dict):
     state = check_existing(d, {})[0]
     resume, log = state == "resumable", d.parent / ".logs" / f"{d.name}.txt"
     if state not in FINISHED:  # (finished: a retried trial whose run completed meanwhile)
-        if not resume:
-            shutil.rmtree(d, ignore_errors=True)  # else the trainer would pick another dir name
+        if holder := lock_holder(d / "run.lock") if d.is_dir() and not d.is_symlink() else "":
+            raise RuntimeError(f"{d.name}: its run directory is in use by {holder}; it is not replaced")
+        if not resume:  # else the trainer would pick another dir name
+            d.unlink() if d.is_symlink() else shutil.rmtree(d, ignore_errors=True)
         wait = (d / "config.json").stat().st_mtime_ns if resume else None
         # a resumed run gets only its dir and how to run (its settings are in its config.json)
         cmd = [sys.executable, str(TRAINER)] + (["--resume", str(d)] if resume else job["argv"] + ["--out-dir", str(
@@ -244,7 +289,8 @@ def trainer_rows(job: dict):
                 for line in data.splitlines():  # the newest row waits: the last one goes with the summary
                     if row:
                         yield row
-                    row = json.loads(line)
+                    with contextlib.suppress(ValueError):  # a damaged line: not a row
+                        row = json.loads(line)
                 if exited:
                     break
                 time.sleep(0.5)
@@ -264,12 +310,9 @@ def trainer_rows(job: dict):
            "verdict": (s.get("gatecheck") or {}).get("verdict", ""), "resumed": resume, "wall_s": time.monotonic() - t0}
 
 
-def cmd_run(a) -> int:
-    out = Path(a.out).expanduser().resolve()  # Ray workers run elsewhere (another cwd, other nodes)
-    envs = [e.strip() for e in a.envs.split(",") if e.strip()]
-    defaults = trainer_defaults()  # old runs are checked against every setting, not only the flags given
-    plan = [(e, v, s) for s in a.seeds for e in envs for v in a.variants]  # seed-major: a sweep cut short
-    jobs, finished, resumable, diffs = {}, 0, 0, []                         # has every variant on the first seeds
+def plan_jobs(a, out: Path, plan: list, defaults: dict) -> tuple[dict, int, int, list]:
+    """The runs still to do (name -> job), how many are finished, how many resumable, and runs with other settings."""
+    jobs, finished, resumable, diffs = {}, 0, 0, []
     for env, var, seed in plan:
         name = run_name(env, var, seed)
         # the variant's flags come after --extra, so that a variant always is what its name says
@@ -280,22 +323,50 @@ def cmd_run(a) -> int:
         if state not in FINISHED:
             jobs[name] = dict(name=name, dir=str(out / name), argv=argv, cpus=a.cpus_per_trial, keep=a.keep_checkpoints,
                               device=a.device or ("cuda" if a.gpus_per_trial > 0 else "cpu"))
-    if diffs:
-        print(f"sweep.py run: error: {len(diffs)} existing run(s) in {out} were made with other settings (e.g. "
-              f"{diffs[0]}); use another --out, or delete them", file=sys.stderr)
-        return 2
+    return jobs, finished, resumable, diffs
+
+
+def local_ray_token() -> None:
+    """Before Ray is imported (it reads them then): Ray 2.60 listens on every interface whatever it is told, so a
+    local instance's services must at least demand a token, a fresh random one known only to this user's processes
+    (the environment, which Ray's processes inherit); unless RAY_AUTH_MODE is set already, the user's choice."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+
+
+def cmd_run(a) -> int:
+    out = Path(a.out).expanduser().resolve()  # Ray workers run elsewhere (another cwd, other nodes)
+    envs = [e.strip() for e in a.envs.split(",") if e.strip()]
+    defaults = trainer_defaults()  # old runs are checked against every setting, not only the flags given
+    plan = [(e, v, s) for s in a.seeds for e in envs for v in a.variants]  # seed-major: a sweep cut short
+    for attempt in range(2):  # has every variant on the first seeds; planned again once --out is this sweep's alone
+        jobs, finished, resumable, diffs = plan_jobs(a, out, plan, defaults)
+        if diffs:
+            print(f"sweep.py run: error: {len(diffs)} existing run(s) in {out} were made with other settings (e.g. "
+                  f"{diffs[0]}); use another --out, or delete them", file=sys.stderr)
+            return 2
+        if attempt or not jobs:
+            break
+        if not a.address:
+            local_ray_token()
+        try:
+            import ray
+            from ray import tune
+        except ImportError as e:
+            print(f"sweep.py run: error: Ray Tune is not installed ({e}); install it with: {RAY_INSTALL}",
+                  file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        lock = lock_holder(out / ".sweep.lock", hold=True)  # held until exit: a second sweep on --out is refused
+        if isinstance(lock, str):
+            print(f"sweep.py run: error: --out {out} is in use by {lock}; one sweep at a time may write it",
+                  file=sys.stderr)
+            return 2
     print(f"sweep: {len(plan)} runs ({len(envs)} envs x {len(a.variants)} variants x {len(a.seeds)} seeds) into {out}; "
           f"{finished} already finished, {resumable} to resume, {len(jobs) - resumable} to start", flush=True)
     if not jobs:
         print("nothing to do")
         return 0
-    try:
-        import ray
-        from ray import tune
-    except ImportError as e:
-        print(f"sweep.py run: error: Ray Tune is not installed ({e}); install it with: {RAY_INSTALL}", file=sys.stderr)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
     old = read_json(out / "sweep.json") or {}  # several invocations into one --out: the union
     (out / "sweep.json").write_text(json.dumps(dict(
         envs=list(dict.fromkeys(old.get("envs", []) + envs)), seeds=list(dict.fromkeys(old.get("seeds", []) + a.seeds)),
@@ -303,6 +374,11 @@ def cmd_run(a) -> int:
         total_timesteps=a.total_timesteps, python=sys.executable, updated=time.strftime("%Y-%m-%d %H:%M")), indent=2))
     ray.init(address=a.address, logging_level="warning", log_to_driver=False,
              **({} if a.address else dict(num_cpus=a.num_cpus or os.cpu_count(), include_dashboard=False)))
+    if not a.address and (ports := exposed_ports()):
+        auth = ("its services demand this sweep's random token" if os.environ.get("RAY_AUTH_MODE") == "token" else
+                f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: anyone who reaches them can run code as you")
+        print(f"sweep: note: Ray listens beyond loopback, on {', '.join(ports)} (Ray {ray.__version__} cannot be held "
+              f"to loopback); {auth}; keep this machine on a trusted network (README, Sweeps)", flush=True)
     # SIGTERM (a scheduler, kill) stops like Ctrl-C: Tune stops the trials, each trainer checkpoints and exits
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
 

@@ -1,11 +1,13 @@
 """The optional accelerator (the C cell at the end of gwt_ib.py): it equals Agent.cell in values and
 gradients for every gate variant, it is only used when it matches the agent being trained, and its
-compiled library is only ever loaded from a private cache, checked against the checksum recorded at
-build time. Without a C compiler these tests are skipped, and the trainer runs the reference."""
+compiled library is only ever loaded from bytes just checked against the checksum recorded at build time,
+read from a private cache that no other user can replace. Without a C compiler these tests are skipped, and the
+trainer runs the reference."""
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import os
 import shutil
 import stat
@@ -35,7 +37,7 @@ ACT = gwt_ib.ActSpec("discrete", 3, (3,), (0,))
 
 @pytest.fixture(scope="module")
 def lib():
-    return ctypes.CDLL(str(gwt_ib.build_library()))
+    return gwt_ib.load_library()
 
 
 def perturbed_agent(seed=0, **kw):
@@ -214,68 +216,123 @@ def cache(tmp_path, monkeypatch):
     return home / "gwt_ib", mark, planted
 
 
-def load_and_check(so, mark):
-    """Load what build_library returned and check it is the real cell, and that nothing planted ran."""
-    lib = ctypes.CDLL(str(so))
+def load_and_check(lib, mark):
+    """The library load_library returned is the real cell, and nothing planted ran."""
     assert hasattr(lib, "cell_fwd") and not mark.exists()
     out = run_both(perturbed_agent(), lib)
     torch.testing.assert_close(out["C"]["h"], out["ref"]["h"], rtol=1e-4, atol=1e-5)
 
 
+def cached(d):
+    """The cached library in d and its checksum record."""
+    (so,) = d.glob("cell_*.so")
+    return so, so.with_suffix(".sha256")
+
+
+def plant(so, planted):
+    """The planted library under the cached library's name, with a checksum record that matches it."""
+    shutil.copyfile(planted, so)
+    so.with_suffix(".sha256").write_text(hashlib.sha256(planted.read_bytes()).hexdigest())
+
+
 def test_library_is_built_once_into_a_private_directory_with_its_checksum(cache, monkeypatch):
     d, mark, _ = cache
-    so = gwt_ib.build_library()
-    assert so.parent == d
+    lib = gwt_ib.load_library()
     assert stat.S_IMODE(os.lstat(d).st_mode) == 0o700
-    rec = so.with_suffix(".sha256")
+    so, rec = cached(d)
     for f in (so, rec):
         st = os.lstat(f)
         assert stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
-    import hashlib
     assert rec.read_bytes().strip() == hashlib.sha256(so.read_bytes()).hexdigest().encode()
+    assert lib._name.startswith("/proc/self/fd/")  # loaded from the checked bytes, not from the cache's path
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a valid cached library"))
-    assert gwt_ib.build_library() == so
-    load_and_check(so, mark)
+    load_and_check(gwt_ib.load_library(), mark)
+    load_and_check(lib, mark)
 
 
 def test_a_truncated_cached_library_is_rebuilt_not_loaded(cache):
     d, mark, _ = cache
-    so = gwt_ib.build_library()
+    gwt_ib.load_library()
+    so, _ = cached(d)
     size = so.stat().st_size
     with open(so, "r+b") as f:
         f.truncate(size // 3)
-    assert gwt_ib.build_library() == so and so.stat().st_size == size
-    load_and_check(so, mark)
+    lib = gwt_ib.load_library()
+    assert so.stat().st_size == size
+    load_and_check(lib, mark)
 
 
 def test_an_altered_cached_library_is_rebuilt_not_loaded(cache):
     d, mark, planted = cache
-    so = gwt_ib.build_library()
+    gwt_ib.load_library()
+    so, _ = cached(d)
     shutil.copyfile(planted, so)  # same name, other contents, checksum record untouched
-    assert gwt_ib.build_library() == so
+    lib = gwt_ib.load_library()
     assert so.read_bytes() != planted.read_bytes()
-    load_and_check(so, mark)
+    load_and_check(lib, mark)
 
 
 def test_a_symlinked_cached_library_is_not_followed(cache):
     d, mark, planted = cache
-    so = gwt_ib.build_library()
+    gwt_ib.load_library()
+    so, rec = cached(d)
     so.unlink()
     so.symlink_to(planted)
-    so.with_suffix(".sha256").write_bytes(__import__("hashlib").sha256(planted.read_bytes()).hexdigest().encode())
-    assert gwt_ib.build_library() == so
+    rec.write_text(hashlib.sha256(planted.read_bytes()).hexdigest())
+    lib = gwt_ib.load_library()
     assert not so.is_symlink() and planted.exists()
-    load_and_check(so, mark)
+    load_and_check(lib, mark)
 
 
-@pytest.mark.parametrize("how", ["symlinked directory", "world-writable directory", "another user's directory"])
-def test_a_cache_directory_others_can_write_is_not_used(cache, how, tmp_path, capsys):
+def test_a_library_swapped_after_its_check_is_not_what_is_loaded(cache, monkeypatch):
+    """The file is replaced (with a checksum record to match) right after its bytes were read and checked: what is
+    loaded is the bytes that were checked, never the file's path."""
+    d, mark, planted = cache
+    gwt_ib.load_library()
+    so, _ = cached(d)
+    real = gwt_ib._read_own
+
+    def read_then_swap(dfd, name):
+        data = real(dfd, name)
+        if name.endswith(".sha256"):
+            plant(so, planted)
+        return data
+    monkeypatch.setattr(gwt_ib, "_read_own", read_then_swap)
+    load_and_check(gwt_ib.load_library(), mark)
+
+
+def test_a_cache_directory_swapped_after_its_check_is_not_used(cache, monkeypatch, tmp_path):
+    """The checked cache directory is exchanged for one holding the planted library and a matching record, as a
+    renameat2(RENAME_EXCHANGE) loop would: the library is read through the directory that was checked."""
+    d, mark, planted = cache
+    gwt_ib.load_library()
+    so, _ = cached(d)
+    evil = tmp_path / "evil"
+    shutil.copytree(d, evil)
+    plant(evil / so.name, planted)
+    real = gwt_ib._private_dir
+
+    def open_then_swap(path):
+        fd = real(path)
+        os.rename(d, tmp_path / "checked")
+        os.rename(evil, d)
+        return fd
+    monkeypatch.setattr(gwt_ib, "_private_dir", open_then_swap)
+    load_and_check(gwt_ib.load_library(), mark)
+
+
+@pytest.mark.parametrize("how", ["symlinked directory", "world-writable directory", "another user's directory",
+                                 "world-writable parent", "group-writable parent", "parent of another user's"])
+def test_a_cache_directory_others_can_write_or_replace_is_not_used(cache, how, tmp_path, capsys):
+    """Neither the cache directory nor any directory above it may let another user replace what is in it (the
+    cache directory swapped under the check by another user of a 0777 parent): the library is then built in a
+    fresh private directory, with one note, and nothing is written in the cache."""
     d, mark, planted = cache
     if how == "symlinked directory":
         target = tmp_path / "elsewhere"
         target.mkdir(mode=0o700)
         d.symlink_to(target)
-    else:
+    elif how.endswith("directory"):
         d.mkdir(mode=0o700)
         if how == "world-writable directory":
             os.chmod(d, 0o777)
@@ -283,12 +340,40 @@ def test_a_cache_directory_others_can_write_is_not_used(cache, how, tmp_path, ca
             if os.getuid() != 0:
                 pytest.skip("needs root to create a directory owned by another user")
             os.chown(d, 65534, 65534)
-    so = gwt_ib.build_library()
-    assert so.parent != d and so.parent.resolve() != d.resolve()
-    st = os.lstat(so.parent)
-    assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
-    assert "only this user can write; C cell built in" in capsys.readouterr().err
-    load_and_check(so, mark)
+    else:
+        if how == "parent of another user's" and os.getuid() != 0:
+            pytest.skip("needs root to create a directory owned by another user")
+        os.chmod(d.parent, 0o777 if how == "world-writable parent" else 0o770)
+        if how == "parent of another user's":
+            os.chmod(d.parent, 0o755)
+            os.chown(d.parent, 65534, 65534)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    lib = gwt_ib.load_library()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert "note: C cell built in /" in capsys.readouterr().err
+    load_and_check(lib, mark)
+
+
+def test_a_sticky_world_writable_parent_is_safe(cache):
+    """In a sticky directory (as /tmp) only an entry's owner can rename it: such a parent is fine."""
+    d, mark, _ = cache
+    os.chmod(d.parent, 0o1777)
+    load_and_check(gwt_ib.load_library(), mark)
+    assert cached(d)
+
+
+def test_a_relative_xdg_cache_home_is_ignored(cache, tmp_path, monkeypatch):
+    """The XDG spec: a relative XDG_CACHE_HOME is invalid and ignored (else the cache lands in the working
+    directory); ~/.cache is used."""
+    _, mark, _ = cache
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(mode=0o700)
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", "rel")
+    monkeypatch.chdir(cwd)
+    load_and_check(gwt_ib.load_library(), mark)
+    assert not any(cwd.iterdir()) and cached(home / ".cache" / "gwt_ib")
 
 
 def test_the_accelerated_default_run_trains_like_the_reference(tmp_path):

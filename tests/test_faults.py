@@ -8,8 +8,10 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
+import stat
 import signal
 import subprocess
 import sys
@@ -34,16 +36,23 @@ EVAL_KEYS = ("eval", "eval_fresh")
 class FaultEnv(gymnasium.Env):
     """Episodes of 8 steps. Counts the steps of all its instances in this process from the last one made (build()
     makes them all before the first step), and at step `at` does `fault`: raise, send itself a signal (twice for
-    "SIGTERMx2"), or return NaN rewards from then on. "init" and "reset" raise there instead. With the tiny
-    settings, steps 1-16 are the first evaluation, 17-80 update 1, 81-96 an evaluation and 97-160 update 2."""
+    "SIGTERMx2"), sys.exit(0) ("exit"), os._exit(3) ("os_exit"), or return NaN rewards from then on. "init" and
+    "reset" raise there instead; "init-SIGINT" sends SIGINT (twice: "init-SIGINTx2") as the first instances are
+    made. With the tiny settings and 4 updates, steps 1-16 are the first evaluation, 17-80 update 1, 81-96 an
+    evaluation, 97-160 update 2, ..., 257-320 update 4, 321-336 the final evaluation, then the end of the run:
+    337-368 the gate effect's two greedy evaluations and 369-384 the greedy trace."""
 
     observation_space = gymnasium.spaces.Box(0.0, 8.0, (2,), np.float32)
     action_space = gymnasium.spaces.Discrete(2)
-    steps = 0
+    steps = inits = 0
 
     def __init__(self, fault: str, at: int = 0):
         if fault == "init":
             raise RuntimeError("no licence for this simulator")
+        if fault.startswith("init-SIG"):
+            FaultEnv.inits += 1
+            if FaultEnv.inits <= 1 + fault.endswith("x2"):
+                os.kill(os.getpid(), signal.SIGINT)
         self.fault, self.at, self.t = fault, at, 0
         FaultEnv.steps = 0
 
@@ -60,6 +69,10 @@ class FaultEnv(gymnasium.Env):
         n, fault = FaultEnv.steps, self.fault
         if n == self.at and fault == "raise":
             raise RuntimeError("the sensor cable came loose")
+        if n == self.at and fault == "exit":
+            sys.exit(0)
+        if n == self.at and fault == "os_exit":
+            os._exit(3)
         if fault.startswith("SIG") and (n == self.at or (fault.endswith("x2") and n == self.at + 1)):
             os.kill(os.getpid(), getattr(signal, fault.removesuffix("x2")))
         reward = float("nan") if fault == "nan" and n >= self.at else float(action)
@@ -162,6 +175,77 @@ class Payload:
         return Path.touch, (self.marker,)
 
 
+def edit_checkpoint(edit: Callable) -> Callable:
+    """Change a field of checkpoint.pt, which still loads with weights_only=True: edit(ck) -> None."""
+    def damage(run: Path, tmp: Path):
+        ck = torch.load(run / "checkpoint.pt", weights_only=True)
+        edit(ck)
+        torch.save(ck, run / "checkpoint.pt")
+    return damage
+
+
+def evil_pickle(tmp: Path) -> Path:
+    """A pickle outside the run whose unpickling creates tmp/pwned."""
+    (tmp / "evil.pkl").write_bytes(pickle.dumps(Payload(tmp / "pwned")))
+    return tmp / "evil.pkl"
+
+
+def envs_named(name: Callable) -> Callable:
+    """The checkpoint names another env-state file, name(tmp), a pickle that runs code, as its env state."""
+    def damage(run: Path, tmp: Path):
+        evil_pickle(tmp)
+        shutil.copy(tmp / "evil.pkl", run.parent / "sibling.pkl")
+        edit_checkpoint(lambda ck: ck.update(envs=name(tmp)))(run, tmp)
+    return damage
+
+
+def linked(name: str, hard: bool = False, outside: Optional[Callable] = None) -> Callable:
+    """run/name replaced by a symlink (or hard link) to a file outside the run: a copy of it, or outside(tmp)."""
+    def damage(run: Path, tmp: Path):
+        target = outside(tmp) if outside else tmp / f"outside-{name}"
+        if not outside:
+            shutil.copy(run / name, target)
+        (run / name).unlink(missing_ok=True)
+        os.link(target, run / name) if hard else (run / name).symlink_to(target)
+    return damage
+
+
+def precious(tmp: Path) -> Path:
+    (tmp / "precious.txt").write_text("a file of the user's, outside the run\n")
+    return tmp / "precious.txt"
+
+
+def in_update(ck: dict, key: str, value) -> None:
+    ck["state"][key] = value
+
+
+def fail_on_second(name: str, error: BaseException) -> Callable:
+    """gwt_ib.<name> raises `error` on its second call (update 2)."""
+    def patch(monkeypatch):
+        real, calls = getattr(gwt_ib, name), []
+
+        def fn(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise error
+            return real(*a, **k)
+        monkeypatch.setattr(gwt_ib, name, fn)
+    return patch
+
+
+def signal_after(name: str, sig: int = signal.SIGINT) -> Callable:
+    """gwt_ib.<name> sends this process `sig` once it has returned."""
+    def patch(monkeypatch):
+        real = getattr(gwt_ib, name)
+
+        def fn(*a, **k):
+            out = real(*a, **k)
+            os.kill(os.getpid(), sig)
+            return out
+        monkeypatch.setattr(gwt_ib, name, fn)
+    return patch
+
+
 def crafted_checkpoint(run: Path, tmp: Path):
     torch.save({"agent": Payload(tmp / "pwned")}, run / "checkpoint.pt")
 
@@ -174,17 +258,23 @@ def held_by_another_writer(run: Path, tmp: Path):
     return f  # held until the case is done
 
 
-def disk_full_at_second_checkpoint(monkeypatch):
-    """The second checkpoint.pt.tmp fails to reach the disk (ENOSPC at fsync, where delayed writes fail)."""
-    real, seen = os.fsync, []
+def disk_full(name: str, nth: int = 1, on: bool = False) -> Callable:
+    """The nth <name>.tmp fails to reach the disk (ENOSPC at fsync, where delayed writes fail); on: and every file
+    written after it (a disk that stays full)."""
+    def patch(monkeypatch):
+        real, seen = os.fsync, []
 
-    def fsync(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith("checkpoint.pt.tmp"):
-            seen.append(fd)
-            if len(seen) == 2:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(fd)
-    monkeypatch.setattr(os, "fsync", fsync)
+        def fsync(fd):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(f"{name}.tmp") or seen and on:
+                seen.append(fd)
+                if len(seen) >= nth:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real(fd)
+        monkeypatch.setattr(os, "fsync", fsync)
+    return patch
+
+
+disk_full_at_second_checkpoint = disk_full("checkpoint.pt", 2)
 
 
 # ----------------------------------------------------------------------------- hostile cases
@@ -200,6 +290,10 @@ class Case:
 
 
 FRESH = ARGS + ["--total-timesteps", "256", "--out-dir", "{tmp}/out"]
+CPUS = os.cpu_count()
+MANY = 4 * CPUS + 2  # env processes: more than 4 per CPU
+OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+       "140737488355328 bytes. Error code 12 (Cannot allocate memory)")  # torch's words
 RESUME = ["--resume", "{run}"]
 CHANGE = "cannot change when resuming"
 NOT_LOADED = "its checkpoint does not load"
@@ -228,6 +322,53 @@ HOSTILE = {
     "config-bad-value": Case(RESUME, 2, "--lr -1: must be >= 0", damage=edit_config(lr=-1)),
     "config-other-model": Case(RESUME, 2, "size mismatch", damage=edit_config(hid_dim=32)),
     "run-in-use": Case(RESUME, 2, "is in use by pid 4242 on elsewhere", damage=held_by_another_writer),
+    "resume-empty": Case(["--resume", ""], 2, "--resume '': must be a run directory"),
+    # a checkpoint that loads without running code, but whose fields are not what this run needs
+    "checkpoint-envs-outside": Case(RESUME, 2, "envs is '../sibling.pkl', must be None or 'envs-2.pkl'",
+                                    damage=envs_named(lambda tmp: "../sibling.pkl")),
+    "checkpoint-envs-absolute": Case(RESUME, 2, "/evil.pkl', must be None or 'envs-2.pkl'",
+                                     damage=envs_named(lambda tmp: str(tmp / "evil.pkl"))),
+    "checkpoint-update-negative": Case(RESUME, 2, "state.update is -1, must be an integer in 1..4",
+                                       damage=edit_checkpoint(lambda ck: in_update(ck, "update", -1))),
+    "checkpoint-update-beyond": Case(RESUME, 2, "state.update is 99, must be an integer in 1..4",
+                                     damage=edit_checkpoint(lambda ck: in_update(ck, "update", 99))),
+    "checkpoint-update-a-string": Case(RESUME, 2, "state.update is '2', must be an integer",
+                                       damage=edit_checkpoint(lambda ck: in_update(ck, "update", "2"))),
+    "checkpoint-steps-inconsistent": Case(RESUME, 2, "state.env_steps is 5, must be update*num_envs*rollout_steps = 128",
+                                          damage=edit_checkpoint(lambda ck: in_update(ck, "env_steps", 5))),
+    "checkpoint-evals-wrong-type": Case(RESUME, 2, "state.evals is a dict of a, must be a list of (update in 0..2",
+                                        damage=edit_checkpoint(lambda ck: in_update(ck, "evals", {"a": 1}))),
+    "checkpoint-no-state": Case(RESUME, 2, "the checkpoint is", damage=edit_checkpoint(lambda ck: ck.pop("state"))),
+    "checkpoint-collector-shape": Case(RESUME, 2, "collector.h is a float32 tensor of shape (3, 16), must be a "
+                                       "finite float32 tensor of shape (2, 16)",
+                                       damage=edit_checkpoint(lambda ck: ck["collector"].update(h=torch.zeros(3, 16)))),
+    "checkpoint-norm-extra-key": Case(RESUME, 2, "norm is a dict of mean, var, scale, count, window, wpos, wfill, cfg",
+                                      damage=edit_checkpoint(lambda ck: ck["norm"].update(cfg=1))),
+    "checkpoint-norm-nan": Case(RESUME, 2, "norm.mean is a float32 tensor of shape (), must be a finite",
+                                damage=edit_checkpoint(lambda ck: ck["norm"].update(mean=torch.tensor(float("nan"))))),
+    "checkpoint-norm-position": Case(RESUME, 2, "norm.wpos is 5000, must be < td_window (4096)",
+                                     damage=edit_checkpoint(lambda ck: ck["norm"].update(wpos=5000))),
+    "checkpoint-agent-nan": Case(RESUME, 2, "agent.bias is a float32 tensor of shape (1,), must be a finite",
+                                 damage=edit_checkpoint(lambda ck: ck["agent"].update(bias=torch.tensor([float("nan")])))),
+    "checkpoint-moment-shape": Case(RESUME, 2, "opt.state.exp_avg is a float32 tensor of shape (7,), must be a finite",
+                                    damage=edit_checkpoint(lambda ck: ck["opt"]["state"][0].update(exp_avg=torch.zeros(7)))),
+    "checkpoint-lr": Case(RESUME, 2, "opt.lr is 'fast', must be a number >= 0",
+                          damage=edit_checkpoint(lambda ck: ck["opt"]["param_groups"][0].update(lr="fast"))),
+    "checkpoint-rng": Case(RESUME, 2, f"{NOT_LOADED} (ValueError: state with version x passed to Random.setstate()",
+                           damage=edit_checkpoint(lambda ck: ck["rng"].update(python="x"))),
+    # run files that are links: never read, written or truncated through
+    "checkpoint-symlink": Case(RESUME, 2, "checkpoint.pt is a link or not a regular file", damage=linked("checkpoint.pt")),
+    "config-symlink": Case(RESUME, 2, "config.json is a link or not a regular file", damage=linked("config.json")),
+    "envs-state-symlink": Case(RESUME, 2, "envs-2.pkl is a link", damage=linked("envs-2.pkl", outside=evil_pickle)),
+    "metrics-symlink": Case(RESUME, 2, "metrics.jsonl cannot be read (OSError: metrics.jsonl is a link",
+                            damage=linked("metrics.jsonl")),
+    "metrics-hard-link": Case(RESUME, 2, "metrics.jsonl is a link", damage=linked("metrics.jsonl", hard=True)),
+    "run-lock-symlink": Case(RESUME, 2, "cannot hold its run.lock (OSError: run.lock is a link",
+                             damage=linked("run.lock", outside=precious)),
+    "run-lock-hard-link": Case(RESUME, 2, "run.lock is a link", damage=linked("run.lock", hard=True, outside=precious)),
+    "run-lock-symlink-complete": Case(RESUME, 2, "run.lock is a link", base="completed",
+                                      damage=linked("run.lock", outside=precious)),
+    "run-lock-symlink-refused": Case(RESUME + ["--hid-dim", "32"], 2, CHANGE, damage=linked("run.lock", outside=precious)),
     # a completed run: nothing to do, nothing written
     "resume-completed": Case(RESUME, 0, "is complete (4 updates); nothing was changed", base="completed"),
     "resume-completed-halt": Case(RESUME + ["--halt-after", "1"], 0, "is complete", base="completed"),
@@ -244,6 +385,24 @@ HOSTILE = {
     "no-such-env": Case(FRESH + ["--env-id", "NoSuchEnv-v9"], 2, "is not a registered gymnasium id"),
     "env-fails-to-start": Case(FRESH + ["--env-id", fault_env("init")], 2, "no licence for this simulator"),
     "env-fails-to-reset": Case(FRESH + ["--env-id", fault_env("reset")], 2, "ConnectionError: simulator unreachable"),
+    # settings that would take the machine down
+    "torch-threads-huge": Case(FRESH + ["--torch-threads", "100000"], 2,
+                               f"--torch-threads 100000: must be <= the number of CPUs here ({CPUS})"),
+    "env-workers-huge": Case(FRESH + ["--num-envs", str(MANY), "--env-workers", str(MANY), "--total-timesteps", "10000000"],
+                             2, f"--env-workers {MANY}: makes too many env processes: at most 4 per CPU"),
+    "async-envs-huge": Case(FRESH + ["--num-envs", str(MANY), "--async-envs", "true", "--total-timesteps", "10000000"], 2,
+                            f"--num-envs {MANY}: makes too many env processes"),
+    "rollout-too-large": Case(FRESH + ["--rollout-steps", str(2 ** 40), "--total-timesteps", str(2 ** 42)], 2,
+                              f"--rollout-steps {2 ** 40}: is too large: a rollout needs at least"),
+    # stopped or failing before training: nothing written (no run directory, no out dir)
+    "sigint-at-start-up": Case(FRESH + ["--env-id", fault_env("init-SIGINT")], 130,
+                               "interrupted: stopped by SIGINT before training started; nothing was written"),
+    "sigint-twice-at-start-up": Case(FRESH + ["--env-id", fault_env("init-SIGINTx2")], 130,
+                                     "interrupted: stopped by SIGINT before training started; nothing was written"),
+    "sigint-after-the-run-dir-is-made": Case(FRESH, 130, "[SIGINT] stopping after this update", kept=("interrupted", 1),
+                                             patch=signal_after("start_run")),
+    "disk-full-at-start-up": Case(FRESH, 2, "cannot hold a new run directory (OSError: [Errno 28] No space left on "
+                                            "device)", patch=disk_full("config.json")),
     # faults during training: the last good checkpoint stays, summary.json says what happened
     "env-raises": Case(FRESH + ["--env-id", fault_env("raise", 120)], 4,
                        "env_error: the environment raised RuntimeError: the sensor cable came loose; kept the "
@@ -267,6 +426,21 @@ HOSTILE = {
                              kept=("diverged", None)),
     "disk-full": Case(FRESH, 5, "io_error: OSError: [Errno 28] No space left on device; kept the checkpoint of "
                                 "update 1", kept=("io_error", 1), patch=disk_full_at_second_checkpoint),
+    "env-exits": Case(FRESH + ["--env-id", fault_env("exit", 120)], 4, "env_error: the environment raised SystemExit: 0; "
+                      "kept the checkpoint of update 1", kept=("env_error", 1)),
+    "worker-env-raises": Case(FRESH + ["--env-id", fault_env("raise", 40), "--env-workers", "2"], 4,
+                              "env_error: the environment raised RuntimeError: the sensor cable came loose; kept the "
+                              "checkpoint of update 1", kept=("env_error", 1)),
+    "worker-env-exits": Case(FRESH + ["--env-id", fault_env("exit", 40), "--env-workers", "2"], 4,
+                             "env_error: the environment raised SystemExit: 0; kept the checkpoint of update 1",
+                             kept=("env_error", 1)),
+    "worker-dies": Case(FRESH + ["--env-id", fault_env("os_exit", 40), "--env-workers", "2"], 4,
+                        "env_error: env worker 0 (pid ", kept=("env_error", 1)),
+    "out-of-memory": Case(FRESH, 6, "out_of_memory: RuntimeError: can't allocate memory: you tried to allocate "
+                          "140737488355328 bytes; kept the checkpoint of update 1", kept=("out_of_memory", 1),
+                          patch=fail_on_second("rollout", RuntimeError(OOM))),
+    "memory-error": Case(FRESH, 6, "out_of_memory: MemoryError; kept the checkpoint of update 1",
+                         kept=("out_of_memory", 1), patch=fail_on_second("ppo_update", MemoryError())),
 }
 
 
@@ -283,9 +457,14 @@ def test_hostile_case_exits_with_one_line_and_loses_nothing(name, runs, tmp_path
     if case.patch:
         case.patch(monkeypatch)
     before = snapshot(tmp_path)
+    FaultEnv.inits = 0
+    old = {sig: signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+           for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}  # as a shell's background job may not have them
     try:
         status = gwt_ib.main([a.format(run=run, tmp=tmp_path) for a in case.argv])
     finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         if held:
             held.close()
     out, err = capsys.readouterr()
@@ -319,8 +498,8 @@ def test_a_resume_after_a_full_disk_reaches_the_uninterrupted_run(runs, tmp_path
     assert [r["update"] for r in read_metrics(run)] == [1, 2]  # update 2 was logged, its checkpoint failed
     capsys.readouterr()
     assert gwt_ib.main(["--resume", str(run)]) == 0
-    assert message_lines(capsys.readouterr().err) == ["note: dropped 1 line(s) of metrics.jsonl logged after the "
-                                                      "checkpoint (update 1) or cut short"]
+    assert message_lines(capsys.readouterr().err) == ["note: dropped 1 line(s) of metrics.jsonl: 1 logged after the "
+                                                      "checkpoint (update 1)"]
     assert read_metrics(run) == read_metrics(runs["completed"])
     assert_same_model(run, runs["completed"])
 
@@ -374,8 +553,8 @@ def test_resume_drops_a_torn_last_metrics_line(runs, tmp_path, capsys):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"update": 3, "env_steps": 192, "loss": 0.1')
     assert gwt_ib.main(["--resume", str(run)]) == 0
-    assert message_lines(capsys.readouterr().err) == ["note: dropped 1 line(s) of metrics.jsonl logged after the "
-                                                      "checkpoint (update 2) or cut short"]
+    assert message_lines(capsys.readouterr().err) == ["note: dropped 1 line(s) of metrics.jsonl: 1 cut short or not "
+                                                      "a row in order"]
     assert read_metrics(run) == read_metrics(runs["completed"])
 
 
@@ -405,7 +584,7 @@ def test_a_running_run_refuses_a_second_writer_and_sighup_stops_it_resumably(tmp
     with open(log, "w") as f:
         p = subprocess.Popen([sys.executable, "gwt_ib.py", *ARGS, "--total-timesteps", "10000000", "--eval-every",
                               "1000", "--out-dir", str(out), "--run-name", "held"], cwd=ROOT, stdout=f,
-                             stderr=subprocess.STDOUT)
+                             stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     run = out / "held"
     try:
         deadline = time.monotonic() + 120
@@ -463,3 +642,224 @@ def test_evaluation_does_not_change_training(tmp_path):
     assert len(every["evals"]) == 5 and len(ends["evals"]) == 2
     assert training_rows(every["run_dir"]) == training_rows(ends["run_dir"])
     assert_same_model(every["run_dir"], ends["run_dir"])
+
+
+# ----------------------------------------------------------------------------- the end of a run
+def fresh(tmp: Path, *more: str, out: str = "out") -> list:
+    """FRESH's flags for a new run in tmp/out."""
+    return [a.format(tmp=tmp) for a in FRESH[:-1]] + [str(tmp / out), *more]
+
+
+def reference_run(tmp_path: Path, env_id: str) -> Path:
+    """The uninterrupted run of FRESH on env_id."""
+    assert gwt_ib.main(fresh(tmp_path, "--env-id", env_id, out="reference")) == 0
+    run, = (tmp_path / "reference").iterdir()
+    return run
+
+
+def assert_same_results(run: Path, ref: Path) -> None:
+    """The same training, model and results (summary less timings, GateCheck samples, the greedy trace)."""
+    assert training_rows(run) == training_rows(ref)
+    assert_same_model(run, ref)
+    timing = ("run_dir", "steps_per_s", "wall_s", "env_id")  # env_id: the same env under another name
+    a, b = ({k: v for k, v in json.loads((r / "summary.json").read_text()).items() if k not in timing}
+            for r in (run, ref))
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN == NaN here
+    assert (run / "eval_trace.json").read_text() == (ref / "eval_trace.json").read_text()
+    ga, gb = (np.load(r / "gate_samples.npz") for r in (run, ref))
+    assert ga.files == gb.files and all(np.array_equal(ga[k], gb[k]) for k in ga.files)
+
+
+END_FAULTS = {  # how the end of a run fails: (env fault, patch) -> exit status, the line, the checkpoint kept
+    "second-signal-in-the-end": (("SIGTERMx2", 340), None, 143, "interrupted: stopped by SIGTERM while writing the end "
+                                 "of the run; kept the checkpoint of update 4 in {run}, which has trained to its end: "
+                                 "--resume writes its results", 4),
+    "disk-full-at-the-model": (None, disk_full("model.pt"), 5, "io_error: OSError: [Errno 28] No space left on device "
+                               "while writing the end of the run; kept the checkpoint of update 4 in {run}, which has "
+                               "trained to its end: --resume writes its results", 4),
+    "disk-full-at-the-summary": (None, disk_full("summary.json"), 5, "io_error: OSError: [Errno 28] No space left on "
+                                 "device while writing the end of the run; kept the checkpoint of update 4 in {run}, "
+                                 "which has trained to its end: --resume writes its results", 4),
+    "disk-full-after-the-first-checkpoint": (None, disk_full("checkpoint.pt", 2, on=True), 5, "io_error: OSError: "
+                                             "[Errno 28] No space left on device; kept the checkpoint of update 1 in "
+                                             "{run}; the end of the run (summary.json) was not written (io_error: "
+                                             "OSError: [Errno 28] No space left on device)", 1),
+}
+
+
+@pytest.mark.parametrize("name", END_FAULTS)
+def test_a_run_whose_end_fails_keeps_its_results_for_resume(name, tmp_path, capsys, monkeypatch):
+    """A second signal or a full disk while the end of a run is written (model.pt, GateCheck, summary.json): one line
+    that says what was kept and that --resume writes the results, a resume hint; the resume then writes the results of
+    the uninterrupted run (or trains on to them), and says so."""
+    env, patch, code, line, kept = END_FAULTS[name]
+    env_id = fault_env(*env) if env else fault_env("none")
+    ref = reference_run(tmp_path, fault_env("none"))
+    capsys.readouterr()
+    if patch:
+        patch(monkeypatch)
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        assert gwt_ib.main(fresh(tmp_path, "--env-id", env_id)) == code
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        monkeypatch.undo()
+    out, err = capsys.readouterr()
+    run, = (tmp_path / "out").iterdir()
+    assert message_lines(err) == [f"gwt_ib.py: {line.format(run=run)}"] and "Traceback" not in out + err
+    assert f"resume with: python gwt_ib.py --resume {run}" in out
+    assert checkpoint_update(run) == kept and not (run / "summary.json").exists() and not list(run.glob("*.tmp"))
+    assert gwt_ib.main(["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert (f"run: {run} has trained to its end (4 updates), its results were not written: writing them" in out) == \
+        (kept == 4)
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert_same_results(run, ref)
+    assert gwt_ib.main(["--resume", str(run)]) == 0 and "is complete (4 updates)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("at,when", [(300, "in the last update"), (330, "in the final evaluation"),
+                                     (340, "in the gate effect's evaluation")])
+def test_one_signal_at_the_end_still_writes_the_results(at, when, tmp_path, capsys):
+    """A first SIGTERM once the last update has begun: training is complete, the results are written as in the
+    uninterrupted run, exit 0."""
+    env_id = fault_env("SIGTERM", at)
+    ref = reference_run(tmp_path, fault_env("none"))
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        assert gwt_ib.main(fresh(tmp_path, "--env-id", env_id)) == 0
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    err = capsys.readouterr().err
+    assert "[SIGTERM] stopping" in err and message_lines(err) == []
+    run, = (tmp_path / "out").iterdir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert_same_results(run, ref)
+
+
+# ----------------------------------------------------------------------------- links and damaged files in a run
+def test_a_resume_writes_nothing_outside_the_run_through_links_in_it(runs, tmp_path):
+    """Every file a resume writes or replaces, planted as a symlink or a hard link to a file outside the run (and its
+    .tmp too): the outside files stay as they were, and the run ends with files of its own."""
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    shutil.copytree(runs["halted"], run)
+    outside.mkdir()
+    names = ["summary.json", "model.pt", "gate_samples.npz", "eval_trace.json", "training.png", "envs-3.pkl",
+             "checkpoint.pt.tmp", "config.json.tmp", "summary.json.tmp", "model.pt.tmp", "metrics.jsonl.tmp"]
+    for i, name in enumerate(names):
+        (outside / name).write_text(f"the user's file {name}\n")
+        (run / name).unlink(missing_ok=True)
+        os.link(outside / name, run / name) if i % 2 else (run / name).symlink_to(outside / name)
+    before = snapshot(outside)
+    assert gwt_ib.main(["--resume", str(run), "--save-plot", "true"]) == 0
+    assert snapshot(outside) == before
+    for p in run.iterdir():
+        st = os.lstat(p)
+        assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1, p.name
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def drop_first_row(lines):
+    return lines[1:]
+
+
+@pytest.mark.parametrize("damage,note,updates", [
+    (lambda lines: ["garbage\n"] + lines, "note: dropped 1 line(s) of metrics.jsonl: 1 cut short or not a row in order",
+     [1, 2, 3, 4]),
+    (lambda lines: lines[:1] + ['{"update": 9}\n'] + lines[1:], "note: dropped 1 line(s) of metrics.jsonl: 1 logged "
+     "after the checkpoint (update 2)", [1, 2, 3, 4]),
+    (lambda lines: lines + lines[1:], "note: dropped 1 line(s) of metrics.jsonl: 1 cut short or not a row in order",
+     [1, 2, 3, 4]),
+    (drop_first_row, "note: metrics.jsonl lacks 1 of the checkpoint's 2 rows", [2, 3, 4]),
+])
+def test_resume_keeps_the_checkpoints_rows_and_says_what_it_dropped(damage, note, updates, runs, tmp_path, capsys):
+    """The checkpoint is the truth: a resume keeps the rows of its updates by their update number, whatever else the
+    file holds (a stray line, a row from elsewhere, a repeated row), and its note says what was dropped or is
+    missing; the rows kept are the uninterrupted run's."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["halted"], run)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(damage(lines)))
+    assert gwt_ib.main(["--resume", str(run)]) == 0
+    assert message_lines(capsys.readouterr().err) == [note]
+    rows, ref = training_rows(run), training_rows(runs["completed"])
+    assert [r["update"] for r in rows] == updates and all(r == ref[r["update"] - 1] for r in rows)
+
+
+# ----------------------------------------------------------------------------- env workers
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def start_trainer(tmp_path: Path, *more: str, sig: int = signal.SIGINT) -> tuple[subprocess.Popen, Path]:
+    """A long run with 2 env workers in its own process group, with `sig` at its default disposition (a shell's
+    background job starts with SIGINT ignored); returns once it has written a checkpoint."""
+    out, log = tmp_path / "runs", open(tmp_path / "log.txt", "w")
+    p = subprocess.Popen([sys.executable, "gwt_ib.py", *ARGS, "--total-timesteps", "10000000", "--eval-every", "1000",
+                          "--env-workers", "2", "--out-dir", str(out), "--run-name", "w", *more], cwd=ROOT, stdout=log,
+                         stderr=subprocess.STDOUT, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not (out / "w" / "checkpoint.pt").exists():
+        assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+        time.sleep(0.1)
+    return p, out / "w"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc")
+def test_a_dead_env_worker_ends_the_run_as_env_error_within_seconds(tmp_path):
+    """SIGKILL one of two env workers: the trainer does not wait for it forever; it ends as env_error with one line
+    naming the worker and how it died, keeps its checkpoint, and says how to resume."""
+    p, run = start_trainer(tmp_path)
+    try:
+        workers = children(p.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        t = time.monotonic()
+        assert p.wait(timeout=60) == 4
+        assert time.monotonic() - t < 10
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    log = (tmp_path / "log.txt").read_text()
+    (line,) = [l for l in log.splitlines() if l.startswith("gwt_ib.py:")]
+    assert f"env_error: env worker 1 (pid {workers[1]}) died (killed by SIGKILL); kept the checkpoint of update" in line
+    assert "Traceback" not in log and f"resume with: python gwt_ib.py --resume {run}" in log
+    assert json.loads((run / "summary.json").read_text())["status"] == "env_error"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_with_env_workers_is_an_interruption(sig, tmp_path):
+    """Ctrl-C (SIGINT to the foreground process group) or `kill -TERM -PGID` reaches the env workers too: the run
+    ends as interrupted with exit 128+N, a checkpoint and a resume hint, no worker traceback, no worker left."""
+    p, run = start_trainer(tmp_path, sig=sig)
+    try:
+        workers = children(p.pid)
+        os.killpg(p.pid, sig)
+        assert p.wait(timeout=120) == 128 + sig
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    log = (tmp_path / "log.txt").read_text()
+    assert "Traceback" not in log and "env_error" not in log and f"resume with: python gwt_ib.py --resume {run}" in log
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["status"], s["message"]) == ("interrupted", f"stopped by {signal.Signals(sig).name}")
+    time.sleep(0.5)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists() and Path(f"/proc/{w}/stat").read_text().split()[2] != "Z"]
+    assert not alive
+
+
+def test_ctrl_c_while_the_trainer_starts_is_one_line(tmp_path):
+    """SIGINT while gwt_ib.py still imports torch (the first second): exit 130, one line, no traceback."""
+    p = subprocess.Popen([sys.executable, "gwt_ib.py", *ARGS, "--out-dir", str(tmp_path / "out")], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGINT or p.returncode == 130, err
+    assert err.strip().splitlines() == ["gwt_ib.py: interrupted: stopped by SIGINT before training started; nothing "
+                                        "was written"] and not (tmp_path / "out").exists()

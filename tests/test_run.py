@@ -218,7 +218,8 @@ def test_sigint_stops_cleanly_with_summary_and_resume_hint(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     p = subprocess.Popen([sys.executable, "gwt_ib.py", *TINY_ARGS, "--total-timesteps", "10000000",
                           "--eval-every", "1000", "--out-dir", str(out), "--run-name", "sig"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background job ignores it
     try:
         seen = []
         for line in p.stdout:

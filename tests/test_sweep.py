@@ -3,8 +3,11 @@ killed mid-way), the settings check, run without Ray installed, bad flags."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import importlib.util
+import ipaddress
 import json
+import os
 import subprocess
 import sys
 import time
@@ -33,6 +36,44 @@ def run_args(out, variants, seeds, steps, *more):
             "--out", str(out), "--verbose", "0", "--extra", TINY, *more]
 
 
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc."""
+    try:
+        kids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return [pid] + [d for k in kids for d in tree(k)]
+
+
+def listening(pids: list[int]) -> set[str]:
+    """'address:port' of the TCP sockets these processes listen on, not on loopback only, read from /proc/net/tcp(6)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            ip_hex, port = f[1].split(":")
+            if f[3] != "0A" or f[9] not in inodes:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(ip_hex)  # 32-bit words in host (little-endian) order
+            ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+            if not (ip.is_loopback or getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback):
+                found.add(f"{'[' + str(ip) + ']' if ip.version == 6 else ip}:{int(port, 16)}")
+    return found
+
+
 def commands(out: Path, name: str) -> list[str]:
     """The trainer commands the sweep started for a run, from its log."""
     return [l for l in (out / ".logs" / f"{name}.txt").read_text().splitlines() if l.startswith("# ")]
@@ -53,9 +94,31 @@ def test_sweep_runs_every_run_as_a_ray_trial_then_report(tmp_path):
     flags and one torch thread, its metrics rows reach Tune, one line per run; report reads the runs; the same
     command again does nothing (no Ray needed) and a settings change is refused before anything starts."""
     out = tmp_path / "sweep"
-    p = sweep(*run_args(out, "gwt_ib,no_gate", "0,1", 1024, "--num-cpus", "2"))
+    args = run_args(out, "gwt_ib,no_gate", "0,1", 1024, "--num-cpus", "2")
+    proc = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    exposed, raylet_env = set(), ""
+    while proc.poll() is None:  # what Ray listens on while the sweep runs
+        pids = tree(proc.pid)
+        exposed |= listening(pids)
+        for pid in pids:
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet":
+                    raylet_env = Path(f"/proc/{pid}/environ").read_text()
+            except OSError:
+                pass
+        time.sleep(0.2)
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, *proc.communicate())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "0 already finished, 0 to resume, 4 to start" in p.stdout and "sweep: 4/4 finished;" in p.stdout
+    # Ray 2.60 cannot be held to loopback: then the sweep says so, naming ports it really listens on, and its
+    # services demand a token of this sweep's own
+    note = [l for l in p.stdout.splitlines() if l.startswith("sweep: note: Ray listens beyond loopback, on ")]
+    assert bool(note) == bool(exposed), (note, exposed)
+    if note:
+        named = set(note[0].split(", on ")[1].split(" (Ray")[0].split(", "))
+        assert named and named <= exposed and "demand this sweep's random token" in note[0]
+        assert "RAY_AUTH_MODE=token" in raylet_env and "RAY_AUTH_TOKEN=" in raylet_env
     (tune_dir,) = (out / ".tune").glob("sweep-*")
     for var, force in (("gwt_ib", None), ("no_gate", 1.0)):
         for seed in (0, 1):
@@ -131,6 +194,48 @@ def test_sweep_killed_midway_resumes_with_the_same_command(tmp_path):
     assert h[1].endswith(f"gwt_ib.py --resume {s1} --progress false --torch-threads 1 --device cpu")
     assert summary(s1)["status"] == "completed" and summary(s1)["env_steps"] == steps
     assert [r["update"] for r in metrics(s1)] == list(range(1, steps // 64 + 1))
+
+
+def load_sweep():
+    spec = importlib.util.spec_from_file_location("sweep", SWEEP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_ray
+def test_a_second_sweep_on_one_out_is_refused_before_it_touches_a_run(tmp_path):
+    """While a sweep holds --out (its .sweep.lock), another one on the same --out exits 2 with one line naming the
+    holder, and deletes or starts nothing (a run dir with no checkpoint would otherwise be made again)."""
+    out = tmp_path / "sweep"
+    half = out / f"{ENV}__gwt_ib__s0"
+    half.mkdir(parents=True)
+    (half / "config.json").write_text("{}")
+    with open(out / ".sweep.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("sweep pid 4242 on elsewhere since 2030-01-01 00:00:00\n")
+        held.flush()
+        p = sweep(*run_args(out, "gwt_ib", "0", 1024))
+    assert p.returncode == 2
+    (line,) = p.stderr.strip().splitlines()
+    assert line == (f"sweep.py run: error: --out {out} is in use by sweep pid 4242 on elsewhere since 2030-01-01 "
+                    "00:00:00; one sweep at a time may write it")
+    assert sorted(x.name for x in out.iterdir()) == [".sweep.lock", half.name] and (half / "config.json").exists()
+
+
+def test_a_trial_does_not_replace_a_run_directory_a_trainer_holds(tmp_path):
+    """A trial whose run must start again (no checkpoint) while a trainer holds its run.lock: the trial fails with
+    one line naming the holder, and the directory stays."""
+    d = tmp_path / "run"
+    d.mkdir()
+    with open(d / "run.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere since 2030-01-01 00:00:00\n")
+        held.flush()
+        rows = load_sweep().trainer_rows(dict(dir=str(d), cpus=1, argv=[], device="cpu", keep=False))
+        with pytest.raises(RuntimeError, match="run: its run directory is in use by pid 4242 on elsewhere"):
+            next(rows)
+    assert (d / "run.lock").exists()
 
 
 def test_run_without_ray_says_how_to_install_it(tmp_path):
