@@ -4,7 +4,7 @@
 # four POPGym Easy tasks, 3 seeds, 500k env steps; then GateCheck's labelled runs: a plain GRU on CartPole-v1 (500k,
 # should PASS) and agents that cannot learn (--lr 0) on CartPole-v1 and CountRecallEasy (should FAIL). Every run in
 # parallel with one torch thread. `bash plots/ablation.sh ablation` runs the first part (60 runs: ~12 min on 16
-# cores), `bash plots/ablation.sh labels` the second (22 runs, 6 of them at 500k), no argument both.
+# cores), `bash plots/ablation.sh labels` the second (23 runs, 7 of them at 500k), no argument both.
 # Run dirs go to ${DEST:-plots}/ablation and ${DEST:-plots}/labels; summarize with
 #   python plots/sweep.py report --out plots/ablation
 #   python plots/sweep.py figures --out plots/ablation --timeline-variant start_max
@@ -25,7 +25,7 @@ if [ "${1:-ablation}" = ablation ] || [ $# = 0 ]; then
     "no_gate:--force-c 1.0" "memoryless:--memoryless true"
 fi
 if [ "${1:-labels}" = labels ] || [ $# = 0 ]; then
-  launch "$O/labels" "CartPole-v1" "0 1 2" "no_gate:--force-c 1.0"
+  launch "$O/labels" "CartPole-v1" "0 1 2 42" "no_gate:--force-c 1.0"
   launch "$O/labels" "popgym-CountRecallEasy-v0" "0 1 2" "lr0:--lr 0"
   launch "$O/labels" "CartPole-v1 popgym-CountRecallEasy-v0" "0 1 2 3 4 5 6 7" "lr0_8upd:--lr 0 --total-timesteps 32768"
 fi
