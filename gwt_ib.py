@@ -1641,8 +1641,11 @@ def reevaluate(cfg: Cfg, run_dir: Path) -> dict:
                               + ", ".join("--" + n.replace("_", "-") for n in EVALUATE_FLAGS))
     su = build(cfg)
     try:
-        ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)  # runs no code
+        su.col.reset(seed=cfg.seed)  # the collector state the checkpoint's is checked against
+        ck = torch.load(io.BytesIO(read_run_file(run_dir / "checkpoint.pt")), map_location="cpu",
+                        weights_only=True)  # as --resume reads it: never through a link, runs no code
         su.agent.load_state_dict(ck["agent"])
+        check_checkpoint(ck, su)  # every field, as for --resume
         su.norm.load_state_dict(ck["norm"])
         update = int(ck["state"]["update"])
     except Exception as e:
