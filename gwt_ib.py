@@ -1,13 +1,14 @@
 """GWT-IB: recurrent PPO whose GRU memory is written only when the agent is surprised.
 
-    c_t   = sigmoid(td_scale*|td_prev_t| + base_logit + bias [+ MLP([z_t, h_{t-1}])])   gate in [0, 1]
+    c_t   = sigmoid(td_scale*|s_{t-1}| + base_logit + bias [+ MLP([z_t, h_{t-1}])])     gate in [0, 1]
     h_t   = h_{t-1} + c_t * (GRU(c_t * z_t, h_{t-1}) - h_{t-1})                          c=0 freezes memory
-    td_prev_{t+1} = normalize(r_t + gamma*(1-term_t)*V(o_{t+1}, h_t, td_prev=0) - V_t)    "clean" TD error
+    s_t   = normalize(r_t + gamma*(1-term_t)*V(o_{t+1}, h_t, s=0) - V_t)                 surprise: the "clean" TD error
     loss  = PPO clip + vf_coef*value - ent_coef*entropy + lambda_c*mean_seq(mean_t c - target_c)^2
 
-Read top to bottom: config, environments, model (Agent.cell defines the recurrent step), TD normalizer,
-rollout, PPO+IB update, GateCheck, run management, main; last, an optional accelerator (the cell in C,
-checked against Agent.cell at start-up). `python gwt_ib.py --help` lists every setting."""
+Three parts are one setting each: the memory (--memory, MEMORIES), the router (--router-layers, Router) and the
+surprise signal (--surprise, surprise_signal). Read top to bottom: config, environments, model (Agent.step is the
+recurrent step), TD normalizer, rollout, PPO+IB update, GateCheck, run management, main; last, an optional
+accelerator (the step in C, checked against Agent.step at start-up). `python gwt_ib.py --help` lists every setting."""
 from __future__ import annotations
 
 import sys
@@ -16,7 +17,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not 
                                             "nothing was written", file=sys.stderr) if t is KeyboardInterrupt \
         else sys.__excepthook__(t, e, tb)
 
-import argparse, contextlib, copy, ctypes, dataclasses, difflib, inspect, json, math, os, pickle, random, re, signal
+import argparse, contextlib, copy, ctypes, dataclasses, difflib, json, math, os, pickle, random, re, signal
 import atexit, errno, fcntl, hashlib, io, platform, shlex, shutil, stat, subprocess, tempfile, threading, time
 from collections import namedtuple
 from dataclasses import dataclass
@@ -31,73 +32,107 @@ import torch.nn.functional as F
 
 
 # ============================================================================ config
+def knob(default: Any, doc: str, allowed: Any = None) -> Any:
+    """A Cfg field: its default, its one-line doc (--help), and what is allowed: a tuple of choices or a
+    (test, description) pair; validate() checks it."""
+    return dataclasses.field(default=default, metadata=dict(doc=doc, allowed=allowed))
+
+# what is allowed, as (test, description): beside each field below
+INT_1, INT_0 = (lambda v: v >= 1, "must be an integer >= 1"), (lambda v: v >= 0, "must be an integer >= 0")
+NONNEG, POS = (lambda v: v >= 0, "must be >= 0"), (lambda v: v > 0, "must be > 0")
+UNIT, OPEN_UNIT = (lambda v: 0 <= v <= 1, "must be in [0, 1]"), (lambda v: 0 < v < 1, "must be in (0, 1)")
+NOT_EMPTY = (lambda v: v.strip() != "", "must not be empty")
+
 @dataclass
 class Cfg:
-    env_id: str = "popgym-CountRecallEasy-v0"  # any registered gymnasium id; popgym ids are registered on demand
-    num_envs: int = 16  # environments stepped in parallel during the rollout
-    seed: int = 42  # seeds python, numpy, torch and the environments
-    prev_action: bool = False  # append the previous action (one-hot; raw for Box) to the observation, as POPGym does
-    async_envs: bool = False  # step each environment in its own subprocess (env_workers = num_envs)
-    env_workers: int = 0  # step the envs in this many subprocesses, num_envs/env_workers each; 0 = in this process
-    total_timesteps: int = 500_000  # environment steps over the whole run (all envs together)
-    rollout_steps: int = 256  # steps per environment per rollout
-    seq_len: int = 64  # BPTT length of a training sequence; must divide rollout_steps
-    epochs: int = 4  # passes over each rollout
-    minibatches: int = 4  # minibatches per epoch (sequences are shuffled as units)
-    lr: float = 2.5e-4  # Adam learning rate
-    anneal_lr: bool = False  # decay lr linearly to 0 over the run
-    gamma: float = 0.99  # discount
-    gae_lambda: float = 0.95  # GAE lambda
-    clip_eps: float = 0.2  # PPO ratio clip
-    vf_coef: float = 0.5  # value-loss weight
-    ent_coef: float = 0.01  # entropy-bonus weight
-    max_grad_norm: float = 0.5  # global gradient-norm clip
-    norm_adv: bool = True  # normalize advantages per minibatch
-    enc_dim: int = 128  # encoder width (obs -> enc_dim -> enc_dim, tanh)
-    hid_dim: int = 256  # GRU memory size
-    router_hid: int = 64  # hidden width of the router's residual MLP over [z, h_prev]
-    head_hid: int = 256  # hidden width of the actor and critic MLPs
-    td_scale: float = 5.0  # weight of |td_norm_prev| in the gate logit
-    base_logit: float = -1.0  # fixed gate logit offset (gate ~0.27 at zero TD, before bias)
-    bias_init: float = -1.5  # initial value of the learnable gate bias
-    bias_clamp_min: float = -4.0  # lower clamp of the bias, applied after every optimizer step
-    bias_clamp_max: float = 2.0  # upper clamp of the bias
-    use_router_residual: bool = True  # add a zero-initialized MLP([z, h_prev]) to the prior logit
-    episode_start_td: str = "max"  # |td| the router sees at an episode's 1st step: "max" (clip), "zero", "carry"
-    gate: str = "scalar"  # "scalar": one gate per step; "vector": one gate per memory unit (GWT-IB-SEC)
-    force_c: Optional[float] = None  # fix the gate to this value in [0, 1] (ablations); none = learned gate
-    memoryless: bool = False  # baseline: reset h to zero before every step (no memory at all)
-    target_c: float = 0.35  # gate budget: target mean gate per sequence
-    lambda_c: float = 0.05  # IB weight (at the start of the run if lambda_c_end is set)
-    lambda_c_end: Optional[float] = None  # if set, the IB weight moves linearly from lambda_c to this (GWT-IB-SEC)
-    budget_warmup_updates: int = 25  # IB weight ramps linearly from 0 over this many updates
-    ib_loss: str = "sq"  # "sq": (mean_t c - target_c)^2 per sequence; "kl": KL(Bern(c)||Bern(target_c)); "constraint"
-    budget_ki: float = 0.5  # "constraint": mean c = target_c by a Lagrange multiplier; its integral gain per update
-    budget_kp: float = 5.0  # "constraint": the multiplier's proportional gain (damps dual ascent's oscillation)
-    td_scale_mode: str = "ema_quantile"  # "ema", "quantile" or "ema_quantile" (see TDNormalizer)
-    td_ema: float = 0.99  # EMA rate of the TD mean (and of the variance in "ema" mode)
-    td_scale_ema2: float = 0.995  # EMA rate of the quantile scale in "ema_quantile" mode
-    td_quantile: float = 0.90  # quantile of |td - mean| used as scale in the quantile modes
-    td_window: int = 4096  # TD errors kept for the "quantile" mode's sliding window
-    td_std_min: float = 1e-3  # lower clamp of the TD scale
-    td_std_max: float = 50.0  # upper clamp of the TD scale
-    td_norm_clip: float = 5.0  # normalized TD is clipped to [-clip, clip]
-    eval_every: int = 10  # evaluation every this many updates (also after the first rollout and at the end)
-    eval_episodes: int = 32  # episodes per evaluation, one per eval env, run in parallel
-    eval_mode: str = "sampled"  # evaluation policy: "sampled" (as POPGym reports) or "greedy" (argmax/mean action)
-    eval_ok_alpha: float = 0.01  # GateCheck eval_ok: level of the one-sided Welch test "late evals > the first"
-    eval_ok_min_effect: float = 0.1  # GateCheck eval_ok: late - first must also be this share of the evals' return range
-    gatecheck_rollouts: int = 4  # the last this-many rollouts supply GateCheck's (td, c) samples
-    log_every: int = 10  # print the progress line every this many updates
-    out_dir: str = "runs"  # parent directory of run directories
-    run_name: str = ""  # run directory name; empty = <env>__s<seed>__<time>; never overwrites
-    checkpoint_every: int = 10  # write checkpoint.pt (atomically) every this many updates
-    save_plot: bool = True  # write training.png into the run directory at the end
-    progress: bool = True  # show the tqdm progress bar
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
-    torch_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
-    halt_after: int = 0  # stop cleanly (checkpoint + summary) after this many updates in this invocation; 0 = never
-    cpu_kernel: bool = True  # on CPU, run Agent.cell as C (end of file) if it matches Agent.cell at start-up
+    env_id: str = knob("popgym-CountRecallEasy-v0", "any registered gymnasium id; popgym ids are registered on demand",
+                       NOT_EMPTY)
+    num_envs: int = knob(16, "environments stepped in parallel during the rollout", INT_1)
+    seed: int = knob(42, "seeds python, numpy, torch and the environments",
+                     (lambda v: 0 <= v < 2 ** 32, "must be an integer >= 0 and < 2**32 (numpy's seed range)"))
+    prev_action: bool = knob(False, "append the previous action (one-hot; raw for Box) to the observation, as POPGym does")
+    async_envs: bool = knob(False, "step each environment in its own subprocess (env_workers = num_envs)")
+    env_workers: int = knob(0, "step the envs in this many subprocesses, num_envs/env_workers each; 0 = in this process",
+                            INT_0)
+    total_timesteps: int = knob(500_000, "environment steps over the whole run (all envs together)")
+    rollout_steps: int = knob(256, "steps per environment per rollout", INT_1)
+    seq_len: int = knob(64, "BPTT length of a training sequence; must divide rollout_steps", INT_1)
+    epochs: int = knob(4, "passes over each rollout", INT_1)
+    minibatches: int = knob(4, "minibatches per epoch (sequences are shuffled as units)", INT_1)
+    lr: float = knob(2.5e-4, "Adam learning rate", NONNEG)
+    anneal_lr: bool = knob(False, "decay lr linearly to 0 over the run")
+    gamma: float = knob(0.99, "discount", UNIT)
+    gae_lambda: float = knob(0.95, "GAE lambda", UNIT)
+    clip_eps: float = knob(0.2, "PPO ratio clip", POS)
+    vf_coef: float = knob(0.5, "value-loss weight", NONNEG)
+    ent_coef: float = knob(0.01, "entropy-bonus weight", NONNEG)
+    max_grad_norm: float = knob(0.5, "global gradient-norm clip", POS)
+    norm_adv: bool = knob(True, "normalize advantages per minibatch")
+    enc_dim: int = knob(128, "encoder width (obs -> enc_dim -> enc_dim, tanh)", INT_1)
+    memory: str = knob("gru", "the gated memory cell (MEMORIES): gru (nn.GRUCell) or lstm (nn.LSTMCell)", ("gru", "lstm"))
+    hid_dim: int = knob(256, "memory size (the cell's hidden units)", INT_1)
+    use_router_residual: bool = knob(True, "add the router, a zero-initialized MLP([z, h_prev]), to the prior logit")
+    router_hid: int = knob(64, "hidden width of the router's MLP over [z, h_prev]", INT_1)
+    router_layers: int = knob(1, "hidden (tanh) layers of the router's MLP", INT_1)
+    head_hid: int = knob(256, "hidden width of the actor and critic MLPs", INT_1)
+    surprise: str = knob("td", "what drives the gate (surprise_signal): td, value_change, reward or none",
+                         ("td", "value_change", "reward", "none"))
+    td_scale: float = knob(5.0, "weight of |surprise_norm_prev| in the gate logit", NONNEG)
+    base_logit: float = knob(-1.0, "fixed gate logit offset (gate ~0.27 at zero surprise, before bias)")
+    bias_init: float = knob(-1.5, "initial value of the learnable gate bias")
+    bias_clamp_min: float = knob(-4.0, "lower clamp of the bias, applied after every optimizer step")
+    bias_clamp_max: float = knob(2.0, "upper clamp of the bias")
+    episode_start_td: str = knob("max", "the surprise the gate sees at an episode's 1st step: max (clip), zero, carry",
+                                 ("zero", "carry", "max"))
+    gate: str = knob("scalar", "scalar: one gate per step; vector: one gate per memory unit (GWT-IB-SEC)",
+                     ("scalar", "vector"))
+    force_c: Optional[float] = knob(None, "fix the gate to this value in [0, 1] (ablations); none = learned gate",
+                                    (lambda v: v is None or 0 <= v <= 1, "must be in [0, 1] or none"))
+    memoryless: bool = knob(False, "baseline: reset the memory to zero before every step (no memory at all)")
+    target_c: float = knob(0.35, "gate budget: target mean gate per sequence", OPEN_UNIT)
+    lambda_c: float = knob(0.05, "IB weight (at the start of the run if lambda_c_end is set)", NONNEG)
+    lambda_c_end: Optional[float] = knob(None, "if set, the IB weight moves linearly from lambda_c to this (GWT-IB-SEC)",
+                                         (lambda v: v is None or v >= 0, "must be >= 0 or none"))
+    budget_warmup_updates: int = knob(25, "IB weight ramps linearly from 0 over this many updates", INT_0)
+    ib_loss: str = knob("sq", "sq: (mean_t c - target_c)^2 per sequence; kl: KL(Bern(c)||Bern(target_c)); constraint",
+                        ("sq", "kl", "constraint"))
+    budget_ki: float = knob(0.5, "constraint: mean c = target_c by a Lagrange multiplier; its integral gain per update",
+                            NONNEG)
+    budget_kp: float = knob(5.0, "constraint: the multiplier's proportional gain (damps dual ascent's oscillation)",
+                            NONNEG)
+    td_scale_mode: str = knob("ema_quantile", "how the surprise is normalized: ema, quantile or ema_quantile "
+                              "(TDNormalizer)", ("ema", "quantile", "ema_quantile"))
+    td_ema: float = knob(0.99, "EMA rate of the surprise's mean (and of the variance in ema mode)", OPEN_UNIT)
+    td_scale_ema2: float = knob(0.995, "EMA rate of the quantile scale in ema_quantile mode", OPEN_UNIT)
+    td_quantile: float = knob(0.90, "quantile of |surprise - mean| used as scale in the quantile modes", OPEN_UNIT)
+    td_window: int = knob(4096, "surprises kept for the quantile mode's sliding window",
+                          (lambda v: v >= 2, "must be an integer >= 2"))
+    td_std_min: float = knob(1e-3, "lower clamp of the surprise scale", POS)
+    td_std_max: float = knob(50.0, "upper clamp of the surprise scale")
+    td_norm_clip: float = knob(5.0, "the normalized surprise is clipped to [-clip, clip]", POS)
+    eval_every: int = knob(10, "evaluation every this many updates (also after the first rollout and at the end)",
+                           INT_0)
+    eval_episodes: int = knob(32, "episodes per evaluation, one per eval env, run in parallel", INT_1)
+    eval_mode: str = knob("sampled", "evaluation policy: sampled (as POPGym reports) or greedy (argmax/mean action)",
+                          ("sampled", "greedy"))
+    eval_ok_alpha: float = knob(0.01, "GateCheck eval_ok: level of the one-sided Welch test 'late evals > the first'",
+                                OPEN_UNIT)
+    eval_ok_min_effect: float = knob(0.1, "GateCheck eval_ok: late - first must also be this share of the evals' "
+                                     "return range", NONNEG)
+    gatecheck_rollouts: int = knob(4, "the last this-many rollouts supply GateCheck's (surprise, c) samples", INT_1)
+    log_every: int = knob(10, "print the progress line every this many updates", INT_1)
+    out_dir: str = knob("runs", "parent directory of run directories", NOT_EMPTY)
+    run_name: str = knob("", "run directory name; empty = <env>__s<seed>__<time>; never overwrites",
+                         (lambda v: "/" not in v and v not in (".", "..") and len(v.encode()) < 240,
+                          "must be a plain directory name (no '/', under 240 bytes)"))
+    checkpoint_every: int = knob(10, "write checkpoint.pt (atomically) every this many updates", INT_1)
+    save_plot: bool = knob(True, "write training.png into the run directory at the end")
+    progress: bool = knob(True, "show the tqdm progress bar")
+    device: str = knob("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    torch_threads: int = knob(0, "torch intra-op threads; 0 = leave torch's default", INT_0)
+    halt_after: int = knob(0, "stop cleanly (checkpoint + summary) after this many updates in this invocation; "
+                           "0 = never", INT_0)
+    cpu_kernel: bool = knob(True, "on CPU, run the C cell (end of file) if it matches Agent.step at start-up")
 
 class ConfigError(ValueError):
     """A bad setting: names the field, the value and what is allowed."""
@@ -111,9 +146,7 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(text.split())}".removesuffix(": ")[:200]
 
 def field_docs() -> dict[str, str]:
-    """One-line docs of Cfg's fields, read from the comment beside each field above."""
-    lines = inspect.getsource(Cfg).splitlines()
-    return {m[1]: m[2] for m in (re.match(r"\s+(\w+): [^=]+=.*?  # (.+)$", l) for l in lines) if m}
+    return {f.name: f.metadata["doc"] for f in dataclasses.fields(Cfg)}
 
 def _field_kind(f: dataclasses.Field) -> tuple[type, bool]:
     """(base type, optional) of a Cfg field from its annotation string."""
@@ -140,15 +173,15 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 def build_parser() -> argparse.ArgumentParser:
+    """--field-name for every Cfg field (as a string: parse_overrides converts and validate() checks it)."""
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                 allow_abbrev=False,  # a typo such as --num-env must not silently set --num-envs
                 epilog="Examples:\n  python gwt_ib.py\n  python gwt_ib.py --env-id popgym-BattleshipEasy-v0 "
                        "--total-timesteps 100000 --force-c 1.0\n  python gwt_ib.py --resume runs/<run>")
-    docs = field_docs()
     for f in dataclasses.fields(Cfg):
         typ = _field_kind(f)[0]
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=typ.__name__.upper(), default=None,
-                       help=f"{docs.get(f.name, '')} (default: {f.default})",
+                       help=f"{f.metadata['doc']} (default: {f.default})",
                        **(dict(nargs="?", const="true") if typ is bool else {}))
     p.add_argument("--list-envs", action="store_true", help="print POPGym ids with their spaces and exit")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
@@ -162,42 +195,22 @@ def parse_overrides(ns: argparse.Namespace, base: Cfg) -> Cfg:
     return dataclasses.replace(base, **{f.name: _convert(f.name, getattr(ns, f.name), *_field_kind(f))
                                         for f in dataclasses.fields(Cfg) if getattr(ns, f.name) is not None})
 
-_CHOICES = {"gate": ("scalar", "vector"), "ib_loss": ("sq", "kl", "constraint"), "td_scale_mode": ("ema", "quantile", "ema_quantile"),
-            "episode_start_td": ("zero", "carry", "max"), "eval_mode": ("sampled", "greedy")}
-_RANGES = [  # (fields, test, what is allowed)
-    (("num_envs", "rollout_steps", "seq_len", "epochs", "minibatches", "enc_dim", "hid_dim", "router_hid", "head_hid",
-      "eval_episodes", "log_every", "checkpoint_every", "gatecheck_rollouts"), lambda v: v >= 1,
-     "must be an integer >= 1"),
-    (("budget_warmup_updates", "eval_every", "torch_threads", "halt_after", "env_workers"), lambda v: v >= 0,
-     "must be an integer >= 0"),
-    (("seed",), lambda v: 0 <= v < 2 ** 32, "must be an integer >= 0 and < 2**32 (numpy's seed range)"),
-    (("td_window",), lambda v: v >= 2, "must be an integer >= 2"),
-    (("lr", "vf_coef", "ent_coef", "lambda_c", "td_scale", "budget_ki", "budget_kp", "eval_ok_min_effect"), lambda v: v >= 0,
-     "must be >= 0"),
-    (("clip_eps", "max_grad_norm", "td_std_min", "td_norm_clip"), lambda v: v > 0, "must be > 0"),
-    (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    (("target_c", "td_ema", "td_scale_ema2", "td_quantile", "eval_ok_alpha"), lambda v: 0 < v < 1, "must be in (0, 1)"),
-    (("force_c",), lambda v: v is None or 0 <= v <= 1, "must be in [0, 1] or none"),
-    (("lambda_c_end",), lambda v: v is None or v >= 0, "must be >= 0 or none"),
-    (("env_id", "out_dir"), lambda v: v.strip() != "", "must not be empty"),
-    (("run_name",), lambda v: "/" not in v and v not in (".", "..") and len(v.encode()) < 240,
-     "must be a plain directory name (no '/', under 240 bytes)"),
-] + [((k,), lambda v, ch=ch: v in ch, f"must be one of {', '.join(ch)}") for k, ch in _CHOICES.items()]
-
 def validate(cfg: Cfg) -> None:
-    """Check every field's type and range before anything starts; raise ConfigError on the first bad one."""
+    """Check every field's type and what it allows, then the fields' relations, before anything starts; raise
+    ConfigError on the first bad one."""
     def need(name, cond, allowed):
         if not cond:
             raise ConfigError(name, getattr(cfg, name), allowed)
 
     for f in dataclasses.fields(Cfg):
-        v, (typ, opt) = getattr(cfg, f.name), _field_kind(f)
+        v, (typ, opt), allowed = getattr(cfg, f.name), _field_kind(f), f.metadata["allowed"]
         need(f.name, (v is None and opt) or (type(v) is typ) or (typ is float and type(v) is int),
              f"must be {typ.__name__}{' or None' if opt else ''}")
         need(f.name, not isinstance(v, float) or math.isfinite(v), "must be finite")
-    for names, test, allowed in _RANGES:
-        for name in names:
-            need(name, test(getattr(cfg, name)), allowed)
+        if isinstance(allowed, tuple) and isinstance(allowed[0], str):
+            need(f.name, v in allowed, f"must be one of {', '.join(allowed)}")
+        elif allowed:
+            need(f.name, allowed[0](v), allowed[1])
     c = cfg  # the fields' relations
     need("seq_len", c.rollout_steps % c.seq_len == 0, f"must divide rollout_steps ({c.rollout_steps})")
     n_seq = c.num_envs * c.rollout_steps // c.seq_len  # sequences per rollout
@@ -423,112 +436,127 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
     nn.init.constant_(layer.bias, bias)
     return layer
 
-class Agent(nn.Module):
-    """Encoder -> router (gate c) -> gated GRU memory h -> actor and critic heads.
+# --- memory: a recurrent cell whose state the rest of the file never looks into (PureJaxRL's `ScannedRNN`).
+# `forward(z, s)` is the cell's proposed next state, `read(s)` what the router and the heads see. Agent.step gates it:
+# the input is c*z and the new state lerp(s, forward(c*z, s), c), so c = 0 keeps the whole state and c = 1 is the cell.
+class GRUMemory(nn.Module):
+    """nn.GRUCell; state (B, H) = h."""
+    def __init__(self, E: int, H: int):
+        super().__init__()
+        self.cell, self.H, self.state_dim = nn.GRUCell(E, H), H, H
 
-    `cell` is the one definition of the recurrent step. What does not depend on h runs batched over
-    whole sequences (`features`, `gate_prior`, `heads`); the time loop runs only `recur` and `cell`.
-    Parameters, E = enc_dim, H = hid_dim, R = router_hid (0 without the residual MLP):
-      W_x (3H+R, E) = [GRU W_ih ; router W_z]    W_h (3H+R, H) = [GRU W_hh ; router W_h]
-      b_h (3H+R)    = [GRU b_hh ; router b]      b_ih (3H) = GRU b_ih
-    The GRU's input projection W_ih (c z) + b_ih = c (W_ih z) + b_ih: W_ih z is computed outside the loop."""
+    def read(self, s: torch.Tensor) -> torch.Tensor:
+        return s
+
+    def forward(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return self.cell(z, s)
+
+class LSTMMemory(nn.Module):
+    """nn.LSTMCell; state (B, 2H) = [h, cell state]: the gate holds both."""
+    def __init__(self, E: int, H: int):
+        super().__init__()
+        self.cell, self.H, self.state_dim = nn.LSTMCell(E, H), H, 2 * H
+
+    def read(self, s: torch.Tensor) -> torch.Tensor:
+        return s[..., :self.H]
+
+    def forward(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.cell(z, s.chunk(2, -1)), -1)
+
+MEMORIES = {"gru": GRUMemory, "lstm": LSTMMemory}  # --memory; a new cell: a class with read/forward/state_dim here
+
+class Router(nn.Module):
+    """The gate's learned residual logit MLP([z, h_prev]) -> (B, G): `layers` tanh layers of width `hid`. Its output
+    layer starts at zero, so at initialization the surprise prior alone sets the gate."""
+    def __init__(self, E: int, H: int, hid: int, layers: int, G: int):
+        super().__init__()
+        dims = [E + H] + [hid] * layers
+        self.mlp = nn.Sequential(*[m for i, o in zip(dims, dims[1:]) for m in (nn.Linear(i, o), nn.Tanh())])
+        self.out = nn.Linear(hid, G)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mlp(torch.cat([z, h], -1)))
+
+class Agent(nn.Module):
+    """Encoder -> router (gate c) -> gated memory -> actor and critic heads.
+
+    `step` is the one definition of the recurrent step; what does not depend on the memory runs batched over whole
+    sequences (`features`, `gate_prior`, `heads`). E = enc_dim, H = hid_dim, S = the memory's state size, G = gates
+    per step (1, or H for a vector gate). `accel`: a fast path from the accelerator section, checked equal to `step`."""
     def __init__(self, obs_dim: int, act: ActSpec, cfg: Cfg):
         super().__init__()
-        E, H, R = cfg.enc_dim, cfg.hid_dim, (cfg.router_hid if cfg.use_router_residual else 0)
-        self.cfg, self.act, self.obs_dim, self.H, self.R = cfg, act, obs_dim, H, R
-        self.G = H if cfg.gate == "vector" else 1  # gates per step: one, or one per memory unit
+        E, H = cfg.enc_dim, cfg.hid_dim
+        self.cfg, self.act, self.obs_dim, self.H = cfg, act, obs_dim, H
+        self.G = H if cfg.gate == "vector" else 1
         self.enc = nn.Sequential(layer_init(nn.Linear(obs_dim, E)), nn.Tanh(), layer_init(nn.Linear(E, E)), nn.Tanh())
-        k, kr = 1 / math.sqrt(H), 1 / math.sqrt(E + H)  # nn.GRUCell's init; nn.Linear's over [z, h]
-        self.W_x = nn.Parameter(torch.cat([torch.empty(3 * H, E).uniform_(-k, k), torch.empty(R, E).uniform_(-kr, kr)]))
-        self.W_h = nn.Parameter(torch.cat([torch.empty(3 * H, H).uniform_(-k, k), torch.empty(R, H).uniform_(-kr, kr)]))
-        self.b_h = nn.Parameter(torch.cat([torch.empty(3 * H).uniform_(-k, k), torch.empty(R).uniform_(-kr, kr)]))
-        self.b_ih = nn.Parameter(torch.empty(3 * H).uniform_(-k, k))
-        if R:
-            self.r_out = nn.Linear(R, self.G)
-            nn.init.zeros_(self.r_out.weight)  # residual starts at 0: the TD prior rules at initialization
-            nn.init.zeros_(self.r_out.bias)
+        self.memory = MEMORIES[cfg.memory](E, H)
+        self.router = Router(E, H, cfg.router_hid, cfg.router_layers, self.G) if cfg.use_router_residual else None
         self.bias = nn.Parameter(torch.tensor(float(cfg.bias_init)))
         head = lambda n, std: nn.Sequential(layer_init(nn.Linear(H, cfg.head_hid)), nn.Tanh(),  # noqa: E731
                                             layer_init(nn.Linear(cfg.head_hid, n), std))
         self.actor, self.critic = head(act.n_out, 0.01), head(1, 1.0)
         self.log_std = nn.Parameter(torch.zeros(act.n_out)) if act.kind == "box" else None
-        self.accel = None  # set by build() when the accelerator (end of file) matches cell() for this agent
+        self.accel = None  # set by accelerate() (end of file) when its fast path equals step() for this agent
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
-        """h-independent projections of the observation: (..., obs_dim) -> (..., 3H+R) = [W_ih z ; W_z z]."""
-        return F.linear(self.enc(obs), self.W_x)
+        """z = the encoded observation: (..., obs_dim) -> (..., E)."""
+        return self.enc(obs)
 
-    def router_td(self, td_prev: torch.Tensor, episode_start: torch.Tensor) -> torch.Tensor:
-        """The normalized TD the router sees (...): td_prev, except at an episode's first step, where it is
-        0 ("zero"), the env's last TD of the episode before ("carry") or td_norm_clip ("max": new memory)."""
+    def gate_surprise(self, surprise: torch.Tensor, episode_start: torch.Tensor) -> torch.Tensor:
+        """The normalized surprise the gate sees (...): the previous step's, except at an episode's first step, where
+        it is 0 ("zero"), the env's last of the episode before ("carry") or td_norm_clip ("max": a new memory)."""
         mode = self.cfg.episode_start_td
-        return td_prev if mode == "carry" else torch.where(episode_start > 0, 0.0 if mode == "zero" else
-                                                           self.cfg.td_norm_clip, td_prev)
+        return surprise if mode == "carry" else torch.where(episode_start > 0, 0.0 if mode == "zero" else
+                                                            self.cfg.td_norm_clip, surprise)
 
-    def gate_prior(self, td_prev: torch.Tensor, episode_start: torch.Tensor):
-        """-> prior gate logit (..., 1) and keep (..., 1), the mask applied to h_prev (zeroed at an episode
+    def gate_prior(self, surprise: torch.Tensor, episode_start: torch.Tensor):
+        """-> prior gate logit (..., 1) and keep (..., 1), the mask applied to the memory (zeroed at an episode
         start). With force_c the 'logit' is the fixed gate itself."""
         keep = (1.0 - episode_start).unsqueeze(-1)
         keep_h = torch.zeros_like(keep) if self.cfg.memoryless else keep
         if self.cfg.force_c is not None:
             return torch.full_like(keep, self.cfg.force_c), keep_h
-        td = self.router_td(td_prev, episode_start).unsqueeze(-1)
-        return self.cfg.td_scale * td.abs() + self.cfg.base_logit + self.bias, keep_h
+        s = self.gate_surprise(surprise, episode_start).unsqueeze(-1)
+        return self.cfg.td_scale * s.abs() + self.cfg.base_logit + self.bias, keep_h
 
-    def recur(self, hp: torch.Tensor) -> torch.Tensor:
-        """hh = W_h hp + b_h (B, 3H+R): the one matmul on the (masked) previous memory hp (B, H)."""
-        return F.linear(hp, self.W_h, self.b_h)
-
-    def cell(self, x, prior, hp, hh):
-        """The recurrent step. x = features(obs_t) (B, 3H+R), prior (B, 1), hp = h_prev * keep (B, H),
-        hh = recur(hp) -> c (B, G), h (B, H)."""
-        H = self.H
-        x_gru, x_r = x.split([3 * H, self.R], -1)  # split, not slicing: one cat in backward, no zero-fill
-        hh_ru, hh_n, hh_r = hh.split([2 * H, H, self.R], -1)
+    def gate(self, z: torch.Tensor, prior: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """c (B, G) = sigmoid(prior + router(z, h_prev)); the prior itself with force_c."""
         if self.cfg.force_c is not None:
-            c = prior
-        elif self.R:
-            c = torch.sigmoid(prior + self.residual(x_r, hh_r))
-        else:
-            c = torch.sigmoid(prior)
+            return prior
+        return torch.sigmoid(prior if self.router is None else prior + self.router(z, self.memory.read(s)))
+
+    def step(self, z, prior, keep, state):
+        """The recurrent step: z (B, E), prior and keep (B, 1), state (B, S) -> c (B, G), state (B, S)."""
+        if self.accel is not None and not torch.is_grad_enabled():  # the accelerator's, checked equal to the code below
+            return self.accel.step(self, z, prior, keep, state)
+        s = state * keep  # a new episode starts from an empty memory
+        c = self.gate(z, prior, s)
         c_in = c if c.shape[-1] == 1 else c.mean(-1, keepdim=True)  # the gate on the input z: a vector gate's mean
-        gi_ru, gi_n = torch.addcmul(self.b_ih, c_in, x_gru).split([2 * H, H], -1)  # W_ih (c z) + b_ih
-        r, u = torch.sigmoid(gi_ru + hh_ru).chunk(2, -1)  # nn.GRUCell's equations
-        n = torch.tanh(torch.addcmul(gi_n, r, hh_n))
-        h_prop = torch.lerp(n, hp, u)  # (1 - u) * n + u * h_prev = GRUCell(c*z, h_prev)
-        return c, torch.lerp(hp, h_prop, c)  # h_prev + c * (h_prop - h_prev): exactly h_prev at c = 0
+        c_s = c if c.shape[-1] == 1 else c.repeat(1, s.shape[-1] // c.shape[-1])  # unit j's gate on all of its state
+        return c, torch.lerp(s, self.memory(c_in * z, s), c_s)  # s + c*(cell(c*z, s) - s): exactly s at c = 0
 
-    def residual(self, x_r, hh_r):
-        """The router's learned residual logit (B, G): MLP([z, h_prev]) = r_out(tanh(W_z z + W_h h_prev + b))."""
-        return self.r_out(torch.tanh(x_r + hh_r))
+    def value(self, state: torch.Tensor) -> torch.Tensor:
+        return self.critic(self.memory.read(state)).squeeze(-1)
 
-    def step(self, x, prior, keep, h_prev):
-        """One time step, the only computation that depends on h: -> c (B, G), h (B, H)."""
-        hp = h_prev * keep
-        if self.accel is not None:  # the C cell (accelerator section), checked equal to cell() at start-up
-            return self.accel.cell(self, x, prior, hp, self.recur(hp))
-        return self.cell(x, prior, hp, self.recur(hp))
+    def heads(self, state: torch.Tensor):
+        return self.actor(self.memory.read(state)), self.value(state)
 
-    def value(self, h: torch.Tensor) -> torch.Tensor:
-        return self.critic(h).squeeze(-1)
-
-    def heads(self, h: torch.Tensor):
-        return self.actor(h), self.value(h)
-
-    def unroll(self, obs, h0, td_prev, episode_start):
-        """The step over sequences from stored state: obs (L, B, D), h0 (B, H), td_prev/episode_start (L, B)
-        -> logits (L, B, n_out), value (L, B), c (L, B, G), h (L, B, H)."""
-        x = self.features(obs)  # (L, B, 3H+R), batched
-        prior, keep = self.gate_prior(td_prev, episode_start)  # (L, B, 1) each
+    def unroll(self, obs, state0, surprise, episode_start):
+        """The step over sequences from stored state: obs (L, B, D), state0 (B, S), surprise/episode_start (L, B)
+        -> logits (L, B, n_out), value (L, B), c (L, B, G), state (L, B, S)."""
+        z = self.features(obs)  # (L, B, E), batched
+        prior, keep = self.gate_prior(surprise, episode_start)  # (L, B, 1) each
         if self.accel is not None:  # the same loop as one autograd node, its backward in C
-            hs, cs = self.accel.unroll(self, x, prior, keep, h0)
+            states, cs = self.accel.unroll(self, z, prior, keep, state0)
         else:
-            out = [(None, h0)]
-            for xt, pt, kt in zip(x.unbind(0), prior.unbind(0), keep.unbind(0)):  # unbind: one backward node
-                out.append(self.step(xt, pt, kt, out[-1][1]))
-            cs, hs = (torch.stack(z) for z in zip(*out[1:]))
-        logits, value = self.heads(hs)  # batched over all L*B steps
-        return logits, value, cs, hs
+            out = [(None, state0)]
+            for zt, pt, kt in zip(z.unbind(0), prior.unbind(0), keep.unbind(0)):  # unbind: one backward node
+                out.append(self.step(zt, pt, kt, out[-1][1]))
+            cs, states = (torch.stack(v) for v in zip(*out[1:]))
+        logits, value = self.heads(states)  # batched over all L*B steps
+        return logits, value, cs, states
 
 # --- action distributions (plain tensor code: torch.distributions costs per-step overhead)
 def _cat_logits(act: ActSpec, logits: torch.Tensor) -> torch.Tensor:
@@ -614,13 +642,21 @@ class TDNormalizer:
 
 
 # ============================================================================ rollout
+def surprise_signal(kind: str, r, disc, v_next, v) -> torch.Tensor:
+    """The surprise of a transition (N,) before normalization: what drives the gate (--surprise). v = V(o_t, h_{t-1}),
+    v_next = V(o_{t+1}, h_t, surprise = 0) (the clean bootstrap), disc = gamma*(1-term_t):
+      td            r + disc*v_next - v    the TD error: reward and value together (the default)
+      value_change  disc*v_next - v        the change of the value estimate alone
+      reward        r                      the reward alone: a value-free signal"""
+    return {"td": lambda: r + disc * v_next - v, "value_change": lambda: disc * v_next - v, "reward": lambda: r}[kind]()
+
 class Collector:
-    """Steps a vector env with Agent.step (the function the update unrolls), carrying h, td_prev and
-    episode_start between steps; serves training rollouts and greedy evaluation alike.
+    """Steps a vector env with Agent.step (the function the update unrolls), carrying the memory state h, the
+    normalized surprise and episode_start between steps; serves training rollouts and evaluation alike.
     `start[i] = 1` marks the first observation of an episode (the env reset in the same step that ended
     the last one). Terminated steps are not bootstrapped; truncated ones (time limits) are bootstrapped
-    from the value of the real final observation, computed like every TD target with td_prev = 0."""
-    STATE = ("obs", "h", "td_prev", "start", "prev_a", "ep_ret", "ep_len")  # what a checkpoint stores
+    from the value of the real final observation, computed like every TD target with surprise = 0."""
+    STATE = ("obs", "h", "surprise", "start", "prev_a", "ep_ret", "ep_len")  # what a checkpoint stores
 
     def __init__(self, cfg: Cfg, envs, agent: Agent, norm: TDNormalizer, device: torch.device):
         self.cfg, self.envs, self.agent, self.norm, self.dev = cfg, envs, agent, norm, device
@@ -631,15 +667,15 @@ class Collector:
         N = self.N
         self.prev_a = np.zeros((N, self.act.enc_dim), np.float32)
         self.obs = self._obs(env_call(self.envs.reset, seed=seed)[0], self.prev_a)
-        self.h = torch.zeros(N, self.agent.H, device=self.dev)
-        self.td_prev, self.start = torch.zeros(N, device=self.dev), torch.ones(N, device=self.dev)
+        self.h = torch.zeros(N, self.agent.memory.state_dim, device=self.dev)
+        self.surprise, self.start = torch.zeros(N, device=self.dev), torch.ones(N, device=self.dev)
         self.ep_ret, self.ep_len = np.zeros(N), np.zeros(N, np.int64)
         self.refresh()
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Features of the current obs and the clean bootstrap's prior, after each update (rollout() does)."""
-        self.x, zero = self.agent.features(self.obs), torch.zeros_like(self.td_prev)
+        self.z, zero = self.agent.features(self.obs), torch.zeros_like(self.surprise)
         self.clean = self.agent.gate_prior(zero, zero)
 
     def _obs(self, flat: np.ndarray, prev_a: Optional[np.ndarray]) -> torch.Tensor:
@@ -657,20 +693,20 @@ class Collector:
 
     @torch.no_grad()
     def value(self) -> torch.Tensor:
-        """V of the current state with the current td_prev (GAE's bootstrap after the last step)."""
+        """V of the current state with the current surprise (GAE's bootstrap after the last step)."""
         ag = self.agent
-        return ag.value(ag.step(self.x, *ag.gate_prior(self.td_prev, self.start), self.h)[1])
+        return ag.value(ag.step(self.z, *ag.gate_prior(self.surprise, self.start), self.h)[1])
 
     @torch.no_grad()
     def step(self, greedy: bool, update_norm: bool):
         """One vector step from the current state -> (record, finished): record holds this step's
         tensors for the buffer; finished lists (env, return, length) of episodes that ended."""
         ag, cfg = self.agent, self.cfg
-        h0, td_prev, start, obs = self.h, self.td_prev, self.start, self.obs  # Agent.router_td reads start
+        h0, surprise, start, obs = self.h, self.surprise, self.start, self.obs  # Agent.gate_surprise reads start
         if self.arm is None:
-            c, h = ag.step(self.x, *ag.gate_prior(td_prev, start), h0)
-        else:  # only the memory write changes: actor, critic and the TD error are the agent's
-            c, h = self.arm(self.x, td_prev, start, h0)
+            c, h = ag.step(self.z, *ag.gate_prior(surprise, start), h0)
+        else:  # only the memory write changes: actor, critic and the surprise are the agent's
+            c, h = self.arm(self.z, surprise, start, h0)
         logits, value = ag.heads(h)
         a, logp = sample_action(ag, logits, greedy)
         a_np = a.cpu().numpy()  # the one device->host copy per step
@@ -681,26 +717,30 @@ class Collector:
         if cfg.prev_action:
             self.prev_a = a_enc * (~done)[:, None]  # a new episode starts with no previous action
         next_obs = self._obs(raw, self.prev_a)
-        x_next = x_boot = ag.features(next_obs)
-        # clean bootstrap V(o_{t+1}, h_t, td_prev=0); at a truncation o_{t+1} is the real final obs
+        z_next = z_boot = ag.features(next_obs)
+        # clean bootstrap V(o_{t+1}, h_t, surprise=0); at a truncation o_{t+1} is the real final obs
         idx = np.flatnonzero(trunc & ~term)
         if len(idx):
             fin = self._obs(np.stack([info["final_obs"][i] for i in idx]), None if a_enc is None else a_enc[idx])
-            x_boot = x_next.clone()
-            x_boot[torch.as_tensor(idx, device=self.dev)] = ag.features(fin)
-        v_boot = ag.value(ag.step(x_boot, *self.clean, h)[1])
+            z_boot = z_next.clone()
+            z_boot[torch.as_tensor(idx, device=self.dev)] = ag.features(fin)
+        v_boot = ag.value(ag.step(z_boot, *self.clean, h)[1])
         host = np.stack([r, term, trunc, done, cfg.gamma * ~term]).astype(np.float32)  # one copy in
         r_t, term_t, trunc_t, done_t, disc_t = torch.from_numpy(host).to(self.dev)
-        delta = r_t + disc_t * v_boot - value  # r + gamma*(1-term)*V_clean(o_{t+1}) - V(o_t)
-        if update_norm:
-            self.norm.update(delta)
-        self.td_prev = self.norm.normalize(delta)  # kept across an episode end for episode_start_td="carry"
-        self.h, self.start, self.obs, self.x = h, done_t, next_obs, x_next
+        delta = r_t + disc_t * v_boot - value  # the TD error r + gamma*(1-term)*V_clean(o_{t+1}) - V(o_t)
+        if cfg.surprise == "none":  # no signal to normalize: the gate is its prior
+            self.surprise = torch.zeros_like(delta)
+        else:
+            raw = surprise_signal(cfg.surprise, r_t, disc_t, v_boot, value)
+            if update_norm:
+                self.norm.update(raw)
+            self.surprise = self.norm.normalize(raw)  # kept across an episode end for episode_start_td="carry"
+        self.h, self.start, self.obs, self.z = h, done_t, next_obs, z_next
         self.ep_ret += r  # episode bookkeeping on the host
         self.ep_len += 1
         finished = [(int(i), float(self.ep_ret[i]), int(self.ep_len[i])) for i in np.flatnonzero(done)]
         self.ep_ret[done], self.ep_len[done] = 0.0, 0
-        return dict(obs=obs, h0=h0, td_prev=td_prev, start=start, act=a, logp=logp, value=value, reward=r_t,
+        return dict(obs=obs, h0=h0, surprise=surprise, start=start, act=a, logp=logp, value=value, reward=r_t,
                     term=term_t, trunc=trunc_t, c=c.mean(-1), td=delta, v_boot=v_boot), finished
 
 def gae(b: dict, last_value: torch.Tensor, gamma: float, lam: float):
@@ -780,7 +820,7 @@ def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Ten
     for epoch in range(cfg.epochs):
         for mb in torch.randperm(seq["h0"].shape[0], device=adv.device).chunk(cfg.minibatches):
             m = {k: v[mb] if k == "h0" else v[:, mb] for k, v in seq.items()}  # whole sequences
-            logits, value, c, _ = agent.unroll(m["obs"], m["h0"], m["td_prev"], m["start"])
+            logits, value, c, _ = agent.unroll(m["obs"], m["h0"], m["surprise"], m["start"])
             newlogp, ent = logp_entropy(agent, logits, m["act"])
             logratio = newlogp - m["logp"]
             ratio = logratio.exp()
@@ -873,7 +913,7 @@ def evaluate(ev: Collector, cfg: Cfg, greedy: Optional[bool] = None, trace: bool
         for _ in range(100_000):
             scored = torch.tensor([warm[i] == 0 and i not in rets for i in range(ev.N)], device=ev.dev)
             rec, fin = ev.step(greedy=cfg.eval_mode == "greedy" if greedy is None else greedy, update_norm=False)
-            later, td_in = scored & (rec["start"] == 0), ev.agent.router_td(rec["td_prev"], rec["start"])
+            later, td_in = scored & (rec["start"] == 0), ev.agent.gate_surprise(rec["surprise"], rec["start"])
             sums += torch.stack([(rec["c"] * scored).sum(), (rec["c"] * later).sum(), (td_in.abs() * later).sum()])
             n += torch.stack([scored.sum(), later.sum(), later.sum()])
             if trace and scored[0]:
@@ -901,7 +941,7 @@ ARMS = {"learned": "the learned gate",
         "const_start": "held at its mean over the steps after the first; the learned gate at each episode's first step",
         "no_surprise": "the learned gate with |td| = 0 at every step after an episode's first",
         "mean_surprise": "the learned gate with |td| held at its mean at every step after an episode's first",
-        "no_router": "the learned gate without the router's learned residual (r_out zeroed)"}
+        "no_router": "the learned gate without the router's learned residual (its output layer zeroed)"}
 EFFECTS = {  # name: (arm, baseline arm): the effect is return(arm) - return(baseline), paired per episode
     "gate vs constant": ("learned", "const"),  # everything the gate's variation does
     "start rule": ("const_start", "const"),  # writing as episode_start_td says at a first step, nothing else
@@ -912,27 +952,27 @@ EFFECTS = {  # name: (arm, baseline arm): the effect is return(arm) - return(bas
 }
 
 def counterfactual(agent: Agent, arm: str, const: float = float("nan")):
-    """Arm `arm` as the gated step of Collector.step: (x, td_prev, start, h_prev) -> (c, h), built from Agent's own
+    """Arm `arm` as the gated step of Collector.step: (z, surprise, start, h_prev) -> (c, h), built from Agent's own
     gate_prior and step on the reference cell; const: the constant gate of the const arms, the |td| of mean_surprise."""
     ag = copy.copy(agent)  # shares the parameters; the reference cell
     ag.accel = None
     if arm == "no_router":
         ag = copy.deepcopy(ag)
-        for p in ag.r_out.parameters():
+        for p in ag.router.out.parameters():
             p.detach().zero_()
-    fixed = copy.copy(ag)  # Agent.cell uses the prior as c when force_c is set
+    fixed = copy.copy(ag)  # Agent.gate takes the prior as c when force_c is set
     fixed.cfg = dataclasses.replace(ag.cfg, force_c=const)
 
-    def step(x, td_prev, start, h_prev):
-        if arm in ("no_surprise", "mean_surprise"):  # the start rule stays: router_td still sees episode_start
-            td_prev = torch.where(start > 0, td_prev, torch.full_like(td_prev, 0.0 if arm == "no_surprise" else const))
-        prior, keep = ag.gate_prior(td_prev, start)
+    def step(z, surprise, start, h_prev):
+        if arm in ("no_surprise", "mean_surprise"):  # the start rule stays: gate_surprise still sees episode_start
+            surprise = torch.where(start > 0, surprise, torch.full_like(surprise, 0.0 if arm == "no_surprise" else const))
+        prior, keep = ag.gate_prior(surprise, start)
         if arm not in ("const", "const_start"):
-            return ag.step(x, prior, keep, h_prev)
+            return ag.step(z, prior, keep, h_prev)
         c = torch.full_like(prior, const)
         if arm == "const_start":
-            c = torch.where(start[:, None] > 0, ag.step(x, prior, keep, h_prev)[0], c)
-        return fixed.step(x, c, keep, h_prev)
+            c = torch.where(start[:, None] > 0, ag.step(z, prior, keep, h_prev)[0], c)
+        return fixed.step(z, c, keep, h_prev)
     return step
 
 def gate_evidence(agent: Agent, evc: Collector, cfg: Cfg) -> dict:
@@ -943,7 +983,7 @@ def gate_evidence(agent: Agent, evc: Collector, cfg: Cfg) -> dict:
     learned = evaluate(evc, cfg, arm=counterfactual(agent, "learned"))
     consts = {"const": learned.mean_c, "const_start": learned.mean_c_later, "mean_surprise": learned.mean_td_later}
     runs = {"learned": learned, **{a: evaluate(evc, cfg, arm=counterfactual(agent, a, consts.get(a, math.nan)))
-                                   for a in ARMS if a != "learned" and (a != "no_router" or agent.R)}}
+                                   for a in ARMS if a != "learned" and (a != "no_router" or agent.router)}}
     effects = {}
     for name, (a, b) in EFFECTS.items():
         if a in runs and b in runs:
@@ -1006,11 +1046,11 @@ def gate_samples(agent: Agent, b: dict, floor_frac: float) -> dict:
     the parameters that made the rollout); floor_frac: the share of its normalizer updates at the floor."""
     c, start = b["c"], b["start"]
     res = torch.zeros(0)
-    if agent.R and agent.cfg.force_c is None:
-        x_r, keep, R = agent.features(b["obs"])[..., -agent.R:], agent.gate_prior(b["td_prev"], start)[1], agent.R
-        res = agent.residual(x_r, agent.recur(b["h0"] * keep)[..., -R:]).mean(-1)  # a vector gate: mean over units
+    if agent.router is not None and agent.cfg.force_c is None:
+        keep = agent.gate_prior(b["surprise"], start)[1]
+        res = agent.router(agent.features(b["obs"]), agent.memory.read(b["h0"] * keep)).mean(-1)  # vector: unit mean
     dc_ok = (start == 0) & (torch.arange(len(start), device=start.device)[:, None] > 0)
-    out = dict(td_abs=agent.router_td(b["td_prev"], start).abs(), c=c, dc=c - torch.cat([c[:1], c[:-1]]),
+    out = dict(td_abs=agent.gate_surprise(b["surprise"], start).abs(), c=c, dc=c - torch.cat([c[:1], c[:-1]]),
                dc_ok=dc_ok, res=res)
     return {**{k: v.cpu().numpy().ravel() for k, v in out.items()}, "floor_frac": floor_frac}
 
@@ -1693,11 +1733,11 @@ def main(argv: Optional[list] = None) -> int:
 
 
 # ============================================================================ accelerator (optional)
-# Agent.cell's elementwise math, forward and backward, in C for CPU float32, one call per time step around
-# torch's matmul (Agent.recur): on a CPU the time loop is bound by per-op overhead (cell: ~15 small torch
-# ops per step, its backward ~30 autograd nodes). Used only if it equals Agent.cell for the agent being
-# trained (values and every parameter's gradient on a random batch). Delete this section and
-# Cfg.cpu_kernel, and the reference runs.
+# Agent.step's elementwise math for the GRU memory and a one-layer router, forward and backward, in C for CPU
+# float32, one call per time step around torch's matmul: on a CPU the time loop is bound by per-op overhead (the
+# step: ~15 small torch ops, its backward ~30 autograd nodes). What it supports is CCell.SUPPORTS; it is used only
+# if it equals Agent.step for the agent being trained (values and every parameter's gradient on a random batch).
+# Delete this section and Cfg.cpu_kernel, and the reference runs.
 _CELL_C = r"""/* One time step t of a (L, B) batch, forward and backward. Row-major float32; X = 3H+R. */
 #include <math.h>
 #include <stdint.h>
@@ -1811,41 +1851,70 @@ class _CellArgs(ctypes.Structure):  # mirrors `Cell` in _CELL_C
         "x prior keep b_ih w_o b_o hp hh c h ci a tape d_h d_c dgn dhh dlogit dhp dmm dx").split()]
 
 class CCell:
-    """`cell` stands in for Agent.cell in Agent.step (rollout), `unroll` for Agent.unroll's loop (training)."""
+    """`step` stands in for Agent.step without gradients (rollout), `unroll` for Agent.unroll's loop (training). It reads
+    the memory's and the router's weights as [GRU ; router] rows (X = 3H+R): W_x (X, E) = [W_ih ; the router's z
+    columns], W_h (X, H) = [W_hh ; its h columns], b_h (X) = [b_hh ; its bias]; b_ih; the router's output layer."""
+    SUPPORTS = "memory gru with the router of one hidden layer or none; scalar, vector or fixed gates; float32"
+
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
         for f in (lib.cell_fwd, lib.cell_bwd):  # (struct, step t, is t the last step?)
             f.argtypes, f.restype = [ctypes.POINTER(_CellArgs), ctypes.c_int64, ctypes.c_int64], None
 
     @staticmethod
+    def unsupported(ag: Agent) -> Optional[str]:
+        """What of this agent is outside SUPPORTS, or None."""
+        r = ag.router
+        if type(ag.memory) is not GRUMemory or type(ag.memory.cell) is not nn.GRUCell:
+            return f"memory {ag.cfg.memory}" if type(ag.memory) is not GRUMemory else "an edited GRUMemory"
+        if r is not None and [type(m) for m in (*r.mlp, r.out)] != [nn.Linear, nn.Tanh, nn.Linear]:
+            return f"a router of {ag.cfg.router_layers} hidden layers" if ag.cfg.router_layers != 1 else "an edited router"
+        if any(p.dtype != torch.float32 for p in ag.parameters()):
+            return "parameters that are not float32"
+        return None
+
+    @staticmethod
+    def rows(ag: Agent) -> tuple[list, list, list]:
+        """The parts of W_x, W_h and b_h (see the class doc), GRU first."""
+        cell, r = ag.memory.cell, ag.router
+        if r is None:
+            return [cell.weight_ih], [cell.weight_hh], [cell.bias_hh]
+        lin, E = r.mlp[0], cell.input_size
+        return [cell.weight_ih, lin.weight[:, :E]], [cell.weight_hh, lin.weight[:, E:]], [cell.bias_hh, lin.bias]
+
+    @staticmethod
     def workspace(ag: Agent, L: int, B: int, grad: bool, **tensors) -> tuple[dict, _CellArgs]:
         """Work buffers for L steps of B rows (d*: backward only), and the C struct with their addresses."""
-        H, X, G = ag.H, 3 * ag.H + ag.R, ag.G if ag.cfg.force_c is None and ag.R else 1  # G: gates per row
-        ws = {k: torch.empty(v) for k, v in dict(hp=(L, B, H), hh=(B, X), ci=(L, B), a=(L, B, max(ag.R, 1)),
+        R, learned = ag.router.mlp[0].out_features if ag.router is not None else 0, ag.cfg.force_c is None
+        H, X, G = ag.H, 3 * ag.H + R, ag.G if learned and R else 1  # G: gates per row
+        ws = {k: torch.empty(v) for k, v in dict(hp=(L, B, H), hh=(B, X), ci=(L, B), a=(L, B, max(R, 1)),
               c=(L, B, G), h=(L, B, H), tape=(L, B, 4 * H), dgn=(L, B, H), dhh=(L, B, X), dlogit=(L, B, G),
               dhp=(B, H), dmm=(B, H), dx=(L, B, X)).items() if grad or not k.startswith("d")}
         ws.update({k: v.contiguous() for k, v in tensors.items()})
-        args = _CellArgs(B, H, ag.R, G, int(ag.cfg.force_c is None), b_ih=ag.b_ih.data_ptr(),
+        args = _CellArgs(B, H, R, G, int(learned), b_ih=ag.memory.cell.bias_ih.data_ptr(),
                          **{k: v.data_ptr() for k, v in ws.items()})
-        if ag.R:
-            args.w_o, args.b_o = ag.r_out.weight.data_ptr(), ag.r_out.bias.data_ptr()
+        if R:
+            args.w_o, args.b_o = ag.router.out.weight.data_ptr(), ag.router.out.bias.data_ptr()
         return ws, args
 
-    def cell(self, ag: Agent, x, prior, hp, hh):
-        """Agent.cell(x, prior, hp, hh) for one step, without gradients (the rollout)."""
-        ws, args = self.workspace(ag, 1, x.shape[0], False, x=x, prior=prior, hp=hp, hh=hh)
+    def step(self, ag: Agent, z, prior, keep, state):
+        """Agent.step for one step, without gradients (the rollout): the projections as a few matmuls, then C."""
+        W_x, W_h, b_h = self.rows(ag)
+        hp = state * keep
+        x = torch.cat([F.linear(z, w) for w in W_x], -1)  # the outputs, not the weights: small at rollout batch sizes
+        hh = torch.cat([F.linear(hp, w, b) for w, b in zip(W_h, b_h)], -1)
+        ws, args = self.workspace(ag, 1, z.shape[0], False, x=x, prior=prior, hp=hp, hh=hh)
         self.lib.cell_fwd(ctypes.byref(args), 0, 1)
         return ws["c"][0], ws["h"][0]
 
-    def unroll(self, ag: Agent, x, prior, keep, h0):  # the router's output layer learns only with a learned gate
-        return _CUnroll.apply(self, ag, x, prior, keep, h0, ag.W_h, ag.b_h, ag.b_ih,
-                              *([ag.r_out.weight, ag.r_out.bias] if ag.R and ag.cfg.force_c is None else []))
+    def unroll(self, ag: Agent, z, prior, keep, h0):  # the router's output layer learns only with a learned gate
+        W_x, W_h, b_h = (torch.cat(p) for p in self.rows(ag))  # autograd splits their gradients back
+        out = [ag.router.out.weight, ag.router.out.bias] if ag.router is not None and ag.cfg.force_c is None else []
+        return _CUnroll.apply(self, ag, F.linear(z, W_x), prior, keep, h0, W_h, b_h, ag.memory.cell.bias_ih, *out)
 
     def disagreement(self, agent: Agent) -> Optional[str]:
         """Where this C cell and agent's reference differ on a random batch (every output of unroll and step,
         every parameter's gradient), or None; on a copy with perturbed parameters (a zero router hides edits)."""
-        if any(p.dtype != torch.float32 for p in agent.parameters()):
-            return "its parameters are not float32"
         g = torch.Generator().manual_seed(0)  # never the global generators: runs must not depend on this check
         ref = copy.deepcopy(agent)
         with torch.no_grad():
@@ -1853,7 +1922,7 @@ class CCell:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
         fast = copy.deepcopy(ref)
         fast.accel = self
-        obs, h0 = torch.randn(6, 3, agent.obs_dim, generator=g), torch.randn(3, agent.H, generator=g)
+        obs, h0 = torch.randn(6, 3, agent.obs_dim, generator=g), torch.randn(3, agent.memory.state_dim, generator=g)
         td, start = torch.randn(6, 3, generator=g), (torch.rand(6, 3, generator=g) < 0.3).float()
         res = {}
         for name, m in (("reference", ref), ("C", fast)):
@@ -1865,8 +1934,8 @@ class CCell:
                     grads = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
                 with torch.no_grad():
                     step = m.step(m.features(obs[0]), *m.gate_prior(td[0], start[0]), h0)
-            except Exception as e:  # e.g. an edited router that the C cell cannot read
-                return f"the {name} cell raised {type(e).__name__}: {str(e)[:120]}"
+            except Exception as e:  # e.g. an edited memory that the C cell reads wrongly
+                return f"the {name} step raised {type(e).__name__}: {str(e)[:120]}"
             res[name] = dict(zip(["logits", "value", "c", "h", "step c", "step h"], (*outs, *step)),
                              **{f"grad {n}": torch.zeros_like(p) if d is None else d
                                 for (n, p), d in zip(m.named_parameters(), grads)})
@@ -1882,10 +1951,10 @@ class _CUnroll(torch.autograd.Function):
         ws, args = cc.workspace(ag, L, B, True, x=x, prior=prior, keep=keep)
         torch.mul(h0, keep[0], out=ws["hp"][0])
         for t in range(L):
-            torch.addmm(b_h, ws["hp"][t], W_h.t(), out=ws["hh"])  # = Agent.recur(hp[t]); cell_fwd writes hp[t+1]
+            torch.addmm(b_h, ws["hp"][t], W_h.t(), out=ws["hh"])  # hh = W_h hp[t] + b_h; cell_fwd writes hp[t+1]
             cc.lib.cell_fwd(ctypes.byref(args), t, t == L - 1)
         ctx.save_for_backward(cs := ws.pop("c"))  # cell_bwd reads it; an output kept on ctx would leak the graph
-        ctx.cc, ctx.ag, ctx.ws, ctx.args, ctx.n_router = cc, ag, ws, args, len(router)
+        ctx.cc, ctx.ag, ctx.ws, ctx.args, ctx.n_router, ctx.W_h = cc, ag, ws, args, len(router), W_h.detach()
         return ws.pop("h"), cs
 
     @staticmethod
@@ -1896,7 +1965,7 @@ class _CUnroll(torch.autograd.Function):
         args.d_h, args.d_c = ws["d_h"].data_ptr(), ws["d_c"].data_ptr()
         for t in range(L - 1, -1, -1):
             ctx.cc.lib.cell_bwd(ctypes.byref(args), t, t == L - 1)
-            torch.mm(ws["dhh"][t], ag.W_h.detach(), out=ws["dmm"])  # d hp[t] through hh[t] = recur(hp[t])
+            torch.mm(ws["dhh"][t], ctx.W_h, out=ws["dmm"])  # d hp[t] through hh[t] = W_h hp[t] + b_h
         dhh, dl = ws["dhh"].view(L * B, -1), ws["dlogit"].view(L * B, -1)
         grads = [dhh.T @ ws["hp"].view(L * B, H), dhh.sum(0),  # W_h, b_h, and b_ih from d gi = [d hh_ru, d gi_n]
                  torch.cat([ws["dhh"][..., :2 * H].sum((0, 1)), ws["dgn"].sum((0, 1))])]
@@ -2009,7 +2078,8 @@ def load_library() -> ctypes.CDLL:
 _TMP_DIR, _LIB = None, None  # this process's private build directory if needed; the library or why there is none
 
 def accelerate(agent: Agent, dev: torch.device) -> None:
-    """agent.accel = the C cell if cpu_kernel is on, it runs here and it equals agent.cell; else one line why not."""
+    """agent.accel = the C cell if cpu_kernel is on, it runs here, supports this agent and equals Agent.step; else one
+    line why not."""
     global _LIB
     if not agent.cfg.cpu_kernel:
         return
@@ -2022,12 +2092,14 @@ def accelerate(agent: Agent, dev: torch.device) -> None:
         why = f"it runs on CPU only and this run is on {dev}"
     elif isinstance(_LIB, KernelUnavailable):
         why = str(_LIB)
+    elif (other := CCell.unsupported(agent)) is not None:
+        why = f"it supports {CCell.SUPPORTS}; this run has {other}"
     elif (diff := CCell(_LIB).disagreement(agent)) is not None:
-        why = f"it disagrees with Agent.cell: {diff}"
+        why = f"it disagrees with Agent.step: {diff}"
     else:
         agent.accel = CCell(_LIB)
         return
-    print(f"note: C cell not used ({why}); Agent.cell runs as torch ops", file=sys.stderr)
+    print(f"note: C cell not used ({why}); Agent.step runs as torch ops", file=sys.stderr)
 
 
 if __name__ == "__main__":  # run as the module an import makes: pickled env state then names gwt_ib.FlatObs
