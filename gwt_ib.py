@@ -1874,9 +1874,13 @@ class CCell:
         return None
 
     @staticmethod
+    def router(ag: Agent) -> Optional[Router]:  # a fixed gate reads no router
+        return ag.router if ag.cfg.force_c is None else None
+
+    @staticmethod
     def rows(ag: Agent) -> tuple[list, list, list]:
         """The parts of W_x, W_h and b_h (see the class doc), GRU first."""
-        cell, r = ag.memory.cell, ag.router
+        cell, r = ag.memory.cell, CCell.router(ag)
         if r is None:
             return [cell.weight_ih], [cell.weight_hh], [cell.bias_hh]
         lin, E = r.mlp[0], cell.input_size
@@ -1885,8 +1889,9 @@ class CCell:
     @staticmethod
     def workspace(ag: Agent, L: int, B: int, grad: bool, **tensors) -> tuple[dict, _CellArgs]:
         """Work buffers for L steps of B rows (d*: backward only), and the C struct with their addresses."""
-        R, learned = ag.router.mlp[0].out_features if ag.router is not None else 0, ag.cfg.force_c is None
-        H, X, G = ag.H, 3 * ag.H + R, ag.G if learned and R else 1  # G: gates per row
+        r, learned = CCell.router(ag), ag.cfg.force_c is None
+        R = r.mlp[0].out_features if r is not None else 0
+        H, X, G = ag.H, 3 * ag.H + R, ag.G if R else 1  # G: gates per row
         ws = {k: torch.empty(v) for k, v in dict(hp=(L, B, H), hh=(B, X), ci=(L, B), a=(L, B, max(R, 1)),
               c=(L, B, G), h=(L, B, H), tape=(L, B, 4 * H), dgn=(L, B, H), dhh=(L, B, X), dlogit=(L, B, G),
               dhp=(B, H), dmm=(B, H), dx=(L, B, X)).items() if grad or not k.startswith("d")}
@@ -1894,7 +1899,7 @@ class CCell:
         args = _CellArgs(B, H, R, G, int(learned), b_ih=ag.memory.cell.bias_ih.data_ptr(),
                          **{k: v.data_ptr() for k, v in ws.items()})
         if R:
-            args.w_o, args.b_o = ag.router.out.weight.data_ptr(), ag.router.out.bias.data_ptr()
+            args.w_o, args.b_o = r.out.weight.data_ptr(), r.out.bias.data_ptr()
         return ws, args
 
     def step(self, ag: Agent, z, prior, keep, state):
@@ -1909,7 +1914,7 @@ class CCell:
 
     def unroll(self, ag: Agent, z, prior, keep, h0):  # the router's output layer learns only with a learned gate
         W_x, W_h, b_h = (torch.cat(p) for p in self.rows(ag))  # autograd splits their gradients back
-        out = [ag.router.out.weight, ag.router.out.bias] if ag.router is not None and ag.cfg.force_c is None else []
+        out = [] if (r := self.router(ag)) is None else [r.out.weight, r.out.bias]
         return _CUnroll.apply(self, ag, F.linear(z, W_x), prior, keep, h0, W_h, b_h, ag.memory.cell.bias_ih, *out)
 
     def disagreement(self, agent: Agent) -> Optional[str]:

@@ -4,7 +4,9 @@
 # four POPGym Easy tasks, 3 seeds, 500k env steps; then GateCheck's labelled runs: a plain GRU on CartPole-v1 (500k,
 # should PASS) and agents that cannot learn (--lr 0) on CartPole-v1 and CountRecallEasy (should FAIL). Every run in
 # parallel with one torch thread. `bash plots/ablation.sh ablation` runs the first part (60 runs: ~12 min on 16
-# cores), `bash plots/ablation.sh labels` the second (23 runs, 7 of them at 500k), no argument both.
+# cores), `bash plots/ablation.sh labels` the second (23 runs, 7 of them at 500k), `bash plots/ablation.sh parts` the
+# swapped parts on the same tasks and seeds (36 runs into the same folder): a plain LSTM (--memory lstm --force-c 1),
+# GWT-IB with an LSTM memory, and GWT-IB whose gate gets no surprise (--surprise none); no argument: all three.
 # Run dirs go to ${DEST:-plots}/ablation and ${DEST:-plots}/labels; summarize with
 #   python plots/sweep.py report --out plots/ablation
 #   python plots/sweep.py figures --out plots/ablation --timeline-variant start_max
@@ -23,6 +25,11 @@ if [ "${1:-ablation}" = ablation ] || [ $# = 0 ]; then
     popgym-PositionOnlyCartPoleEasy-v0" "0 1 2" "start_max:--episode-start-td max --ib-loss sq" \
     "constraint:--episode-start-td max --ib-loss constraint" "start_carry:--episode-start-td carry --ib-loss sq" \
     "no_gate:--force-c 1.0" "memoryless:--memoryless true"
+fi
+if [ "${1:-parts}" = parts ] || [ $# = 0 ]; then
+  launch "$O/ablation" "popgym-CountRecallEasy-v0 popgym-RepeatFirstEasy-v0 popgym-RepeatPreviousEasy-v0
+    popgym-PositionOnlyCartPoleEasy-v0" "0 1 2" "lstm:--memory lstm --force-c 1.0" "gwt_lstm:--memory lstm" \
+    "surprise_none:--surprise none"
 fi
 if [ "${1:-labels}" = labels ] || [ $# = 0 ]; then
   launch "$O/labels" "CartPole-v1" "0 1 2 42" "no_gate:--force-c 1.0"

@@ -1,5 +1,5 @@
-"""The optional accelerator (the C cell at the end of gwt_ib.py): it equals Agent.cell in values and
-gradients for every gate variant, it is only used when it matches the agent being trained, and its
+"""The optional accelerator (the C cell at the end of gwt_ib.py): it equals Agent.step in values and
+gradients for every gate variant, it is only used when it supports and matches the agent being trained, and its
 compiled library is only ever loaded from bytes just checked against the checksum recorded at build time,
 read from a private cache that no other user can replace. Without a C compiler these tests are skipped, and the
 trainer runs the reference."""
@@ -54,7 +54,7 @@ def perturbed_agent(seed=0, **kw):
 def run_both(agent, lib, L=7, B=4, seed=1):
     """unroll + a loss over every output, with the reference and with the C cell -> {name: tensor}."""
     g = torch.Generator().manual_seed(seed)
-    obs, h0 = torch.randn(L, B, 5, generator=g), torch.randn(B, agent.H, generator=g)
+    obs, h0 = torch.randn(L, B, 5, generator=g), torch.randn(B, agent.memory.state_dim, generator=g)
     td, start = 2 * torch.randn(L, B, generator=g), (torch.rand(L, B, generator=g) < 0.25).float()
     weights = None
     out = {}
@@ -113,63 +113,79 @@ def test_a_run_uses_the_c_cell_when_it_matches(tmp_path, capsys):
 
 
 class TwoLayerRouter(gwt_ib.Agent):
-    """A researcher's edit: one more hidden layer in the router's residual MLP."""
+    """A researcher's edit in the file, not through --router-layers: one more hidden layer in the router's MLP."""
 
     def __init__(self, obs_dim, act, cfg):
         super().__init__(obs_dim, act, cfg)
-        R = cfg.router_hid
-        self.r_out = nn.Sequential(nn.Linear(R, R), nn.Tanh(), nn.Linear(R, self.G))  # not zero: it must matter
+        R, EH = cfg.router_hid, cfg.enc_dim + cfg.hid_dim
+        self.router.mlp = nn.Sequential(nn.Linear(EH, R), nn.Tanh(), nn.Linear(R, R), nn.Tanh())
+        self.router.out.weight.data.normal_()  # not zero: the router must matter
 
 
-def edited_gate(agent, obs, h_prev, td_prev, start):
-    """The edited formula written out: c = sigmoid(prior + W3 tanh(W2 tanh(W_z z + W_h h + b) + b2) + b3)."""
-    H, cfg = agent.H, agent.cfg
-    keep = 1 - start[:, None]
-    z = agent.enc(obs)
-    pre = z @ agent.W_x[3 * H:].T + (h_prev * keep) @ agent.W_h[3 * H:].T + agent.b_h[3 * H:]
-    l1, l2 = agent.r_out[0], agent.r_out[2]
-    residual = torch.tanh(torch.tanh(pre) @ l1.weight.T + l1.bias) @ l2.weight.T + l2.bias
-    td_seen = torch.where(start[:, None] > 0, cfg.td_norm_clip, td_prev[:, None])  # episode_start_td="max"
-    prior = cfg.td_scale * td_seen.abs() + cfg.base_logit + agent.bias
+def edited_gate(agent, obs, h_prev, surprise, start):
+    """The edited formula written out: c = sigmoid(prior + W3 tanh(W2 tanh(W1 [z, h] + b1) + b2) + b3)."""
+    cfg, (l1, _, l2, _), l3 = agent.cfg, agent.router.mlp, agent.router.out
+    z, h = agent.enc(obs), h_prev * (1 - start[:, None])
+    residual = l3(torch.tanh(l2(torch.tanh(l1(torch.cat([z, h], -1))))))
+    seen = torch.where(start[:, None] > 0, cfg.td_norm_clip, surprise[:, None])  # episode_start_td="max"
+    prior = cfg.td_scale * seen.abs() + cfg.base_logit + agent.bias
     return torch.sigmoid(prior + residual)[:, 0]
 
 
-def test_an_edited_cell_runs_on_the_reference_and_trains(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(gwt_ib, "Agent", TwoLayerRouter)
+@pytest.mark.parametrize("how", ["edited in the file", "--router-layers 2"])
+def test_a_deeper_router_runs_on_the_reference_and_trains(how, tmp_path, capsys, monkeypatch):
+    """The C cell steps aside with one line naming what it does not support; the deeper router is what runs and
+    what the update trains."""
+    if how == "edited in the file":
+        monkeypatch.setattr(gwt_ib, "Agent", TwoLayerRouter)
     cfg = tiny_cfg(tmp_path, cpu_kernel=True, num_envs=4, rollout_steps=32, seq_len=16, minibatches=2,
-                   episode_start_td="max")
+                   episode_start_td="max", router_layers=1 if how == "edited in the file" else 2)
     su = gwt_ib.build(cfg)
     err = capsys.readouterr().err.strip().splitlines()
     assert su.agent.accel is None
-    assert len(err) == 1 and "C cell not used" in err[0] and "Agent.cell runs as torch ops" in err[0]
+    what = "an edited router" if how == "edited in the file" else "a router of 2 hidden layers"
+    assert len(err) == 1 and f"this run has {what}); Agent.step runs as torch ops" in err[0], err
+    if how == "--router-layers 2":
+        su.agent.router.out.weight.data.normal_()
     su.col.reset(seed=0)
     b, last_value, _ = gwt_ib.rollout(su.col, cfg.rollout_steps)
     with torch.no_grad():  # the rollout's gate is the edited formula, step by step
-        want = torch.stack([edited_gate(su.agent, b["obs"][t], b["h0"][t], b["td_prev"][t], b["start"][t])
+        want = torch.stack([edited_gate(su.agent, b["obs"][t], b["h0"][t], b["surprise"][t], b["start"][t])
                             for t in range(cfg.rollout_steps)])
     torch.testing.assert_close(b["c"], want, rtol=1e-5, atol=1e-6)
-    before = {n: p.detach().clone() for n, p in su.agent.r_out.named_parameters()}
+    before = {n: p.detach().clone() for n, p in su.agent.router.named_parameters()}
     adv, ret = gwt_ib.gae(b, last_value, cfg.gamma, cfg.gae_lambda)
     m = gwt_ib.ppo_update(su.agent, su.opt, b, adv, ret, cfg, lam_c=0.05, update=0)
     assert m["ratio0_maxdev"] < 1e-5
-    for n, p in su.agent.r_out.named_parameters():  # the new layers are trained
+    for n, p in su.agent.router.named_parameters():  # every layer is trained
         assert p.grad is not None and p.grad.abs().sum() > 0, n
         assert not torch.equal(p, before[n]), n
     su.envs.close()
     su.eval_envs.close()
 
 
-def test_a_patched_cell_is_detected(tmp_path, capsys, monkeypatch):
-    ref_cell = gwt_ib.Agent.cell
+def test_an_lstm_memory_runs_on_the_reference_with_one_note(tmp_path, capsys):
+    su = gwt_ib.build(tiny_cfg(tmp_path, cpu_kernel=True, memory="lstm"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert su.agent.accel is None
+    assert len(err) == 1 and "it supports memory gru" in err[0] and "this run has memory lstm" in err[0], err
+    su.envs.close()
+    su.eval_envs.close()
 
-    def half_gate(self, x, prior, hp, hh):  # an edit of the formula that adds no parameter
-        c, h = ref_cell(self, x, prior, hp, hh)
-        return 0.5 * c, h
 
-    monkeypatch.setattr(gwt_ib.Agent, "cell", half_gate)
+@pytest.mark.parametrize("part", ["gate", "memory"])
+def test_a_patched_step_is_detected(part, tmp_path, capsys, monkeypatch):
+    """An edit of the formula that adds no parameter and keeps every type (the gate halved, or the GRU's proposal
+    halved) is caught by the start-up comparison, not by the supported-parts check."""
+    if part == "gate":
+        ref = gwt_ib.Agent.gate
+        monkeypatch.setattr(gwt_ib.Agent, "gate", lambda self, z, prior, s: 0.5 * ref(self, z, prior, s))
+    else:
+        ref = gwt_ib.GRUMemory.forward
+        monkeypatch.setattr(gwt_ib.GRUMemory, "forward", lambda self, z, s: 0.5 * ref(self, z, s))
     su = gwt_ib.build(tiny_cfg(tmp_path, cpu_kernel=True))
     assert su.agent.accel is None
-    assert "disagrees with Agent.cell" in capsys.readouterr().err
+    assert "disagrees with Agent.step" in capsys.readouterr().err
     su.envs.close()
     su.eval_envs.close()
 
@@ -181,7 +197,7 @@ def test_without_a_c_compiler_the_reference_runs_with_one_note(tmp_path, capsys,
     su = gwt_ib.build(tiny_cfg(tmp_path, cpu_kernel=True))
     err = capsys.readouterr().err.strip().splitlines()
     assert su.agent.accel is None
-    assert err == ["note: C cell not used (no C compiler found ($CC, cc, gcc, clang)); Agent.cell runs as torch ops"]
+    assert err == ["note: C cell not used (no C compiler found ($CC, cc, gcc, clang)); Agent.step runs as torch ops"]
     su.envs.close()
     su.eval_envs.close()
     monkeypatch.setattr(gwt_ib, "_LIB", None)  # let later tests load the real library

@@ -106,8 +106,8 @@ def test_gatecheck_passes_a_task_the_agent_learns(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the counterfactual arms
-def evidence(cfg, router_td=None, perturb=True):
-    """GateCheck's evidence for a constructed agent (its router made to vary, optionally a patched router_td)."""
+def evidence(cfg, gate_surprise=None, perturb=True):
+    """GateCheck's evidence for a constructed agent (its router made to vary, optionally a patched gate_surprise)."""
     su = built(cfg)
     try:
         with torch.no_grad():
@@ -115,8 +115,8 @@ def evidence(cfg, router_td=None, perturb=True):
             for p in su.agent.parameters() if perturb else []:  # an agent whose actions depend on its memory
                 p.add_(0.5 * torch.randn(p.shape, generator=g))
             su.agent.bias.fill_(cfg.bias_init)
-        if router_td is not None:
-            su.agent.router_td = router_td
+        if gate_surprise is not None:
+            su.agent.gate_surprise = gate_surprise
         return gwt_ib.gate_evidence(su.agent, su.evc, cfg)
     finally:
         close(su)
@@ -131,7 +131,7 @@ def test_a_gate_that_only_follows_the_start_rule_has_no_surprise_timing():
     and the start rule carries all of the gate's effect."""
     cfg = tiny_cfg(**RF, use_router_residual=False)
     start_only = lambda td, start: torch.where(start > 0, cfg.td_norm_clip, 0.0)  # noqa: E731
-    e = evidence(cfg, router_td=start_only)
+    e = evidence(cfg, gate_surprise=start_only)
     for k in ("after the start", "surprise term", "surprise timing"):
         assert abs(e["effects"][k]["mean"]) <= e["effects"][k]["ci"] or e["effects"][k]["mean"] == 0, (k, e)
     assert e["effects"]["start rule"]["mean"] == pytest.approx(e["effects"]["gate vs constant"]["mean"], abs=1e-6)
@@ -176,19 +176,17 @@ def test_counterfactual_steps_are_the_agents_own_step_with_one_part_changed():
     su = built(cfg)
     try:
         ag, H = su.agent, su.agent.H
-        for p in ag.r_out.parameters():
+        for p in ag.router.out.parameters():
             p.normal_(0, 0.5)
         g = torch.Generator().manual_seed(3)
         obs, h = torch.randn(4, ag.obs_dim, generator=g), torch.randn(4, H, generator=g)
         td, start = torch.randn(4, generator=g), torch.tensor([1.0, 0.0, 0.0, 1.0])
-        x, hp = ag.features(obs), h * (1 - start)[:, None]
+        x, hp = ag.features(obs), h * (1 - start)[:, None]  # x = z, the encoded observation
         learned = ag.step(x, *ag.gate_prior(td, start), h)
         for k in (0, 1):
             assert torch.equal(gwt_ib.counterfactual(ag, "learned")(x, td, start, h)[k], learned[k])
-        gru = torch.nn.GRUCell(cfg.enc_dim, H)
-        for w, v in ((gru.weight_ih, ag.W_x[:3 * H]), (gru.weight_hh, ag.W_h[:3 * H]), (gru.bias_ih, ag.b_ih),
-                     (gru.bias_hh, ag.b_h[:3 * H])):
-            w.copy_(v)
+        gru = torch.nn.GRUCell(cfg.enc_dim, H)  # a plain GRU cell carrying the agent's memory weights
+        gru.load_state_dict(ag.memory.cell.state_dict())
         c, hc = gwt_ib.counterfactual(ag, "const", 0.3)(x, td, start, h)
         assert (c == 0.3).all() and torch.allclose(hc, hp + 0.3 * (gru(0.3 * ag.enc(obs), hp) - hp), atol=1e-6)
         c, _ = gwt_ib.counterfactual(ag, "const_start", 0.3)(x, td, start, h)
@@ -199,7 +197,7 @@ def test_counterfactual_steps_are_the_agents_own_step_with_one_part_changed():
         assert torch.equal(c, ag.step(x, *ag.gate_prior(torch.where(start > 0, td, 0.7), start), h)[0])
         c, _ = gwt_ib.counterfactual(ag, "no_router")(x, td, start, h)
         assert torch.allclose(c, torch.sigmoid(ag.gate_prior(td, start)[0]))
-        assert ag.r_out.weight.abs().sum() > 0 and not torch.equal(c, learned[0])  # the agent itself is untouched
+        assert ag.router.out.weight.abs().sum() > 0 and not torch.equal(c, learned[0])  # the agent itself is untouched
     finally:
         close(su)
 

@@ -112,7 +112,7 @@ def test_gate_samples_residual_is_the_routers_part_of_the_rollout_gate():
     cfg = tiny_cfg(num_envs=4, episode_start_td="max")
     su = built(cfg)
     try:
-        for p in su.agent.r_out.parameters():  # a router that has learned something
+        for p in su.agent.router.out.parameters():  # a router that has learned something
             p.normal_(0, 0.5)
         b, _, _ = gwt_ib.rollout(su.col, cfg.rollout_steps)
         gs = gwt_ib.gate_samples(su.agent, b, 0.0)
