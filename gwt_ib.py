@@ -728,13 +728,13 @@ class Collector:
         host = np.stack([r, term, trunc, done, cfg.gamma * ~term]).astype(np.float32)  # one copy in
         r_t, term_t, trunc_t, done_t, disc_t = torch.from_numpy(host).to(self.dev)
         delta = r_t + disc_t * v_boot - value  # the TD error r + gamma*(1-term)*V_clean(o_{t+1}) - V(o_t)
-        if cfg.surprise == "none":  # no signal to normalize: the gate is its prior
+        if cfg.surprise == "none":  # no signal to normalize: the gate is its prior (the start rule stays)
             self.surprise = torch.zeros_like(delta)
         else:
-            raw = surprise_signal(cfg.surprise, r_t, disc_t, v_boot, value)
+            sig = surprise_signal(cfg.surprise, r_t, disc_t, v_boot, value)
             if update_norm:
-                self.norm.update(raw)
-            self.surprise = self.norm.normalize(raw)  # kept across an episode end for episode_start_td="carry"
+                self.norm.update(sig)
+            self.surprise = self.norm.normalize(sig)  # kept across an episode end for episode_start_td="carry"
         self.h, self.start, self.obs, self.z = h, done_t, next_obs, z_next
         self.ep_ret += r  # episode bookkeeping on the host
         self.ep_len += 1
@@ -1008,7 +1008,7 @@ def _corr(x: np.ndarray, y: np.ndarray) -> float:
 
 def gatecheck(td_abs: np.ndarray, c: np.ndarray, dc: np.ndarray, dc_ok: np.ndarray, res: np.ndarray,
               floor_frac: float, td_std: float, eval_returns: list, cfg: Cfg) -> dict:
-    """Does the gate track surprise, and did the agent learn? td_abs, c: |td_prev| fed to the router and the
+    """Does the gate track surprise, and did the agent learn? td_abs, c: |surprise| fed to the gate and the
     gate, per step of the last rollouts; dc = c_t - c_{t-1} where dc_ok (not at an episode start); res: the
     router's learned residual logit (empty without one). rho: Pearson; tail: steps with |td| in the top 20%.
     rho(td,c) is high by construction (the prior is td_scale*|td|); rho(td,res) is what the router learned.

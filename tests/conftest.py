@@ -57,7 +57,8 @@ def close(su: gwt_ib.Setup) -> None:
 
 def step_from_obs(agent: gwt_ib.Agent, obs, h_prev, td_prev, start):
     """One recurrent step from an observation, as the rollout takes it: features -> gate_prior -> step
-    -> heads. obs (B, obs_dim), h_prev (B, H), td_prev and start (B,) -> logits, value, c (B, G), h (B, H)."""
+    -> heads. obs (B, obs_dim), h_prev (B, S) the memory state, td_prev and start (B,) -> logits, value, c (B, G),
+    the new state (B, S)."""
     c, h = agent.step(agent.features(obs), *agent.gate_prior(td_prev, start), h_prev)
     logits, value = agent.heads(h)
     return logits, value, c, h

@@ -1,13 +1,20 @@
-"""The method's invariants, on the reference recurrent step (Agent.cell as torch ops):
+"""The method's invariants, checked against reference behaviour (plain torch modules), never against how the agent
+lays out its weights:
 
-  c_t = sigmoid(td_scale*|td_prev_t| + base_logit + bias [+ MLP([z_t, h_{t-1}])])
-  h_t = h_{t-1} + c_t * (GRUCell(c_t * z_t, h_{t-1}) - h_{t-1})
-  td_prev_{t+1} = normalize(r_t + gamma*(1-term_t)*V(o_{t+1}, h_t, td_prev=0) - V_t)
+  c_t = sigmoid(td_scale*|surprise_t| + base_logit + bias [+ MLP([z_t, h_{t-1}])])
+  s_t = s_{t-1} + c_t * (cell(c_t * z_t, s_{t-1}) - s_{t-1})
+        cell: nn.GRUCell (s = h) or nn.LSTMCell (s = (h, cell state)), with the agent's memory weights
+  surprise_{t+1} = normalize(signal_t), signal_t by --surprise:
+        td            r_t + gamma*(1-term_t)*V(o_{t+1}, s_t, surprise=0) - V_t
+        value_change  gamma*(1-term_t)*V(o_{t+1}, s_t, surprise=0) - V_t
+        reward        r_t
+        none          no signal: surprise stays 0, the gate is its prior
   loss = PPO clip + vf_coef*value - ent_coef*entropy + lambda_c * IB(c)
 
-Gated memory, episode resets, the TD prior, action distributions, the rollout buffer, recurrent PPO's
-stored state, the clean TD bootstrap, GAE, the IB loss and weight, the bias clamp and the TD normalizer.
-The C accelerator has its own tests; here it appears only where the PPO ratio must be 1 with it too."""
+Gated memory (GRU and LSTM), episode resets, the surprise prior and the router, action distributions, the rollout
+buffer, recurrent PPO's stored state, the clean TD bootstrap and the surprise signals, GAE, the IB loss and weight,
+the bias clamp and the TD normalizer. The C accelerator has its own tests; here it appears only where the PPO ratio
+must be 1 with it too."""
 from __future__ import annotations
 
 import copy
@@ -25,6 +32,7 @@ import gwt_ib
 from conftest import built, close, step_from_obs, tiny_cfg
 
 OBS_DIM, B = 7, 5
+MEMORIES = ["gru", "lstm"]
 
 
 def make_agent(act_space=spaces.Discrete(4), obs_dim=OBS_DIM, seed=0, **kw) -> gwt_ib.Agent:
@@ -35,176 +43,231 @@ def make_agent(act_space=spaces.Discrete(4), obs_dim=OBS_DIM, seed=0, **kw) -> g
     return agent
 
 
-def inputs(seed=1, b=B, h_dim=10):
+# --- the memory state as the plain cells hold it: h for nn.GRUCell, (h, cell state) for nn.LSTMCell, which the
+# agent carries as one (B, 2H) tensor [h, cell state]
+def parts(agent, state) -> tuple:
+    H = agent.cfg.hid_dim
+    return (state,) if agent.cfg.memory == "gru" else (state[..., :H], state[..., H:])
+
+
+def state_of(*ps) -> torch.Tensor:
+    return torch.cat(ps, -1)
+
+
+def h_of(agent, state) -> torch.Tensor:
+    """What the router and the heads read: h (not the LSTM's cell state)."""
+    return parts(agent, state)[0]
+
+
+def plain_cell(agent):
+    """The reference memory: a fresh nn.GRUCell / nn.LSTMCell carrying agent.memory.cell's weights, as a function
+    (z, state) -> next state; state None = the cell's own zero state."""
+    E, H = agent.cfg.enc_dim, agent.cfg.hid_dim
+    cell = (torch.nn.GRUCell if agent.cfg.memory == "gru" else torch.nn.LSTMCell)(E, H)
+    cell.load_state_dict(agent.memory.cell.state_dict())  # strict: the same parameters, nothing more or less
+    cell.to(next(agent.parameters()).dtype)
+
+    def step(z, state=None):
+        if agent.cfg.memory == "gru":
+            return cell(z, state)
+        return state_of(*cell(z, None if state is None else parts(agent, state)))
+    return step
+
+
+def inputs(agent, seed=1, b=B):
+    """obs, a previous memory state (h in (-1, 1); an LSTM cell state unbounded), a surprise and no episode start."""
     g = torch.Generator().manual_seed(seed)
+    H = agent.cfg.hid_dim
     obs = torch.randn(b, OBS_DIM, generator=g)
-    h_prev = torch.randn(b, h_dim, generator=g).tanh()
-    td_prev = torch.randn(b, generator=g) * 0.5
-    return obs, h_prev, td_prev, torch.zeros(b)
+    ps = [torch.randn(b, H, generator=g).tanh()] + [2 * torch.randn(b, H, generator=g)] * (agent.cfg.memory == "lstm")
+    surprise = torch.randn(b, generator=g) * 0.5
+    return obs, state_of(*ps), surprise, torch.zeros(b)
 
 
 def randomize_router(agent, std=1.0):
     """The router's output layer starts at zero; a non-zero one makes the residual MLP matter."""
     with torch.no_grad():
-        for p in agent.r_out.parameters():
+        for p in agent.router.out.parameters():
             p.normal_(0, std)
 
 
-def gru_cell(agent) -> torch.nn.GRUCell:
-    """A plain nn.GRUCell carrying the agent's GRU weights (the first 3H rows of W_x, W_h, b_h)."""
-    H = agent.H
-    cell = torch.nn.GRUCell(agent.W_x.shape[1], H)
-    with torch.no_grad():
-        cell.weight_ih.copy_(agent.W_x[:3 * H])
-        cell.weight_hh.copy_(agent.W_h[:3 * H])
-        cell.bias_ih.copy_(agent.b_ih)
-        cell.bias_hh.copy_(agent.b_h[:3 * H])
-    return cell
-
-
-def prior_logit(agent, td_prev):
+def prior_logit(agent, surprise):
     cfg = agent.cfg
-    return cfg.td_scale * td_prev.abs() + cfg.base_logit + agent.bias.detach()
+    return cfg.td_scale * surprise.abs() + cfg.base_logit + agent.bias.detach()
+
+
+def linears(seq) -> list:
+    return [m for m in seq if isinstance(m, torch.nn.Linear)]
 
 
 def router_residual(agent, z, h_prev):
-    """MLP([z, h_prev]): tanh(W_z z + W_rh h_prev + b_r), then r_out (rows 3H: of W_x, W_h, b_h)."""
-    H = agent.H
-    a = torch.tanh(z @ agent.W_x[3 * H:].T + h_prev @ agent.W_h[3 * H:].T + agent.b_h[3 * H:])
-    return agent.r_out(a)
+    """The router written out as a plain MLP over cat([z, h_prev]): router_layers tanh layers of width router_hid,
+    then the output layer to G gate logits."""
+    cfg, r = agent.cfg, agent.router
+    hidden = linears(r.mlp)
+    assert len(hidden) == cfg.router_layers
+    assert [(l.in_features, l.out_features) for l in hidden] == \
+        [(cfg.enc_dim + cfg.hid_dim, cfg.router_hid)] + [(cfg.router_hid, cfg.router_hid)] * (cfg.router_layers - 1)
+    a = torch.cat([z, h_prev], -1)
+    for lin in hidden:
+        a = torch.tanh(a @ lin.weight.T + lin.bias)
+    return a @ r.out.weight.T + r.out.bias
 
 
-# ----------------------------------------------------------------------------- gated GRU memory
-def _learned_gate_at_zero():
-    agent = make_agent()
+def gated(agent, c, z, state):
+    """The reference gated write: each memory unit j (h_j and, for the LSTM, its cell state c_j) moves c_j of the way
+    to the plain cell's proposal from the input scaled by the (mean) gate."""
+    c_in = c.mean(-1, keepdim=True)
+    proposal = plain_cell(agent)(c_in * z, state)
+    return state_of(*(p + c * (q - p) for p, q in zip(parts(agent, state), parts(agent, proposal))))
+
+
+# ----------------------------------------------------------------------------- gated memory
+def _learned_gate_at_zero(memory):
+    agent = make_agent(memory=memory)
     agent.bias.fill_(-1e4)  # sigmoid underflows to exactly 0
     return agent
 
 
-@pytest.mark.parametrize("zero_gate", [lambda: make_agent(force_c=0.0), _learned_gate_at_zero],
+@pytest.mark.parametrize("memory", MEMORIES)
+@pytest.mark.parametrize("zero_gate", [lambda m: make_agent(force_c=0.0, memory=m), _learned_gate_at_zero],
                          ids=["forced c=0", "learned gate at 0"])
 @torch.no_grad()
-def test_gate_zero_freezes_memory_exactly(zero_gate):
-    """With c = 0, forced or learned, the memory is not written at all: h == h_prev bit for bit."""
-    agent = zero_gate()
-    obs, h_prev, td_prev, start = inputs()
-    _, _, c, h = step_from_obs(agent, obs, h_prev, td_prev, start)
+def test_gate_zero_freezes_memory_exactly(zero_gate, memory):
+    """With c = 0, forced or learned, the memory is not written at all: the whole state (h, and the LSTM's cell
+    state) equals the previous one bit for bit."""
+    agent = zero_gate(memory)
+    obs, s_prev, surprise, start = inputs(agent)
+    assert not torch.allclose(plain_cell(agent)(torch.zeros(B, agent.cfg.enc_dim), s_prev), s_prev)  # a cell moves it
+    _, _, c, s = step_from_obs(agent, obs, s_prev, surprise, start)
     assert torch.all(c == 0)
-    assert torch.equal(h, h_prev)
+    assert s.shape == s_prev.shape
+    for name, p, q in zip(("h", "cell state"), parts(agent, s), parts(agent, s_prev)):
+        assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
 @torch.no_grad()
-def test_gate_one_is_a_plain_gru_step():
-    """With c = 1 (force_c=1) the update is nn.GRUCell(z, h_prev) with the agent's GRU weights."""
-    agent = make_agent(force_c=1.0)
-    obs, h_prev, td_prev, start = inputs()
-    _, _, c, h = step_from_obs(agent, obs, h_prev, td_prev, start)
+def test_gate_one_is_a_plain_cell_step(memory):
+    """With c = 1 (force_c=1) the update is the plain nn.GRUCell(z, h_prev) / nn.LSTMCell(z, (h_prev, cell_prev))
+    carrying the agent's memory weights."""
+    agent = make_agent(force_c=1.0, memory=memory)
+    obs, s_prev, surprise, start = inputs(agent)
+    _, _, c, s = step_from_obs(agent, obs, s_prev, surprise, start)
     assert torch.all(c == 1)
-    torch.testing.assert_close(h, gru_cell(agent)(agent.enc(obs), h_prev), atol=1e-6, rtol=0)
+    torch.testing.assert_close(s, plain_cell(agent)(agent.features(obs), s_prev), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("residual", [True, False], ids=["router-residual", "prior-only"])
 @torch.no_grad()
-def test_learned_gate_follows_the_formula(residual):
-    """c = sigmoid(td_scale*|td_prev| + base_logit + bias [+ MLP([z, h_prev])]) and
-    h = h_prev + c*(GRUCell(c*z, h_prev) - h_prev)."""
-    agent = make_agent(use_router_residual=residual)
+def test_learned_gate_follows_the_formula(residual, memory):
+    """c = sigmoid(td_scale*|surprise| + base_logit + bias [+ MLP([z, h_prev])]) and
+    s = s_prev + c*(cell(c*z, s_prev) - s_prev) for the whole state."""
+    agent = make_agent(use_router_residual=residual, memory=memory)
+    assert (agent.router is not None) == residual
     if residual:
         randomize_router(agent)
-    obs, h_prev, td_prev, start = inputs()
-    _, _, c, h = step_from_obs(agent, obs, h_prev, td_prev, start)
-    z = agent.enc(obs)
-    logit = prior_logit(agent, td_prev)[:, None] + (router_residual(agent, z, h_prev) if residual else 0)
+    obs, s_prev, surprise, start = inputs(agent)
+    _, _, c, s = step_from_obs(agent, obs, s_prev, surprise, start)
+    z = agent.features(obs)
+    logit = prior_logit(agent, surprise)[:, None] + (router_residual(agent, z, h_of(agent, s_prev)) if residual else 0)
     assert c.shape == (B, 1)
     torch.testing.assert_close(c, torch.sigmoid(logit), atol=1e-6, rtol=0)
     assert ((c > 0.01) & (c < 0.99)).all() and c.std() > 1e-3  # distinct gates strictly inside (0, 1)
-    expected = h_prev + c * (gru_cell(agent)(c * z, h_prev) - h_prev)
-    torch.testing.assert_close(h, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(s, gated(agent, c, z, s_prev), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
 @torch.no_grad()
-def test_vector_gate_has_one_gate_per_unit_and_zero_freezes():
-    """gate="vector": c is (B, hid_dim), c_j = sigmoid(prior + MLP_j([z, h_prev])); unit j moves c_j of the
-    way to the GRU proposal made from the input scaled by the mean gate; all gates 0 leave h == h_prev."""
-    agent = make_agent(gate="vector")
+def test_vector_gate_has_one_gate_per_unit_and_zero_freezes(memory):
+    """gate="vector": c is (B, hid_dim), c_j = sigmoid(prior + MLP_j([z, h_prev])); unit j (h_j, and the LSTM's
+    cell state c_j) moves c_j of the way to the cell's proposal made from the input scaled by the mean gate; all
+    gates 0 leave the whole state as it was."""
+    agent = make_agent(gate="vector", memory=memory)
     randomize_router(agent)
-    obs, h_prev, td_prev, start = inputs()
-    _, _, c, h = step_from_obs(agent, obs, h_prev, td_prev, start)
-    assert c.shape == (B, agent.H)
+    obs, s_prev, surprise, start = inputs(agent)
+    _, _, c, s = step_from_obs(agent, obs, s_prev, surprise, start)
+    assert c.shape == (B, agent.cfg.hid_dim)
     assert c.std(-1).max() > 0.05  # gates differ across units
-    z = agent.enc(obs)
-    torch.testing.assert_close(c, torch.sigmoid(prior_logit(agent, td_prev)[:, None] + router_residual(agent, z, h_prev)),
-                               atol=1e-6, rtol=0)
-    c_in = c.mean(-1, keepdim=True)
-    torch.testing.assert_close(h, h_prev + c * (gru_cell(agent)(c_in * z, h_prev) - h_prev), atol=1e-6, rtol=0)
+    z = agent.features(obs)
+    torch.testing.assert_close(c, torch.sigmoid(prior_logit(agent, surprise)[:, None]
+                                                + router_residual(agent, z, h_of(agent, s_prev))), atol=1e-6, rtol=0)
+    torch.testing.assert_close(s, gated(agent, c, z, s_prev), atol=1e-6, rtol=0)
     agent.bias.fill_(-1e4)
-    _, _, c0, h0 = step_from_obs(agent, obs, h_prev, td_prev, start)
+    _, _, c0, s0 = step_from_obs(agent, obs, s_prev, surprise, start)
     assert torch.all(c0 == 0)
-    assert torch.equal(h0, h_prev)
+    assert torch.equal(s0, s_prev)
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
 @torch.no_grad()
-def test_heads_read_the_new_memory():
-    """logits and value are the actor and critic heads applied to the new h (not to h_prev)."""
-    agent = make_agent()
-    obs, h_prev, td_prev, start = inputs()
-    logits, value, _, h = step_from_obs(agent, obs, h_prev, td_prev, start)
-    assert not torch.allclose(h, h_prev)
-    torch.testing.assert_close(logits, agent.actor(h), atol=0, rtol=0)
-    torch.testing.assert_close(value, agent.critic(h).squeeze(-1), atol=0, rtol=0)
+def test_heads_read_the_new_memory(memory):
+    """logits and value are the actor and critic heads applied to the new h (not to h_prev, nor to a cell state)."""
+    agent = make_agent(memory=memory)
+    obs, s_prev, surprise, start = inputs(agent)
+    logits, value, _, s = step_from_obs(agent, obs, s_prev, surprise, start)
+    assert not torch.allclose(h_of(agent, s), h_of(agent, s_prev))
+    torch.testing.assert_close(logits, agent.actor(h_of(agent, s)), atol=0, rtol=0)
+    torch.testing.assert_close(value, agent.critic(h_of(agent, s)).squeeze(-1), atol=0, rtol=0)
     assert value.shape == (B,) and logits.shape == (B, 4)
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("force_c", [None, 1.0], ids=["learned-gate", "force_c=1"])
 @torch.no_grad()
-def test_memoryless_ignores_h_prev(force_c):
-    """memoryless=True: the new h (and so c, logits, value) does not depend on h_prev at all."""
-    agent = make_agent(memoryless=True, force_c=force_c)
+def test_memoryless_ignores_the_previous_state(force_c, memory):
+    """memoryless=True: the new state (and so c, logits, value) does not depend on the previous state at all."""
+    agent = make_agent(memoryless=True, force_c=force_c, memory=memory)
     if force_c is None:
         randomize_router(agent)  # the router reads h_prev too
-    obs, h_prev, td_prev, start = inputs()
-    a = step_from_obs(agent, obs, h_prev, td_prev, start)
-    b = step_from_obs(agent, obs, torch.randn_like(h_prev) * 3, td_prev, start)
+    obs, s_prev, surprise, start = inputs(agent)
+    a = step_from_obs(agent, obs, s_prev, surprise, start)
+    b = step_from_obs(agent, obs, torch.randn_like(s_prev) * 3, surprise, start)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
     assert not torch.allclose(a[3], torch.zeros_like(a[3]))  # it still writes memory from the observation
 
 
 # ----------------------------------------------------------------------------- episode starts and unroll
+@pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("force_c", [None, 1.0], ids=["learned-gate", "force_c=1"])
 @torch.no_grad()
-def test_episode_start_zeroes_h_prev_and_td_prev(force_c):
-    """With episode_start_td="zero", episode_start=1 makes the step identical to a step from h_prev = 0 and
-    td_prev = 0."""
-    agent = make_agent(force_c=force_c, episode_start_td="zero")
+def test_episode_start_zeroes_the_whole_state_and_the_surprise(force_c, memory):
+    """With episode_start_td="zero", episode_start=1 makes the step identical to a step from an all-zero state
+    (h and the LSTM's cell state) and surprise 0; with c = 1 that is the plain cell from its own zero state."""
+    agent = make_agent(force_c=force_c, episode_start_td="zero", memory=memory)
     randomize_router(agent)
-    obs, h_prev, td_prev, _ = inputs()
+    obs, s_prev, surprise, _ = inputs(agent)
     start = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
-    keep = 1 - start
-    out = step_from_obs(agent, obs, h_prev, td_prev, start)
-    ref = step_from_obs(agent, obs, h_prev * keep[:, None], td_prev * keep, torch.zeros(B))
+    keep, new = 1 - start, start == 1
+    out = step_from_obs(agent, obs, s_prev, surprise, start)
+    ref = step_from_obs(agent, obs, torch.where(new[:, None], 0.0, s_prev), surprise * keep, torch.zeros(B))
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
-    free = step_from_obs(agent, obs, h_prev, td_prev, torch.zeros(B))  # without the reset rows differ
-    assert not torch.allclose(out[3][start == 1], free[3][start == 1])
+    if force_c is not None:
+        torch.testing.assert_close(out[3][new], plain_cell(agent)(agent.features(obs[new])), atol=1e-6, rtol=0)
+    free = step_from_obs(agent, obs, s_prev, surprise, torch.zeros(B))  # without the reset rows differ
+    for p, q in zip(parts(agent, out[3][new]), parts(agent, free[3][new])):
+        assert not torch.allclose(p, q)
     if force_c is None:
-        assert not torch.allclose(out[2][start == 1], free[2][start == 1])
+        assert not torch.allclose(out[2][new], free[2][new])
 
 
 @pytest.mark.parametrize("mode", ["zero", "carry", "max"])
 @torch.no_grad()
-def test_router_sees_episode_start_td_at_an_episode_start(mode):
-    """At an episode's first step the prior sees |td| = 0 ("zero"), the carried td_prev of the episode before
-    ("carry") or td_norm_clip ("max"); elsewhere td_prev itself. h_prev is zeroed in every mode."""
+def test_router_sees_episode_start_surprise_at_an_episode_start(mode):
+    """At an episode's first step the prior sees |surprise| = 0 ("zero"), the carried surprise of the episode before
+    ("carry") or td_norm_clip ("max"); elsewhere the surprise itself. h_prev is zeroed in every mode."""
     agent = make_agent(episode_start_td=mode)
     randomize_router(agent)
-    obs, h_prev, td_prev, _ = inputs()
+    obs, h_prev, surprise, _ = inputs(agent)
     start = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
-    seen = {"zero": torch.zeros(B), "carry": td_prev, "max": torch.full((B,), agent.cfg.td_norm_clip)}[mode]
-    seen = torch.where(start > 0, seen, td_prev)
-    torch.testing.assert_close(agent.router_td(td_prev, start), seen, atol=0, rtol=0)
-    out = step_from_obs(agent, obs, h_prev, td_prev, start)
-    z = agent.enc(obs)
+    seen = {"zero": torch.zeros(B), "carry": surprise, "max": torch.full((B,), agent.cfg.td_norm_clip)}[mode]
+    seen = torch.where(start > 0, seen, surprise)
+    torch.testing.assert_close(agent.gate_surprise(surprise, start), seen, atol=0, rtol=0)
+    out = step_from_obs(agent, obs, h_prev, surprise, start)
+    z = agent.features(obs)
     keep = (1 - start)[:, None]
     want_c = torch.sigmoid(prior_logit(agent, seen)[:, None] + router_residual(agent, z, h_prev * keep))
     torch.testing.assert_close(out[2], want_c, atol=1e-6, rtol=0)
@@ -212,53 +275,57 @@ def test_router_sees_episode_start_td_at_an_episode_start(mode):
                                rtol=0)
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("gate", ["scalar", "vector"])
 @torch.no_grad()
-def test_unroll_equals_a_loop_of_steps_with_mid_sequence_resets(gate):
-    """unroll() over (L, B) from stored state gives the logits, values, gates and memories of L rollout steps."""
-    agent = make_agent(gate=gate)
+def test_unroll_equals_a_loop_of_steps_with_mid_sequence_resets(gate, memory):
+    """unroll() over (L, B) from stored state gives the logits, values, gates and states of L rollout steps."""
+    agent = make_agent(gate=gate, memory=memory)
     randomize_router(agent, 0.5)
     L = 9
     g = torch.Generator().manual_seed(3)
     obs = torch.randn(L, B, OBS_DIM, generator=g)
-    td_prev = torch.randn(L, B, generator=g)
+    surprise = torch.randn(L, B, generator=g)
     start = torch.zeros(L, B)
     start[0, 1] = start[4, 0] = start[4, 2] = start[7, 3] = 1.0  # resets mid-sequence
-    h0 = torch.randn(B, agent.H, generator=g).tanh()
-    logits, value, cs, hs = agent.unroll(obs, h0, td_prev, start)
-    assert cs.shape == (L, B, agent.G) and hs.shape == (L, B, agent.H)
-    h = h0
+    s0 = inputs(agent, seed=4)[1]
+    logits, value, cs, states = agent.unroll(obs, s0, surprise, start)
+    assert cs.shape == (L, B, agent.G) and states.shape == (L, B, *s0.shape[1:])
+    s = s0
     for t in range(L):
-        lt, vt, ct, h = step_from_obs(agent, obs[t], h, td_prev[t], start[t])
+        lt, vt, ct, s = step_from_obs(agent, obs[t], s, surprise[t], start[t])
         torch.testing.assert_close(logits[t], lt, atol=1e-5, rtol=0)
         torch.testing.assert_close(value[t], vt, atol=1e-5, rtol=0)
         torch.testing.assert_close(cs[t], ct, atol=1e-5, rtol=0)
-        torch.testing.assert_close(hs[t], h, atol=1e-5, rtol=0)
+        torch.testing.assert_close(states[t], s, atol=1e-5, rtol=0)
+    assert not torch.allclose(states[3], states[5])  # the state moves
 
 
-def test_unroll_gradients_reach_gate_and_gru():
-    """Every parameter block (encoder, GRU, router, gate bias, heads) gets a non-zero gradient through
-    unroll, and the gate bias's gradient, which reaches the loss only through c and h over time, is
-    the finite-difference one (float64)."""
-    agent = make_agent().double()
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_unroll_gradients_reach_every_parameter(memory):
+    """Every parameter (encoder, memory cell, router, gate bias, heads), by name, gets a non-zero gradient through
+    unroll, and the gate bias's gradient, which reaches the loss only through c and the state over time, is the
+    finite-difference one (float64)."""
+    agent = make_agent(memory=memory).double()
     randomize_router(agent)
-    H, L = agent.H, 4
+    L = 4
     g = torch.Generator().manual_seed(2)
     obs = torch.randn(L, B, OBS_DIM, generator=g, dtype=torch.float64)
-    td = torch.randn(L, B, generator=g, dtype=torch.float64)
-    h0 = torch.randn(B, H, generator=g, dtype=torch.float64)
+    surprise = torch.randn(L, B, generator=g, dtype=torch.float64)
+    s0 = inputs(agent, seed=5)[1].double()
     w = [torch.randn(L, B, 4, generator=g, dtype=torch.float64), torch.randn(L, B, generator=g, dtype=torch.float64)]
 
     def loss():
-        logits, value, cs, hs = agent.unroll(obs, h0, td, torch.zeros(L, B, dtype=torch.float64))
+        logits, value, cs, _ = agent.unroll(obs, s0, surprise, torch.zeros(L, B, dtype=torch.float64))
         return (logits * w[0]).sum() + (value * w[1]).sum() + cs.sum()
 
     loss().backward()
-    blocks = {"GRU W_ih": agent.W_x.grad[:3 * H], "router W_z": agent.W_x.grad[3 * H:],
-              "GRU W_hh": agent.W_h.grad[:3 * H], "router W_h": agent.W_h.grad[3 * H:], "b_h": agent.b_h.grad,
-              "b_ih": agent.b_ih.grad, "bias": agent.bias.grad, "r_out": agent.r_out.weight.grad,
-              **{n: p.grad for n, p in agent.named_parameters() if n.startswith(("enc", "actor", "critic"))}}
-    assert [n for n, gr in blocks.items() if gr is None or gr.abs().sum() == 0] == []
+    grads = {n: p.grad for n, p in agent.named_parameters()}
+    blocks = {f"memory.cell.{k}" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")} | {
+        "router.mlp.0.weight", "router.mlp.0.bias", "router.out.weight", "router.out.bias", "bias"}
+    assert blocks <= set(grads) and any(n.startswith("enc") for n in grads)
+    assert {n.split(".")[0] for n in grads} == {"enc", "memory", "router", "bias", "actor", "critic"}
+    assert [n for n, gr in grads.items() if gr is None or gr.abs().sum() == 0] == []
     eps = 1e-6
     with torch.no_grad():
         b0 = agent.bias.item()
@@ -269,26 +336,54 @@ def test_unroll_gradients_reach_gate_and_gru():
     assert agent.bias.grad.item() == pytest.approx((up - down) / (2 * eps), rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- TD prior and router
+# ----------------------------------------------------------------------------- surprise prior and router
+@pytest.mark.parametrize("layers", [1, 2])
 @torch.no_grad()
-def test_router_residual_is_zero_at_init_so_gate_equals_td_prior():
-    """At initialization c = sigmoid(td_scale*|td_prev| + base_logit + bias) exactly: the residual MLP outputs 0."""
-    agent = make_agent()
-    obs, h_prev, td_prev, start = inputs()
-    _, _, c, _ = step_from_obs(agent, obs, h_prev, td_prev, start)
-    torch.testing.assert_close(c.squeeze(-1), torch.sigmoid(prior_logit(agent, td_prev)), atol=1e-7, rtol=0)
-    _, _, c2, _ = step_from_obs(agent, torch.randn(B, OBS_DIM), -h_prev, td_prev, start)
+def test_router_residual_is_zero_at_init_so_gate_equals_surprise_prior(layers):
+    """At initialization c = sigmoid(td_scale*|surprise| + base_logit + bias) exactly: the residual MLP outputs 0."""
+    agent = make_agent(router_layers=layers)
+    obs, h_prev, surprise, start = inputs(agent)
+    _, _, c, _ = step_from_obs(agent, obs, h_prev, surprise, start)
+    torch.testing.assert_close(c.squeeze(-1), torch.sigmoid(prior_logit(agent, surprise)), atol=1e-7, rtol=0)
+    _, _, c2, _ = step_from_obs(agent, torch.randn(B, OBS_DIM), -h_prev, surprise, start)
     torch.testing.assert_close(c, c2, atol=0, rtol=0)  # neither obs nor h_prev moves it yet
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
 @torch.no_grad()
-def test_td_prior_increases_with_surprise_and_is_sign_symmetric():
-    """The gate opens monotonically with |td_prev| and treats positive and negative surprise alike."""
+def test_router_of_two_hidden_layers_is_the_written_out_mlp(memory):
+    """router_layers=2: the residual is out(tanh(W2 tanh(W1 [z, h_prev] + b1) + b2)), widths router_hid, and it
+    reads h_prev, not the LSTM's cell state."""
+    agent = make_agent(router_layers=2, router_hid=5, memory=memory)
+    randomize_router(agent)
+    r = agent.router
+    l1, l2 = linears(r.mlp)  # exactly two hidden layers
+    assert (l1.in_features, l1.out_features, l2.in_features, l2.out_features) == (22, 5, 5, 5)
+    assert (r.out.in_features, r.out.out_features) == (5, 1)
+    obs, s_prev, surprise, start = inputs(agent)
+    _, _, c, s = step_from_obs(agent, obs, s_prev, surprise, start)
+    z, h = agent.features(obs), h_of(agent, s_prev)
+    a1 = torch.tanh(torch.cat([z, h], -1) @ l1.weight.T + l1.bias)
+    a2 = torch.tanh(a1 @ l2.weight.T + l2.bias)
+    residual = a2 @ r.out.weight.T + r.out.bias
+    torch.testing.assert_close(c, torch.sigmoid(prior_logit(agent, surprise)[:, None] + residual), atol=1e-6, rtol=0)
+    one_layer = a1 @ r.out.weight.T + r.out.bias  # what a router of one layer fewer would give
+    assert (residual - one_layer).abs().max() > 1e-3
+    torch.testing.assert_close(s, gated(agent, c, z, s_prev), atol=1e-6, rtol=0)
+    if memory == "lstm":  # the cell state does not reach the gate
+        _, _, c2, _ = step_from_obs(agent, obs, state_of(h, -3 * parts(agent, s_prev)[1]), surprise, start)
+        torch.testing.assert_close(c2, c, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_surprise_prior_increases_with_surprise_and_is_sign_symmetric():
+    """The gate opens monotonically with |surprise| and treats positive and negative surprise alike."""
     agent = make_agent()
-    td = torch.linspace(0, 4, 21)
-    obs, h, start = torch.zeros(len(td), OBS_DIM), torch.zeros(len(td), agent.H), torch.zeros(len(td))
-    c_pos = step_from_obs(agent, obs, h, td, start)[2].squeeze(-1)
-    c_neg = step_from_obs(agent, obs, h, -td, start)[2].squeeze(-1)
+    surprise = torch.linspace(0, 4, 21)
+    n = len(surprise)
+    obs, s, start = torch.zeros(n, OBS_DIM), torch.zeros_like(inputs(agent, b=n)[1]), torch.zeros(n)
+    c_pos = step_from_obs(agent, obs, s, surprise, start)[2].squeeze(-1)
+    c_neg = step_from_obs(agent, obs, s, -surprise, start)[2].squeeze(-1)
     assert torch.all(c_pos[1:] > c_pos[:-1])
     torch.testing.assert_close(c_pos, c_neg, atol=0, rtol=0)
     cfg = agent.cfg
@@ -388,75 +483,95 @@ def rollout_cfg(**kw):
 
 
 @pytest.fixture(scope="module")
-def roll():
-    """One rollout of CountRecallEasy (frequent episode ends) from a fresh build."""
-    su = built(rollout_cfg())
-    b, last_value, finished = gwt_ib.rollout(su.col, T)
-    yield su, b, last_value, finished
-    close(su)
+def rolls():
+    """rolls(**cfg) -> one rollout of CountRecallEasy (frequent episode ends) from a fresh build of rollout_cfg(**cfg),
+    made once per module; `prepare(agent)` runs before it."""
+    made = {}
+
+    def get(prepare=None, **kw):
+        key = (prepare, *sorted(kw.items()))
+        if key not in made:
+            su = built(rollout_cfg(**kw))
+            if prepare is not None:
+                prepare(su.agent)
+            made[key] = (su, *gwt_ib.rollout(su.col, T))
+        return made[key]
+    yield get
+    for r in made.values():
+        close(r[0])
 
 
-def next_obs_and_h(su, b):
-    """o_{t+1} and h_t (the memory after step t) for every stored step, including the last one."""
+@pytest.fixture
+def roll(rolls):
+    return rolls()
+
+
+def next_obs_and_state(su, b):
+    """o_{t+1} and s_t (the memory state after step t) for every stored step, including the last one."""
     return torch.cat([b["obs"][1:], su.col.obs[None]]), torch.cat([b["h0"][1:], su.col.h[None]])
 
 
 def test_buffer_has_every_key_with_time_major_shapes(roll):
     """rollout() returns (T, N, ...) tensors for every key, last_value (N,) and the finished episodes;
-    the first step starts from a fresh reset (start 1, h 0, td_prev 0)."""
+    the first step starts from a fresh reset (start 1, state 0, surprise 0)."""
     su, b, last_value, finished = roll
-    keys = {"obs", "h0", "td_prev", "start", "act", "logp", "value", "reward", "term", "trunc", "c", "td", "v_boot"}
+    keys = {"obs", "h0", "surprise", "start", "act", "logp", "value", "reward", "term", "trunc", "c", "td", "v_boot"}
     assert keys <= set(b)
     for k in keys:
         assert b[k].shape[:2] == (T, N), k
         assert torch.isfinite(b[k].float()).all(), k
     assert b["obs"].dtype == torch.float32 and b["obs"].shape[2] == su.agent.obs_dim
-    assert b["h0"].shape == (T, N, su.agent.H)
+    assert b["h0"].shape == (T, N, su.cfg.hid_dim)  # a GRU's state is h
     assert last_value.shape == (N,)
     assert torch.all(b["start"][0] == 1)
-    assert torch.all(b["h0"][0] == 0) and torch.all(b["td_prev"][0] == 0)
+    assert torch.all(b["h0"][0] == 0) and torch.all(b["surprise"][0] == 0)
     assert len(finished) > 0
-    assert ((b["c"] >= 0) & (b["c"] <= 1)).all() and b["c"].std() > 0.01  # a gate, and it moves with |td|
+    assert ((b["c"] >= 0) & (b["c"] <= 1)).all() and b["c"].std() > 0.01  # a gate, and it moves with |surprise|
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
 @torch.no_grad()
-def test_stored_h0_is_the_rollout_memory_at_each_sequence_start(roll):
-    """b["h0"][t] is the memory before step t (replaying the rollout's steps reproduces it), and
-    to_sequences(b, L)["h0"][s] is the memory just before sequence s's first step."""
-    su, b, _, _ = roll
+def test_stored_h0_is_the_rollout_state_at_each_sequence_start(rolls, memory):
+    """b["h0"][t] is the whole memory state before step t (replaying the rollout's steps reproduces it, the LSTM's
+    cell state included), and to_sequences(b, L)["h0"][s] is the state just before sequence s's first step."""
+    su, b, _, _ = rolls(memory=memory)
     agent = su.agent
-    h, replay = b["h0"][0], []
+    s, replay = b["h0"][0], []
+    assert torch.all(s == 0)
     for t in range(T):
-        replay.append(h)
-        _, value, _, h = step_from_obs(agent, b["obs"][t], h, b["td_prev"][t], b["start"][t])
+        replay.append(s)
+        _, value, _, s = step_from_obs(agent, b["obs"][t], s, b["surprise"][t], b["start"][t])
         torch.testing.assert_close(value, b["value"][t], atol=1e-5, rtol=0)
     replay = torch.stack(replay)
     torch.testing.assert_close(replay, b["h0"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(h, su.col.h, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s, su.col.h, atol=1e-5, rtol=0)
+    for p in parts(agent, b["h0"]):  # every part of the state is stored, and carried
+        assert p.abs().sum() > 0
     seq = gwt_ib.to_sequences(b, L)
     S = T // L * N
-    assert seq["h0"].shape == (S, agent.H) and seq["obs"].shape[:2] == (L, S)
+    assert seq["h0"].shape == (S, *b["h0"].shape[2:]) and seq["obs"].shape[:2] == (L, S)
     seen = set()
-    for s in range(S):  # locate each sequence in the rollout by its (unique, float) values
+    for i in range(S):  # locate each sequence in the rollout by its (unique, float) values
         hits = [(k, n) for k in range(T // L) for n in range(N)
-                if torch.equal(seq["value"][:, s], b["value"][k * L:(k + 1) * L, n])]
+                if torch.equal(seq["value"][:, i], b["value"][k * L:(k + 1) * L, n])]
         assert len(hits) == 1
         k, n = hits[0]
         seen.add((k, n))
-        for key in ("obs", "td_prev", "start", "act", "logp"):
-            assert torch.equal(seq[key][:, s], b[key][k * L:(k + 1) * L, n]), key
-        assert torch.equal(seq["h0"][s], b["h0"][k * L, n])
+        for key in ("obs", "surprise", "start", "act", "logp"):
+            assert torch.equal(seq[key][:, i], b[key][k * L:(k + 1) * L, n]), key
+        assert torch.equal(seq["h0"][i], b["h0"][k * L, n])
     assert len(seen) == S
-    assert any(seq["h0"][s].abs().sum() > 0 for s in range(S))  # state is carried across sequences
+    assert any(seq["h0"][i].abs().sum() > 0 for i in range(S))  # state is carried across sequences
 
 
 @pytest.mark.parametrize("mode", ["zero", "carry", "max"])
-@pytest.mark.parametrize("cpu_kernel", [False, True], ids=["reference", "C-accelerator"])
-def test_first_minibatch_reproduces_rollout_logprobs(cpu_kernel, mode):
+@pytest.mark.parametrize("memory,cpu_kernel", [("gru", False), ("gru", True), ("lstm", False)],
+                         ids=["gru-reference", "gru-C-accelerator", "lstm-reference"])
+def test_first_minibatch_reproduces_rollout_logprobs(memory, cpu_kernel, mode):
     """Before any gradient step the training forward pass (unroll from the stored h0) reproduces the
-    rollout's log-probs, values and gates, so PPO's first ratio is 1; with the C accelerator too, and for
-    every choice of what the router sees at an episode start."""
-    cfg = rollout_cfg(cpu_kernel=cpu_kernel, episode_start_td=mode)
+    rollout's log-probs, values and gates, so PPO's first ratio is 1; for either memory, with the C accelerator
+    too (GRU), and for every choice of what the router sees at an episode start."""
+    cfg = rollout_cfg(cpu_kernel=cpu_kernel, episode_start_td=mode, memory=memory)
     su = built(cfg)
     try:
         if not cpu_kernel:
@@ -468,7 +583,7 @@ def test_first_minibatch_reproduces_rollout_logprobs(cpu_kernel, mode):
         b, last_value, _ = gwt_ib.rollout(su.col, T)
         seq = gwt_ib.to_sequences(b, L)
         with torch.no_grad():
-            logits, value, cs, _ = su.agent.unroll(seq["obs"], seq["h0"], seq["td_prev"], seq["start"])
+            logits, value, cs, _ = su.agent.unroll(seq["obs"], seq["h0"], seq["surprise"], seq["start"])
             newlogp, _ = gwt_ib.logp_entropy(su.agent, logits, seq["act"])
         assert (newlogp - seq["logp"]).abs().max().item() < 1e-5
         assert (value - seq["value"]).abs().max().item() < 1e-5
@@ -495,7 +610,7 @@ def test_rollout_after_an_update_steps_with_the_new_parameters():
     with torch.enable_grad():
         gwt_ib.ppo_update(su.agent, su.opt, b, adv, ret, cfg, lam_c=0.05, update=0)
     b2, _, _ = gwt_ib.rollout(su.col, 2)
-    _, value, c, _ = step_from_obs(su.agent, b2["obs"][0], b2["h0"][0], b2["td_prev"][0], b2["start"][0])
+    _, value, c, _ = step_from_obs(su.agent, b2["obs"][0], b2["h0"][0], b2["surprise"][0], b2["start"][0])
     torch.testing.assert_close(b2["value"][0], value, atol=1e-6, rtol=0)
     torch.testing.assert_close(b2["c"][0], c.mean(-1), atol=1e-6, rtol=0)
     close(su)
@@ -503,37 +618,69 @@ def test_rollout_after_an_update_steps_with_the_new_parameters():
 
 @torch.no_grad()
 def test_td_bootstrap_is_clean(roll):
-    """td[t] = r + gamma*(1-term)*V(o_{t+1}, h_t, td_prev=0, start=0) - V_t, not the value under the real td_prev."""
+    """td[t] = r + gamma*(1-term)*V(o_{t+1}, s_t, surprise=0, start=0) - V_t, not the value under the real
+    surprise."""
     su, b, _, _ = roll
-    obs_next, h_t = next_obs_and_h(su, b)
+    obs_next, s_t = next_obs_and_state(su, b)
     done = torch.maximum(b["term"], b["trunc"]) > 0
     zeros = torch.zeros(T, N)
-    v_clean = torch.stack([step_from_obs(su.agent, obs_next[t], h_t[t], zeros[t], zeros[t])[1] for t in range(T)])
+    v_clean = torch.stack([step_from_obs(su.agent, obs_next[t], s_t[t], zeros[t], zeros[t])[1] for t in range(T)])
     expected = b["reward"] + su.cfg.gamma * (1 - b["term"]) * v_clean - b["value"]
     ok = ~done
     assert ok.sum() > T * N // 2
     torch.testing.assert_close(b["td"][ok], expected[ok], atol=1e-5, rtol=0)
     torch.testing.assert_close(b["v_boot"][ok], v_clean[ok], atol=1e-5, rtol=0)
-    # the value under the td_prev the next step really used differs wherever that td_prev is not 0
+    # the value under the surprise the next step really used differs wherever that surprise is not 0
     v_real = torch.cat([b["value"][1:], torch.full((1, N), float("nan"))])
-    nz = ok & (torch.cat([b["td_prev"][1:], zeros[:1]]).abs() > 0.05)
+    nz = ok & (torch.cat([b["surprise"][1:], zeros[:1]]).abs() > 0.05)
     assert nz.sum() > 10
     assert ((v_real[nz] - v_clean[nz]).abs() > 1e-6).float().mean() > 0.9
 
 
-def test_router_input_is_previous_normalized_td(roll):
-    """td_prev[t+1] = normalize(td[t]) with the normalizer updated once per vector step, also across an episode
-    end (what the router makes of it at an episode's first step is Agent.router_td's business)."""
-    su, b, _, _ = roll
+SIGNALS = {  # --surprise: the signal written out from the buffer's reward, value, v_boot and term
+    "td": lambda b, gamma: b["reward"] + gamma * (1 - b["term"]) * b["v_boot"] - b["value"],
+    "value_change": lambda b, gamma: gamma * (1 - b["term"]) * b["v_boot"] - b["value"],
+    "reward": lambda b, gamma: b["reward"],
+}
+
+
+@pytest.mark.parametrize("kind", list(SIGNALS))
+def test_gate_input_is_previous_normalized_surprise(rolls, kind):
+    """surprise[t+1] = normalize(signal[t]), with the normalizer fed exactly the signal of --surprise once per
+    vector step, also across an episode end (what the gate makes of it at an episode's first step is
+    Agent.gate_surprise's business): td = r + gamma*(1-term)*v_boot - V, value_change = gamma*(1-term)*v_boot - V,
+    reward = r."""
+    su, b, _, _ = rolls(surprise=kind)
     norm = gwt_ib.TDNormalizer(su.cfg, torch.device("cpu"))
     done = torch.maximum(b["term"], b["trunc"])
     assert done.sum() > 0
-    nxt = torch.cat([b["td_prev"][1:], su.col.td_prev[None]])
+    signal = SIGNALS[kind](b, su.cfg.gamma)
+    others = [SIGNALS[k](b, su.cfg.gamma) for k in SIGNALS if k != kind]
+    assert all((signal - o).abs().max() > 1e-3 for o in others)  # the kinds are told apart by this rollout
+    torch.testing.assert_close(b["td"], SIGNALS["td"](b, su.cfg.gamma), atol=1e-6, rtol=0)  # td: kept for GAE logs
+    nxt = torch.cat([b["surprise"][1:], su.col.surprise[None]])
     for t in range(T):
-        norm.update(b["td"][t])
-        torch.testing.assert_close(nxt[t], norm.normalize(b["td"][t]), atol=1e-6, rtol=0)
+        norm.update(signal[t])
+        torch.testing.assert_close(nxt[t], norm.normalize(signal[t]), atol=1e-6, rtol=0)
     torch.testing.assert_close(norm.scale, su.norm.scale, atol=1e-7, rtol=0)
-    assert (nxt.abs() > 0.5).any()  # the router really sees surprise
+    torch.testing.assert_close(norm.mean, su.norm.mean, atol=1e-7, rtol=0)
+    assert (nxt.abs() > 0.5).any()  # the gate really sees surprise
+
+
+@torch.no_grad()
+def test_surprise_none_keeps_the_gate_at_its_prior(rolls):
+    """surprise="none": the surprise stays 0, so c = sigmoid(base_logit + bias + MLP([z, h_prev])) at every step
+    but an episode's first, where episode_start_td="max" still adds td_scale*td_norm_clip (and h_prev is 0)."""
+    su, b, _, _ = rolls(prepare=randomize_router, surprise="none")  # a non-zero residual: the gate moves
+    agent, cfg = su.agent, su.cfg
+    assert torch.all(b["surprise"] == 0) and torch.all(su.col.surprise == 0)
+    start = b["start"] > 0
+    assert start[1:].any() and (~start).sum() > T * N // 2  # episode starts mid-rollout, and other steps
+    h_prev = h_of(agent, b["h0"]) * (~start)[..., None]
+    residual = router_residual(agent, agent.features(b["obs"]), h_prev).squeeze(-1)
+    logit = cfg.base_logit + agent.bias + residual + cfg.td_scale * cfg.td_norm_clip * start
+    torch.testing.assert_close(b["c"], torch.sigmoid(logit), atol=1e-6, rtol=0)
+    assert b["c"][~start].std() > 0.01  # the residual, not a constant prior, moves it between starts
 
 
 @torch.no_grad()
