@@ -51,6 +51,9 @@ VARIANTS: dict[str, list[str]] = {
     "lr0": ["--lr", "0"],
     "lr0_8upd": ["--lr", "0", "--total-timesteps", "32768"],
     "sec": ["--gate", "vector", "--ib-loss", "kl", "--lambda-c", "0.1", "--lambda-c-end", "0.01"],
+    "surprise_none": ["--surprise", "none"],
+    "gwt_lstm": ["--memory", "lstm"],
+    "lstm": ["--memory", "lstm", "--force-c", "1.0"],
 }
 VARIANT_DOC = {
     "gwt_ib": "the full method (defaults)",
@@ -66,6 +69,9 @@ VARIANT_DOC = {
     "lr0": "learning rate 0: an agent that cannot learn (GateCheck must FAIL)",
     "lr0_8upd": "learning rate 0, 8 updates (GateCheck must FAIL)",
     "sec": "GWT-IB-SEC: per-unit gate, KL bottleneck, lambda_c 0.1 -> 0.01",
+    "surprise_none": "no surprise signal: the gate is its prior, the start rule and the router",
+    "gwt_lstm": "the full method with an LSTM memory",
+    "lstm": "gate fixed at 1 with an LSTM memory: a plain LSTM agent",
 }
 RUN_RE = re.compile(r"^(?P<env>.+)__(?P<variant>[A-Za-z0-9_]+?)__s(?P<seed>\d+)$")
 # config fields that do not change what a run computes: ignored when checking an old run against the request
