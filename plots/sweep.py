@@ -9,14 +9,16 @@
 Every run is one Ray Tune trial that runs one `python gwt_ib.py` subprocess named {env}__{variant}__s{seed}
 under --out. `run` needs Ray Tune (pip install "ray[tune]==2.60.0"); report and figures do not. Outputs of
 report/figures go to --dest, which defaults to the parent folder of --out (plots/ for plots/sweep).
-Only gwt_ib.py's command line and output files are used (config.json, metrics.jsonl, summary.json,
-eval_trace.json); nothing is imported from it. Needs numpy and matplotlib, not scipy.
+The trainer's settings (names, defaults, types) and statistics come from gwt_ib itself (importing it runs
+nothing); runs are gwt_ib.py subprocesses, read through their output files (config.json, metrics.jsonl,
+summary.json, eval_trace.json). The figures are plots/figures.py. Needs numpy and matplotlib, not scipy.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import ipaddress
 import json
@@ -32,9 +34,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 TRAINER = HERE.parent / "gwt_ib.py"
+sys.path.insert(0, str(TRAINER.parent))
+import gwt_ib  # noqa: E402
 
 # name -> CLI overrides of gwt_ib.py; the order here is the order of tables and legends
 VARIANTS: dict[str, list[str]] = {
@@ -77,7 +82,8 @@ RUN_RE = re.compile(r"^(?P<env>.+)__(?P<variant>[A-Za-z0-9_]+?)__s(?P<seed>\d+)$
 # config fields that do not change what a run computes: ignored when checking an old run against the request
 # (a field that only one side has, e.g. renamed in the trainer, is not compared either)
 NON_SEMANTIC = {"out_dir", "run_name", "progress", "torch_threads", "device", "log_every", "checkpoint_every",
-                "save_plot", "compile", "cpu_kernel", "halt_after", "async_envs", "env_workers"}
+                "save_plot", "cpu_kernel", "halt_after", "async_envs", "env_workers"}
+assert NON_SEMANTIC <= set(gwt_ib.Cfg.__dataclass_fields__), NON_SEMANTIC - set(gwt_ib.Cfg.__dataclass_fields__)
 FINAL_K = 3  # "final eval" = mean of the last FINAL_K evaluations of a run
 
 
@@ -105,11 +111,11 @@ def parse_variants(s: str) -> list[str]:
 def parse_extra(s: str) -> list[str]:
     try:
         argv = shlex.split(s)
-        fields = flags_to_fields(argv)
+        given = trainer_flags(argv)[1]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{s!r}: must be gwt_ib.py flags ({e})")
-    for f in ("env_id", "seed", "out_dir", "run_name", "resume"):
-        if f in fields:
+    for f in ("env_id", "seed", "out_dir", "run_name", "resume", "evaluate", "list_envs"):
+        if f in given:
             raise argparse.ArgumentTypeError(f"{s!r}: must not set --{f.replace('_', '-')} (the sweep sets it)")
     return argv
 
@@ -123,39 +129,28 @@ def at_least(lo, kind=int):
     return check
 
 
-def flags_to_fields(argv: list[str]) -> dict[str, str]:
-    """['--lambda-c', '0', '--x', 'y'] -> {'lambda_c': '0', 'x': 'y'} (a bare bool flag means true)."""
-    out, i = {}, 0
-    while i < len(argv):
-        a = argv[i]
-        if not a.startswith("--"):
-            raise ValueError(f"cannot read {a!r}: expected a --flag")
-        if "=" in a:
-            k, v = a[2:].split("=", 1)
-            i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            k, v = a[2:], argv[i + 1]
-            i += 2
-        else:
-            k, v = a[2:], "true"
-            i += 1
-        out[k.replace("-", "_")] = v
-    return out
+def trainer_flags(argv: list[str]) -> tuple[gwt_ib.Cfg, set]:
+    """The Cfg gwt_ib.py makes of these flags, by its own parser and types, and the names of the flags given;
+    ValueError (one line) for anything the trainer would refuse before it starts."""
+    p = gwt_ib.build_parser()
+
+    def error(message):  # instead of printing and exiting: the caller says where the flags came from
+        raise ValueError(message)
+    p.error = error
+    ns = p.parse_args(argv)
+    try:
+        cfg = gwt_ib.parse_overrides(ns, gwt_ib.Cfg())
+        gwt_ib.validate(cfg)
+    except gwt_ib.ConfigError as e:
+        raise ValueError(str(e)) from None
+    return cfg, {k for k, v in vars(ns).items() if v not in (None, False)}
 
 
-def same_value(saved, raw: str) -> bool:
-    """Does a config.json value equal a command-line string (as gwt_ib.py would convert it)?"""
-    r = raw.strip().lower()
-    if saved is None:
-        return r in ("none", "null", "")
-    if isinstance(saved, bool):
-        return (r in ("1", "true", "yes", "on")) == saved and r in ("1", "true", "yes", "on", "0", "false", "no", "off")
-    if isinstance(saved, (int, float)):
-        try:
-            return math.isclose(float(raw.replace("_", "")), float(saved), rel_tol=1e-9, abs_tol=1e-12)
-        except ValueError:
-            return False
-    return str(saved) == raw
+def same_value(saved, want) -> bool:
+    """Does a config.json value equal a setting (floats: to rounding)?"""
+    if type(want) is float and type(saved) in (int, float):
+        return math.isclose(saved, want, rel_tol=1e-9, abs_tol=1e-12)
+    return saved == want and type(saved) is type(want)
 
 
 def read_json(p: Path):
@@ -165,31 +160,10 @@ def read_json(p: Path):
         return None
 
 
-# 97.5% quantiles of Student's t (two-sided 95% CI), df = 1..30
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]
-
-
-def t975(df: int) -> float:
-    if df < 1:
-        return float("nan")
-    if df <= 30:
-        return _T975[df - 1]
-    z = 1.959964  # Cornish-Fisher expansion around the normal quantile: < 1e-3 off for df > 30
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
 def mean_ci(xs) -> tuple[float, float, int]:
-    """(mean, half-width of the 95% t-interval, n) over the finite values; half-width nan for n < 2."""
-    import numpy as np
-    x = np.asarray([v for v in xs if v is not None and math.isfinite(v)], float)
-    n = len(x)
-    if n == 0:
-        return float("nan"), float("nan"), 0
-    if n == 1:
-        return float(x[0]), float("nan"), 1
-    return float(x.mean()), float(t975(n - 1) * x.std(ddof=1) / math.sqrt(n)), n
+    """(mean, half-width of the 95% t-interval, n) over the finite values (gwt_ib.mean_ci); half-width nan for n < 2."""
+    x = [v for v in xs if v is not None and math.isfinite(v)]
+    return (*gwt_ib.mean_ci(x), len(x)) if x else (float("nan"), float("nan"), 0)
 
 
 # ============================================================================ run (Ray Tune)
@@ -197,20 +171,12 @@ RAY_INSTALL = 'pip install "ray[tune]==2.60.0"'  # the Ray version `run` is test
 FINISHED = ("completed", "diverged")  # a run with such a status is a result: it is not started again
 
 
-def trainer_defaults() -> dict[str, str]:
-    """Every Cfg field's default as gwt_ib.py --help prints it ('(default: X)'), as strings by field name."""
-    p = subprocess.run([sys.executable, str(TRAINER), "--help"], capture_output=True, text=True,
-                       env={**os.environ, "COLUMNS": "100000"})  # no line wrapping
-    if p.returncode:
-        sys.exit(f"sweep.py: `gwt_ib.py --help` failed (exit {p.returncode}): {p.stderr.strip()[-300:]}")
-    return {m[1].replace("-", "_"): m[2] for m in re.finditer(
-        r"--([a-z0-9-]+) (?:\[BOOL\]|BOOL|INT|FLOAT|STR) .*?\(default: ([^)]*)\)", " ".join(p.stdout.split()))}
-
-
-def check_existing(run_dir: Path, want: dict[str, str]) -> tuple[str, list[str]]:
+def check_existing(run_dir: Path, want: Optional[gwt_ib.Cfg] = None) -> tuple[str, list[str]]:
     """State of a run dir: 'completed', 'diverged', 'resumable' or 'redo' (also when there is none), and the
-    fields where its config contradicts the requested settings (a field that only one side has is not compared)."""
+    fields where its config contradicts the requested Cfg, every field of it (one the run's config.json lacks, from
+    an older trainer, is not compared)."""
     cfg, summ = read_json(run_dir / "config.json"), read_json(run_dir / "summary.json")
+    want = dataclasses.asdict(want) if want is not None else {}
     diff = [f"{k}: run has {cfg[k]!r}, requested {v!r}" for k, v in want.items()
             if cfg is not None and k not in NON_SEMANTIC and k in cfg and not same_value(cfg[k], v)]
     if summ and summ.get("status") in FINISHED:
@@ -262,7 +228,7 @@ def trainer_rows(job: dict):
     checkpoint, so that a trial that Tune starts again continues); yields its metrics.jsonl rows as the trainer
     writes them, the last one with the run's summary and done=True. Closing the generator stops the trainer."""
     d, n, t0, row, pos = Path(job["dir"]), str(job["cpus"]), time.monotonic(), {}, 0
-    state = check_existing(d, {})[0]
+    state = check_existing(d)[0]
     resume, log = state == "resumable", d.parent / ".logs" / f"{d.name}.txt"
     if state not in FINISHED:  # (finished: a retried trial whose run completed meanwhile)
         if holder := lock_holder(d / "run.lock") if d.is_dir() and not d.is_symlink() else "":
@@ -316,14 +282,14 @@ def trainer_rows(job: dict):
            "verdict": (s.get("gatecheck") or {}).get("verdict", ""), "resumed": resume, "wall_s": time.monotonic() - t0}
 
 
-def plan_jobs(a, out: Path, plan: list, defaults: dict) -> tuple[dict, int, int, list]:
+def plan_jobs(a, out: Path, plan: list) -> tuple[dict, int, int, list]:
     """The runs still to do (name -> job), how many are finished, how many resumable, and runs with other settings."""
     jobs, finished, resumable, diffs = {}, 0, 0, []
     for env, var, seed in plan:
         name = run_name(env, var, seed)
         # the variant's flags come after --extra, so that a variant always is what its name says
         argv = ["--env-id", env, "--seed", str(seed), "--total-timesteps", str(a.total_timesteps), *a.extra, *VARIANTS[var]]
-        state, diff = check_existing(out / name, {**defaults, **flags_to_fields(argv)})
+        state, diff = check_existing(out / name, trainer_flags(argv)[0])
         diffs += [f"{name}: {'; '.join(diff)}"] * bool(diff)
         finished, resumable = finished + (state in FINISHED), resumable + (state == "resumable")
         if state not in FINISHED:
@@ -343,10 +309,9 @@ def local_ray_token() -> None:
 def cmd_run(a) -> int:
     out = Path(a.out).expanduser().resolve()  # Ray workers run elsewhere (another cwd, other nodes)
     envs = [e.strip() for e in a.envs.split(",") if e.strip()]
-    defaults = trainer_defaults()  # old runs are checked against every setting, not only the flags given
     plan = [(e, v, s) for s in a.seeds for e in envs for v in a.variants]  # seed-major: a sweep cut short
     for attempt in range(2):  # has every variant on the first seeds; planned again once --out is this sweep's alone
-        jobs, finished, resumable, diffs = plan_jobs(a, out, plan, defaults)
+        jobs, finished, resumable, diffs = plan_jobs(a, out, plan)
         if diffs:
             print(f"sweep.py run: error: {len(diffs)} existing run(s) in {out} were made with other settings (e.g. "
                   f"{diffs[0]}); use another --out, or delete them", file=sys.stderr)
@@ -418,7 +383,7 @@ def cmd_run(a) -> int:
                        failure_config=tune.FailureConfig(max_failures=a.max_failures))).fit()
     finally:
         ray.shutdown()
-    left = [n for n in (run_name(*r) for r in plan) if check_existing(out / n, {})[0] not in FINISHED]
+    left = [n for n in (run_name(*r) for r in plan) if check_existing(out / n)[0] not in FINISHED]
     print(f"sweep: {len(plan) - len(left)}/{len(plan)} finished; Tune's results (TensorBoard, CSV): {out / '.tune' / exp}"
           + (f"; not finished: {', '.join(left)} (run the same command again to resume)" * bool(left)), flush=True)
     return 1 if left else 0
@@ -581,321 +546,6 @@ def cmd_report(a) -> int:
     return 0
 
 
-# ============================================================================ figures
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9, "figure.dpi": 110,
-                         "axes.grid": True, "grid.alpha": 0.3})
-    return plt
-
-
-def _colors(variants):
-    import matplotlib
-    cmap = matplotlib.colormaps["tab10"]
-    fixed = {v: cmap(i) for i, v in enumerate(VARIANTS)}
-    extra = [v for v in variants if v not in fixed]
-    return {**fixed, **{v: cmap((len(VARIANTS) + i) % 10) for i, v in enumerate(extra)}}
-
-
-def _style(v):
-    return dict(lw=2.4, zorder=5) if v == "gwt_ib" else dict(lw=1.4, zorder=3)
-
-
-def _align(curves):
-    """[(x, y)] of several seeds -> (x_grid, Y (n, len(x_grid))): the common x if every seed has the same,
-    else interpolation onto the x of the first seed cut to the range that every seed covers."""
-    import numpy as np
-    xs = [np.asarray(c[0], float) for c in curves]
-    ys = [np.asarray(c[1], float) for c in curves]
-    if all(len(x) == len(xs[0]) and np.allclose(x, xs[0]) for x in xs):
-        return xs[0], np.stack(ys)
-    hi = min(x[-1] for x in xs)
-    grid = xs[0][xs[0] <= hi]
-    return grid, np.stack([np.interp(grid, x, y) for x, y in zip(xs, ys)])
-
-
-def _band(ax, x, Y, color, label, style, kind="ci"):
-    """Mean over seeds with a band: kind "ci" = 95% t-interval of the mean, "range" = min..max of the seeds."""
-    import numpy as np
-    m = np.nanmean(Y, 0)
-    ax.plot(x, m, color=color, label=f"{label} (n={len(Y)})", **style)
-    if len(Y) > 1:
-        if kind == "ci":
-            h = t975(len(Y) - 1) * np.nanstd(Y, 0, ddof=1) / math.sqrt(len(Y))
-            lo, hi = m - h, m + h
-        else:
-            lo, hi = np.nanmin(Y, 0), np.nanmax(Y, 0)
-        ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
-
-
-def _smooth(y, k):
-    import numpy as np
-    if k <= 1 or len(y) < k:
-        return np.asarray(y, float)
-    y = np.asarray(y, float)
-    c = np.cumsum(np.insert(y, 0, 0.0))
-    out = np.empty_like(y)
-    for i in range(len(y)):  # trailing window, shorter at the start
-        lo = max(0, i - k + 1)
-        out[i] = (c[i + 1] - c[lo]) / (i + 1 - lo)
-    return out
-
-
-def _policy(runs) -> str:
-    """The evaluation policy of these runs' evaluations (summary.json's eval_mode), for labels."""
-    return "/".join(sorted({r["summary"].get("eval_mode", "greedy") for r in runs}))
-
-
-def _trace_policy(runs) -> str:
-    """The policy of their eval_trace.json episodes (older traces were greedy and did not say so)."""
-    return "/".join(sorted({(read_json(r["dir"] / "eval_trace.json") or {}).get("policy", "greedy") for r in runs}))
-
-
-def _metrics(d: Path) -> list[dict]:
-    try:
-        return [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    except OSError:
-        return []
-
-
-def _panels(plt, n, w=6.0, h=4.3, rows=1, sharey=False):
-    fig, ax = plt.subplots(rows, n, figsize=(max(7.0, w * n), h * rows), squeeze=False, sharey=sharey)
-    return fig, ax
-
-
-def _legend_below(fig, ax_list, ncol=None):
-    handles, labels = {}, {}
-    for ax in ax_list:
-        for hd, lb in zip(*ax.get_legend_handles_labels()):
-            key = lb.split(" (")[0]
-            if key not in handles:
-                handles[key], labels[key] = hd, lb
-    if handles:
-        fig.legend(list(handles.values()), list(labels.values()), loc="lower center",
-                   ncol=ncol or min(len(handles), 7), frameon=False, bbox_to_anchor=(0.5, 0.0))
-
-
-def fig_learning_curves(plt, runs, envs, variants, colors, path):
-    fig, ax = _panels(plt, len(envs))
-    for i, env in enumerate(envs):
-        a = ax[0, i]
-        for v in variants:
-            rs = [r for r in runs if r["env"] == env and r["variant"] == v]
-            curves = []
-            for r in rs:
-                batch = r["cfg"]["num_envs"] * r["cfg"]["rollout_steps"]
-                ev = [(u * batch, e) for u, e in r["summary"].get("evals", []) if e is not None]
-                if ev:
-                    curves.append(tuple(zip(*ev)))
-            if curves:
-                x, Y = _align(curves)
-                _band(a, x, Y, colors[v], f"{v}", _style(v))
-        a.set_title(env)
-        a.set_xlabel("env steps")
-        a.set_ylabel(f"{_policy(runs)} eval return")
-        a.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
-    _legend_below(fig, ax[0], ncol=4)
-    fig.suptitle(f"Learning curves: {_policy(runs)} eval return, mean over seeds, band = 95% t-CI of the mean",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.1 if len(variants) > 4 else 0.06, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def fig_gate_budget(plt, runs, envs, variants, colors, path, smooth):
-    fig, ax = plt.subplots(2, len(envs), figsize=(max(7.0, 6.0 * len(envs)), 7.2), squeeze=False, sharex="col",
-                           gridspec_kw=dict(height_ratios=[2.2, 1]))
-    for i, env in enumerate(envs):
-        targets = set()
-        for v in variants:
-            rs = [r for r in runs if r["env"] == env and r["variant"] == v]
-            if not rs:
-                continue
-            learned = rs[0]["cfg"].get("force_c") is None
-            cur_c, cur_l = [], []
-            for r in rs:
-                m = _metrics(r["dir"])
-                if not m:
-                    continue
-                x = [row["env_steps"] for row in m]
-                cur_c.append((x, _smooth([row["mean_c"] for row in m], smooth)))
-                cur_l.append((x, [row.get("lambda_c", float("nan")) for row in m]))
-                targets.add(r["cfg"].get("target_c"))
-            if not cur_c:
-                continue
-            st = _style(v) if learned else dict(lw=1.0, ls="--", zorder=2)
-            x, Y = _align(cur_c)
-            _band(ax[0, i], x, Y, colors[v], v + ("" if learned else " (fixed)"), st, kind="range")
-            if learned:
-                x, Y = _align(cur_l)
-                ax[1, i].plot(x, Y.mean(0), color=colors[v], label=v, **st)
-        for t in sorted(t for t in targets if t is not None):
-            ax[0, i].axhline(t, color="k", ls=":", lw=1.5, label=f"target_c = {t:g}", zorder=6)
-        ax[0, i].set_title(env)
-        ax[0, i].set_ylabel("mean gate c (per rollout)" + (f", {smooth}-update mean" if smooth > 1 else ""))
-        ax[0, i].set_ylim(-0.02, 1.02)
-        ax[1, i].set_ylabel("IB weight in force")
-        ax[1, i].set_xlabel("env steps")
-        ax[1, i].ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
-    _legend_below(fig, list(ax[0]) + list(ax[1]), ncol=4)
-    fig.suptitle("Top: mean gate c per rollout (mean over seeds, band = seed min..max; dashed = fixed gate)\n"
-                 "Bottom: IB weight in force (lambda_c with warm-up and schedule, or the constraint's multiplier)",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.1 if len(variants) > 4 else 0.06, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _binned(td, c, nbins, min_count=5):
-    """Equal-count bins of |td| (it piles up near 0) with finer bins in the upper tail:
-    -> (bin mean |td|, mean c, 10% c, 90% c) per bin, at least min_count steps per bin."""
-    import numpy as np
-    k = max(1, min(nbins, len(td) // min_count))
-    q = list(np.linspace(0, 0.9, k)) + [0.95, 1.0] if k >= 4 and len(td) >= 20 * min_count else list(np.linspace(0, 1, k + 1))
-    edges = np.unique(np.quantile(td, q))
-    if len(edges) < 2:
-        return [td.mean()], [c.mean()], [np.quantile(c, 0.1)], [np.quantile(c, 0.9)]
-    idx = np.clip(np.searchsorted(edges, td, side="right") - 1, 0, len(edges) - 2)
-    out = ([], [], [], [])
-    for b in range(len(edges) - 1):
-        sel = idx == b
-        if sel.sum() == 0:
-            continue
-        for lst, val in zip(out, (td[sel].mean(), c[sel].mean(), np.quantile(c[sel], 0.1), np.quantile(c[sel], 0.9))):
-            lst.append(val)
-    return out
-
-
-def fig_gate_vs_td(plt, runs, envs, variants, colors, path, nbins):
-    """Small multiples: one row per env, one column per variant with a learned gate."""
-    import numpy as np
-    learned = [v for v in variants if any(r["variant"] == v and r["cfg"].get("force_c") is None for r in runs)]
-    cols = max(1, len(learned))
-    fig, ax = plt.subplots(len(envs), cols, figsize=(max(7.0, 3.4 * cols), 3.3 * len(envs) + 0.8), squeeze=False,
-                           sharey=True, sharex="row")
-    for i, env in enumerate(envs):
-        for j, v in enumerate(learned):
-            a = ax[i, j]
-            rs = [r for r in runs if r["env"] == env and r["variant"] == v and r["cfg"].get("force_c") is None]
-            td, c = [], []
-            for r in rs:
-                tr = read_json(r["dir"] / "eval_trace.json")
-                if tr and tr.get("c"):
-                    td += tr["td_abs"]
-                    c += tr["c"]
-            a.set_title(f"{v}" if i == 0 else "", fontsize=10, color=colors[v])
-            if j == 0:
-                a.set_ylabel(f"{env}\ngate c", fontsize=9)
-            if i == len(envs) - 1:
-                a.set_xlabel("|td_norm| (previous step)", fontsize=9)
-            a.set_ylim(-0.03, 1.03)
-            if len(td) < 2:
-                a.text(0.5, 0.5, "no trace", ha="center", va="center", transform=a.transAxes, color="0.5")
-                continue
-            td, c = np.asarray(td, float), np.asarray(c, float)
-            xs, mu, lo, hi = _binned(td, c, nbins)
-            rho = float(np.corrcoef(td, c)[0, 1]) if td.std() > 0 and c.std() > 0 else float("nan")
-            a.scatter(td, c, s=9, color="0.35", alpha=0.35, lw=0, zorder=2)
-            a.fill_between(xs, lo, hi, color=colors[v], alpha=0.25, lw=0, zorder=3)
-            a.plot(xs, mu, "o-", color=colors[v], ms=3.5, lw=2, zorder=4)
-            a.text(0.97, 0.04, f"{len(rs)} runs, {len(td)} steps\nrho = {rho:.2f}", ha="right", va="bottom",
-                   transform=a.transAxes, fontsize=8, bbox=dict(fc="white", ec="none", alpha=0.8))
-    fig.suptitle(f"Gate vs surprise: one {_trace_policy(runs)} eval episode per run (eval_trace.json), seeds pooled\n"
-                 "line = mean c per |td| bin (equal counts), band = 10-90% of c in the bin\n"
-                 "dots = steps; sec: c = mean over memory units", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def fig_timeline(plt, runs, envs, variant, path, seed):
-    import numpy as np
-    fig, ax = plt.subplots(3, len(envs), figsize=(max(7.0, 6.5 * len(envs)), 6.4), squeeze=False, sharex="col")
-    for i, env in enumerate(envs):
-        rs = sorted([r for r in runs if r["env"] == env and r["variant"] == variant], key=lambda r: r["seed"])
-        if seed is not None:
-            rs = [r for r in rs if r["seed"] == seed]
-        tr, r = None, None
-        for r in rs:
-            tr = read_json(r["dir"] / "eval_trace.json")
-            if tr and tr.get("c"):
-                break
-            tr = None
-        ax[0, i].set_title(f"{env}\n{variant}, seed {r['seed']}" if tr else f"{env}\n(no {variant} trace)")
-        if not tr:
-            continue
-        t = np.arange(len(tr["c"]))
-        ax[0, i].step(t, tr["c"], where="mid", color="C0")
-        ax[0, i].axhline(r["cfg"].get("target_c", float("nan")), color="k", ls=":", lw=1)
-        ax[0, i].set_ylim(-0.03, 1.03)
-        ax[0, i].set_ylabel("gate c_t\n(dotted: target_c)")
-        ax[1, i].bar(t, tr["td_abs"], width=0.9, color="C1")
-        ax[1, i].set_ylabel("|td_norm| (t-1)")
-        ax[2, i].bar(t, tr["reward"], width=0.9, color=["C2" if x >= 0 else "C3" for x in tr["reward"]])
-        ax[2, i].axhline(0, color="k", lw=0.6)
-        ax[2, i].set_ylabel("reward r_t")
-        ax[2, i].set_xlabel(f"step of the episode (return {sum(tr['reward']):.2f}, {len(t)} steps)")
-    fig.suptitle(f"One {tr.get('policy', 'greedy') if tr else ''} evaluation episode at the end of training "
-                 "(eval_trace.json)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def fig_final_eval(plt, runs, envs, variants, colors, path):
-    import numpy as np
-    fig, ax = _panels(plt, len(envs), w=5.0, h=4.2)
-    for i, env in enumerate(envs):
-        a = ax[0, i]
-        for j, v in enumerate(variants):
-            vals = [x for x in (final_eval(r["summary"]) for r in runs if r["env"] == env and r["variant"] == v)
-                    if math.isfinite(x)]
-            m, h, n = mean_ci(vals)
-            if n == 0:
-                continue
-            a.errorbar(j, m, yerr=h if math.isfinite(h) else None, fmt="D", ms=7, color=colors[v], capsize=5,
-                       elinewidth=2, zorder=4)
-            a.scatter(j + np.linspace(-0.18, 0.18, n) if n > 1 else [j + 0.18], vals, color="k", s=12, zorder=5,
-                      alpha=0.7)
-        a.set_xticks(range(len(variants)))
-        a.set_xticklabels(variants, rotation=30, ha="right")
-        a.set_xlim(-0.6, len(variants) - 0.4)
-        a.set_title(env)
-        a.set_ylabel(f"final {_policy(runs)} eval (mean of last {FINAL_K} evals)")
-    fig.suptitle(f"Final {_policy(runs)} eval return per variant: diamond = mean over seeds, bar = 95% t-CI, "
-                 "dots = seeds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def cmd_figures(a) -> int:
-    out, dest = Path(a.out), default_dest(a)
-    runs = collect(out)
-    if not runs:
-        print(f"figures: no completed runs under {out}", file=sys.stderr)
-        return 1
-    dest.mkdir(parents=True, exist_ok=True)
-    plt = _plt()
-    envs = order_envs(out, {r["env"] for r in runs})
-    variants = order_variants({r["variant"] for r in runs})
-    colors = _colors(variants)
-    written = []
-    for name, fn in [
-        ("learning_curves.png", lambda p: fig_learning_curves(plt, runs, envs, variants, colors, p)),
-        ("gate_budget.png", lambda p: fig_gate_budget(plt, runs, envs, variants, colors, p, a.smooth)),
-        ("gate_vs_td.png", lambda p: fig_gate_vs_td(plt, runs, envs, variants, colors, p, a.bins)),
-        ("eval_timeline.png", lambda p: fig_timeline(plt, runs, envs, a.timeline_variant, p, a.timeline_seed)),
-        ("final_eval.png", lambda p: fig_final_eval(plt, runs, envs, variants, colors, p)),
-    ]:
-        fn(dest / name)
-        written.append(dest / name)
-    print(f"figures: {len(runs)} completed runs -> " + ", ".join(str(p) for p in written))
-    return 0
-
-
 # ============================================================================ main
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
@@ -936,7 +586,10 @@ def main(argv=None) -> int:
             s.add_argument("--timeline-variant", default="gwt_ib")
             s.add_argument("--timeline-seed", type=int, default=None, help="default: the lowest seed with a trace")
     a = p.parse_args(argv)
-    return {"run": cmd_run, "report": cmd_report, "figures": cmd_figures}[a.cmd](a)
+    if a.cmd == "figures":
+        import figures  # plots/figures.py, beside this file
+        return figures.cmd_figures(a)
+    return {"run": cmd_run, "report": cmd_report}[a.cmd](a)
 
 
 if __name__ == "__main__":
