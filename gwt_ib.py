@@ -1456,8 +1456,8 @@ def mean_of(x) -> float:
 
 def metrics_row(su: Setup, st: dict, b: dict, ret: torch.Tensor, m: dict, lam_c: float, ep_mean: float,
                 seconds: tuple, rate: float) -> dict:
-    """The row of metrics.jsonl of the update st counts: PPO's losses (m), the IB weight, the gate, the TD statistics,
-    returns, the latest evaluation; last, the wall-clock keys (seconds: of the rollout and of the update)."""
+    """metrics.jsonl's row for the update st has just counted: PPO's losses (m), the IB weight, the gate, the TD
+    statistics, returns, the latest evaluation; last, the wall-clock keys (seconds: the rollout's, the update's)."""
     return dict(update=st["update"], env_steps=st["env_steps"], **m, lambda_c=lam_c, mean_c=b["c"].mean().item(),
                 c_std=b["c"].std().item(), td_mean=su.norm.mean.item(), td_std=su.norm.scale.item(),
                 td_raw_std=b["td"].std().item(), ev=explained_variance(b["value"], ret), ep100=mean_of(st["ep_hist"]),
@@ -1516,7 +1516,7 @@ def end_run(su: Setup, run_dir: Path, st: dict, how: tuple, last: dict, rate: fl
         if (end := fault(e, stop)) is None:
             raise
         summary = None
-        if end[0] == "interrupted":  # what the signal stopped is the end: it is named
+        if end[0] == "interrupted":  # a second signal, by name: what it abandoned is the end
             end = "interrupted", f"stopped by {signal.Signals(stop.signum).name}"
     kept = f"kept the checkpoint of update {ck_update}" if ck_update else "no checkpoint had been written yet"
     kept += f" in {run_dir}"
@@ -1614,7 +1614,7 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
                     add_eval(st, done, evaluate(su.evc, cfg))
                 last = metrics_row(su, st, b, ret, m, lam_c, ep_mean, (t_roll, t_upd), clock())
                 log_update(metrics_fd, bar, last, num_updates, cfg)
-                # a first signal or halt_after stops the run here, from this checkpoint; in the last update, it ends
+                # a first signal or halt_after stops the run at this update's checkpoint; in the last, it completes
                 halt = done < num_updates and (stop.signum or cfg.halt_after and done - start_update >= cfg.halt_after)
                 if halt or done % cfg.checkpoint_every == 0 or done == num_updates:
                     save_checkpoint(su, st, run_dir)
