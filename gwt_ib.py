@@ -1082,14 +1082,11 @@ def new_run_dir(cfg: Cfg) -> Path:
     is the test (no check-then-create): of two runs racing for one name, one gets it and the other the next."""
     name = cfg.run_name or f"{cfg.env_id.replace('/', '_')}__s{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(cfg.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for i in range(1, sys.maxsize):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(d := out / (name if i == 1 else f"{name}-{i}"))
-                return d
-    except OSError as e:
-        raise ConfigError("out_dir", cfg.out_dir, f"cannot hold a new run directory ({one_line(e)})") from None
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(1, sys.maxsize):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d := out / (name if i == 1 else f"{name}-{i}"))
+            return d
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a new file beside `path`, then rename it over `path`: a kill or a full disk mid-write leaves the last good
@@ -1122,11 +1119,10 @@ def open_run_file(path: Path, flags: int, own: bool = False) -> int:
     except OSError as e:
         if e.errno != errno.ELOOP:  # ELOOP: a symlink
             raise
-        fd = -1
-    st = os.fstat(fd) if fd >= 0 else None
-    if st and stat.S_ISREG(st.st_mode) and not (own and st.st_nlink > 1):
-        return fd
-    if fd >= 0:
+    else:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and not (own and st.st_nlink > 1):
+            return fd
         os.close(fd)
     raise OSError(f"{path.name} is a link or not a regular file; a run reads and writes only files of its own")
 
@@ -1152,16 +1148,17 @@ def lock_run(run_dir: Path, cleanup: contextlib.ExitStack) -> None:
     f.flush()
 
 def start_run(cfg: Cfg, cleanup: contextlib.ExitStack) -> Path:
-    """A new run directory holding run.lock (held) and config.json. Whatever fails here (a full disk) removes it
-    again: nothing was written, a ConfigError of out_dir says why."""
-    made = not os.path.lexists(cfg.out_dir)
-    run_dir = new_run_dir(cfg)
+    """A new run directory holding run.lock (held) and config.json. Whatever fails here (a full disk) removes what it
+    made: nothing was written, a ConfigError of out_dir says why."""
+    made, run_dir = not os.path.lexists(cfg.out_dir), None
     try:
+        run_dir = new_run_dir(cfg)
         lock_run(run_dir, cleanup)
         write_json(dataclasses.asdict(dataclasses.replace(cfg, halt_after=0)), run_dir / "config.json")
         return run_dir
     except BaseException as e:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
         if made:
             with contextlib.suppress(OSError):
                 os.rmdir(cfg.out_dir)
@@ -1177,39 +1174,47 @@ def start_run(cfg: Cfg, cleanup: contextlib.ExitStack) -> Path:
 # (isolated_rng); device, torch_threads, cpu_kernel: where and how fast (another device, other random numbers).
 RESUMABLE = ("total_timesteps", "halt_after", "progress", "log_every", "save_plot", "checkpoint_every", "eval_every",
              "eval_episodes", "device", "torch_threads", "cpu_kernel")
+# `--evaluate RUN` may change only these: how many episodes, which policy, where it runs
+EVALUATE_FLAGS = ("eval_episodes", "eval_mode", "device", "torch_threads", "cpu_kernel", "progress")
+MAY_CHANGE = {"resume": (RESUMABLE, "when resuming", "a resume may change only --total-timesteps (to grow it, "
+                                                     "without anneal_lr or lambda_c_end), "),
+              "evaluate": (EVALUATE_FLAGS, "with --evaluate", "it may change only ")}  # and how a refusal says so
 
-def run_config(resume: str, flag: str = "resume") -> Cfg:
-    """The Cfg saved in <resume>/config.json (fields it lacks keep their defaults; halt_after is never read back)."""
-    what, run_dir = "must be a run directory with config.json and checkpoint.pt", Path(resume)
-    if not resume.strip() or not (run_dir / "checkpoint.pt").is_file():  # "": not the working directory
-        raise ConfigError(flag, resume, what)
+def run_config(run: str, flag: str = "resume") -> Cfg:
+    """The Cfg saved in RUN/config.json (fields it lacks keep their defaults; halt_after is never read back)."""
+    what, run_dir = "must be a run directory with config.json and checkpoint.pt", Path(run)
+    if not run.strip() or not (run_dir / "checkpoint.pt").is_file():  # "": not the working directory
+        raise ConfigError(flag, run, what)
     try:
         saved = json.loads(read_run_file(run_dir / "config.json"))
         return Cfg(**{k: v for k, v in saved.items() if k in Cfg.__dataclass_fields__ and k != "halt_after"})
     except (OSError, ValueError, AttributeError) as e:  # unreadable or a link, not JSON, not a JSON object
-        raise ConfigError(flag, resume, f"{what} ({one_line(e)})") from None
+        raise ConfigError(flag, run, f"{what} ({one_line(e)})") from None
 
-def check_resume(cfg: Cfg, saved: Cfg) -> None:
-    """The resume contract: only RESUMABLE fields may differ from the run's saved Cfg, and total_timesteps may only
-    grow, where no schedule spans it."""
+def check_changes(cfg: Cfg, saved: Cfg, flag: str) -> None:
+    """cfg differs from RUN's saved Cfg only where `--<flag> RUN` may change it (MAY_CHANGE; total_timesteps only to
+    grow it, where no schedule spans it; halt_after, for one invocation, is never saved), else ConfigError."""
+    may, when, only = MAY_CHANGE[flag]
     grows = cfg.total_timesteps > saved.total_timesteps and not saved.anneal_lr and saved.lambda_c_end is None
     for f in dataclasses.fields(Cfg):
         old, new = getattr(saved, f.name), getattr(cfg, f.name)
-        if new != old and (f.name not in RESUMABLE or f.name == "total_timesteps" and not grows):
-            raise ConfigError(f.name, new, f"cannot change when resuming (the run has {old!r}); a resume may change "
-                              "only --total-timesteps (to grow it, without anneal_lr or lambda_c_end), "
-                              + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE[1:]))
+        if new != old and (f.name not in may + ("halt_after",) or f.name == "total_timesteps" and not grows):
+            raise ConfigError(f.name, new, f"cannot change {when} (the run has {old!r}); {only}" + ", ".join(
+                "--" + n.replace("_", "-") for n in may if n != "total_timesteps"))
 
-def metrics_plan(path: Path, update: int) -> tuple[Optional[bytes], str, dict]:
+def metrics_plan(run_dir: Path, update: int) -> tuple[Optional[bytes], str, dict]:
     """The checkpoint is the truth: metrics.jsonl as it must be for its `update` updates, read and checked now, written
     once the resume writes -> (the new contents or None if unchanged, a note saying what was dropped, the last row)."""
-    lines = read_run_file(path, own=True).decode(errors="replace").splitlines(True) if os.path.lexists(path) else []
+    path = run_dir / "metrics.jsonl"
+    try:
+        lines = read_run_file(path, own=True).decode(errors="replace").splitlines(True) if os.path.lexists(path) else []
+    except OSError as e:
+        raise ConfigError("resume", str(run_dir), f"its metrics.jsonl cannot be read ({one_line(e)})") from None
     keep, late, bad, last = [], 0, 0, {}
     for line in lines:
-        try:
+        row = None
+        with contextlib.suppress(ValueError):
             row = json.loads(line) if line.endswith("\n") else None
-        except ValueError:
-            row = None
         u = row.get("update") if isinstance(row, dict) else None
         if type(u) is int and last.get("update", 0) < u <= update:  # the rows of updates 1..update, in order
             keep.append(line)
@@ -1220,11 +1225,24 @@ def metrics_plan(path: Path, update: int) -> tuple[Optional[bytes], str, dict]:
             bad += 1
     what = [f"{late} logged after the checkpoint (update {update})"] * bool(late) + [f"{bad} cut short or not a row "
                                                                                      "in order"] * bool(bad)
-    note = f"note: dropped {late + bad} line(s) of metrics.jsonl: {', '.join(what)}" if what else ""
-    if len(keep) < update:
-        note += f"{'; ' if note else 'note: '}metrics.jsonl lacks {update - len(keep)} of the checkpoint's {update} " \
-                "rows"
+    notes = [f"dropped {late + bad} line(s) of metrics.jsonl: {', '.join(what)}"] * bool(what)
+    notes += [f"metrics.jsonl lacks {update - len(keep)} of the checkpoint's {update} rows"] * (len(keep) < update)
+    note = "note: " + "; ".join(notes) if notes else ""
     return ("".join(keep).encode() if keep != lines else None), note, last if last.get("update") == update else {}
+
+def resume_writes(cfg: Cfg, saved: Cfg, run_dir: Path, rows: Optional[bytes], note: str) -> None:
+    """A resume's first writes, once all it reads is checked: no .tmp left by a process killed mid-write,
+    metrics.jsonl cut back to the checkpoint's rows (metrics_plan), config.json with the total_timesteps asked for."""
+    for tmp in run_dir.glob("*.tmp"):
+        tmp.unlink()
+    if note:
+        print(note, file=sys.stderr)
+    if rows is not None:
+        write_atomic(run_dir / "metrics.jsonl", rows)
+    # per-invocation settings are not saved (resume: only total_timesteps may change); plots/sweep.py takes
+    # this rewrite as the sign that the rows after the checkpoint are gone
+    saved = dataclasses.replace(saved, total_timesteps=cfg.total_timesteps, halt_after=0)
+    write_json(dataclasses.asdict(saved), run_dir / "config.json")
 
 def results_written(run_dir: Path, st: dict) -> bool:
     """Does summary.json hold the completed results of the checkpoint's state (the end of the run was written)?"""
@@ -1415,18 +1433,21 @@ def check_optimizer(opt: torch.optim.Optimizer) -> None:
                 ok = torch.is_tensor(v) and v.shape in (p.shape, ()) and bool(torch.isfinite(v).all())
                 _need(f"opt.state.{k}", v, ok, f"a finite tensor of shape {tuple(p.shape)} or ()")
 
-def load_checkpoint(su: Setup, run_dir: Path) -> dict:
-    """Restore modules, counters, env state and RNGs from run_dir/checkpoint.pt once every field is checked, or raise
-    ConfigError. It is read onto the CPU, where torch.set_rng_state needs the RNG states; the rest moves to su.dev."""
+def load_checkpoint(su: Setup, run_dir: Path, flag: str = "resume") -> dict:
+    """RUN/checkpoint.pt into su once every field is checked, else a ConfigError of --<flag>: the model and the TD
+    normalizer, and to resume also the optimizer, the collector with its envs, and the RNGs. It is read onto the CPU,
+    where torch.set_rng_state needs the RNG states; the rest moves to su.dev. Returns its state (train's st)."""
     su.col.reset(seed=su.cfg.seed)  # the envs must be reset before their saved state replaces them
     try:
         ck = torch.load(io.BytesIO(read_run_file(run_dir / "checkpoint.pt")), map_location="cpu",
-                        weights_only=True)  # runs no code
+                        weights_only=True)  # never through a link; runs no code
         su.agent.load_state_dict(ck["agent"])  # first: it names a model of another size best
         check_checkpoint(ck, su)
+        su.norm.load_state_dict(ck["norm"])
+        if flag != "resume":  # --evaluate: the model and its normalizer are all it uses
+            return ck["state"]
         su.opt.load_state_dict(ck["opt"])
         check_optimizer(su.opt)
-        su.norm.load_state_dict(ck["norm"])
         st, col, rng = ck["state"], ck["collector"], ck["rng"]
         st["gc_hist"] = [{k: v.numpy() for k, v in h.items()} for h in st["gc_hist"]]
         name = f"envs-{st['update']}.pkl"  # its one name, in the run directory: a checkpoint cannot point elsewhere
@@ -1445,23 +1466,17 @@ def load_checkpoint(su: Setup, run_dir: Path) -> dict:
         torch.set_rng_state(rng["torch"])
         if su.dev.type == "cuda" and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"], su.dev)
+        return st
     except Exception as e:
-        raise ConfigError("resume", str(run_dir), f"its checkpoint does not load ({one_line(e)})") from None
-    return st
-
-def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
-    """Train GWT-IB with `cfg`, or continue the run in directory `resume` (the resume contract: RESUMABLE); returns
-    the summary (also written to <run_dir>/summary.json). summary["status"] is "completed", "halted" (halt_after),
-    "interrupted", "diverged", "env_error", "io_error" or "out_of_memory". A bad setting raises ConfigError before
-    anything is written."""
-    with contextlib.ExitStack() as cleanup:  # the envs and the run's lock are let go however the run ends
-        return _train(cfg, resume, cleanup)
+        raise ConfigError(flag, str(run_dir), f"its checkpoint does not load ({one_line(e)})") from None
 
 EXIT_CODES = {"completed": 0, "halted": 0, "diverged": 3, "env_error": 4, "io_error": 5, "out_of_memory": 6}
 
-def fault(e: BaseException) -> Optional[tuple[str, str]]:
-    """(status, message) of an exception that ends a run with a status, or None: a bug, whose traceback shows."""
+def fault(e: BaseException, stop: StopFlag) -> Optional[tuple[str, str]]:
+    """(status, message) of an exception that ends a run with a status, or None: a bug, whose traceback shows. A
+    KeyboardInterrupt is a second signal; stop.signum says which (SIGINT: one that StopFlag did not handle)."""
     if isinstance(e, KeyboardInterrupt):
+        stop.signum = stop.signum or signal.SIGINT
         return "interrupted", "a second signal abandoned the update in progress"
     if isinstance(e, (NonFinite, EnvError)):
         return "diverged" if isinstance(e, NonFinite) else "env_error", str(e)
@@ -1472,232 +1487,207 @@ def fault(e: BaseException) -> Optional[tuple[str, str]]:
         return "out_of_memory", f"{type(e).__name__}{': ' + oom[0] if oom else ''}"
     return None
 
-def _train(cfg: Cfg, resume: Optional[str], cleanup: contextlib.ExitStack) -> dict:
-    stop = cleanup.enter_context(StopFlag())  # from the start: a signal during start-up stops it before any write
-    if resume is not None:  # the contract first: nothing in the run directory is written before it holds
-        run_dir, saved = Path(resume), run_config(resume)
-        check_resume(cfg, saved)
-        lock_run(run_dir, cleanup)
-    su = build(cfg)
-    cleanup.callback(su.eval_envs.close)
-    cleanup.callback(su.envs.close)
-    agent, opt, norm, batch = su.agent, su.opt, su.norm, cfg.num_envs * cfg.rollout_steps
-    num_updates = cfg.total_timesteps // batch
-    # what a checkpoint carries besides modules and RNGs; evals: (update, mean return), eval_returns: each one's
-    # per-episode returns; gc_hist: GateCheck samples; mmer: the max over updates of the mean return of the training
-    # (sampled-policy) episodes that ended in it; budget_i, multiplier: the budget constraint's (dual_step)
-    st = dict(update=0, env_steps=0, wall_s=0.0, ep_hist=[], evals=[], eval_returns=[], gc_hist=[],
-              mmer=float("nan"), budget_i=0.0, multiplier=0.0)
-    if resume is not None:  # every file the resume reads is read and checked here, before anything is written
-        st = load_checkpoint(su, run_dir)
-        try:
-            rows, note, last_row = metrics_plan(run_dir / "metrics.jsonl", st["update"])
-        except OSError as e:
-            raise ConfigError("resume", resume, f"its metrics.jsonl cannot be read ({one_line(e)})") from None
-        if st["update"] >= num_updates and results_written(run_dir, st):
-            print(f"run: {run_dir} is complete ({st['update']} updates); nothing was changed (a larger "
-                  "--total-timesteps extends it)", flush=True)
-            return dict(status="completed", message="complete already", exit_code=0, run_dir=str(run_dir))
-    if stop.signum:
-        why = f"stopped by {signal.Signals(stop.signum).name} before training started"
-        print(f"gwt_ib.py: interrupted: {why}; nothing was written", file=sys.stderr)
-        return dict(status="interrupted", message=why, exit_code=128 + stop.signum, run_dir="")
-    stop.notice = "after this update (again to abandon it)"  # from here on a first signal stops after an update
-    if resume is None:
-        su.col.reset(seed=cfg.seed)
-        run_dir = start_run(cfg, cleanup)
-    status, message, last, ck_update, failed = "completed", "", {}, st["update"], False  # ck_update: last checkpoint's
-    start_update, steps0, wall0, t0, bar = st["update"], st["env_steps"], st["wall_s"], time.perf_counter(), None
-    try:  # from here on every failure is a status of the run, with its checkpoint kept
-        if resume is not None:
-            for tmp in run_dir.glob("*.tmp"):  # left by a process killed mid-write
-                tmp.unlink()
-            if note:
-                print(note, file=sys.stderr)
-            if rows is not None:
-                write_atomic(run_dir / "metrics.jsonl", rows)
-            # per-invocation settings are not saved (resume: only total_timesteps may change); plots/sweep.py takes
-            # this rewrite as the sign that the rows after the checkpoint are gone
-            saved = dataclasses.replace(saved, total_timesteps=cfg.total_timesteps, halt_after=0)
-            write_json(dataclasses.asdict(saved), run_dir / "config.json")
-            if start_update >= num_updates:  # trained to its end before, its results never written
-                print(f"run: {run_dir} has trained to its end ({start_update} updates), its results were not written: "
-                      "writing them", flush=True)
-                last = last_row
-        metrics_fd = open_run_file(run_dir / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, own=True)
-        cleanup.callback(os.close, metrics_fd)  # unbuffered: nothing is left to fail at the close
-        from tqdm import tqdm
-        bar = tqdm(total=num_updates, initial=start_update, disable=not cfg.progress, desc=cfg.env_id, unit="upd")
-        for update in range(start_update, num_updates):
-            if cfg.anneal_lr:
-                opt.param_groups[0]["lr"] = cfg.lr * (1 - update / num_updates)
-            tr0 = time.perf_counter()
-            floor0 = norm.floor_hits.item()
-            b, last_value, fin = rollout(su.col, cfg.rollout_steps)
-            adv, ret = gae(b, last_value, cfg.gamma, cfg.gae_lambda)
-            t_roll = time.perf_counter() - tr0
-            if not st["evals"]:  # GateCheck's early baseline: no update yet, a normalizer that saw a rollout
-                add_eval(st, 0, evaluate(su.evc, cfg))
-            check_finite(update, "in the rollout", {"TD mean": norm.mean, "TD scale": norm.scale, "return": ret})
-            gs = gate_samples(agent, b, (norm.floor_hits.item() - floor0) / cfg.rollout_steps)
-            lam_c = ib_weight(cfg, update, num_updates, st["multiplier"])
-            m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c, update)
-            st["budget_i"], st["multiplier"] = dual_step(cfg, st["budget_i"], b["c"].mean().item())
-            t_upd = time.perf_counter() - tr0 - t_roll
-            check_finite(update, "after the update", {f"parameter {n}": p for n, p in agent.named_parameters()})
-            st["gc_hist"] = (st["gc_hist"] + [gs])[-cfg.gatecheck_rollouts:]
-            st["ep_hist"] = (st["ep_hist"] + [R for _, R, _ in fin])[-100:]
-            ep_mean = float(np.mean([R for _, R, _ in fin])) if fin else float("nan")
-            st["mmer"] = max(st["mmer"], ep_mean, key=lambda v: -math.inf if math.isnan(v) else v)  # POPGym's
-            done, st["env_steps"] = update + 1, st["env_steps"] + batch
-            st["update"] = done
-            fresh = done == num_updates or (cfg.eval_every and done % cfg.eval_every == 0)
-            if fresh:
-                add_eval(st, done, evaluate(su.evc, cfg))
-            st["wall_s"] = wall0 + time.perf_counter() - t0
-            last = dict(update=done, env_steps=st["env_steps"], **m, lambda_c=lam_c, mean_c=b["c"].mean().item(),
-                        c_std=b["c"].std().item(), td_mean=norm.mean.item(), td_std=norm.scale.item(),
-                        td_raw_std=b["td"].std().item(), ev=explained_variance(b["value"], ret),
-                        ep100=float(np.mean(st["ep_hist"])) if st["ep_hist"] else float("nan"),
-                        episodes=len(st["ep_hist"]), ep_mean=ep_mean, mmer=st["mmer"], bias=agent.bias.item(),
-                        eval=st["evals"][-1][1],
-                        eval_fresh=bool(fresh), lr=opt.param_groups[0]["lr"], rollout_s=t_roll, update_s=t_upd,
-                        steps_per_s=(st["env_steps"] - steps0) / (time.perf_counter() - t0), wall_s=st["wall_s"])
-            os.write(metrics_fd, (json.dumps(last) + "\n").encode())  # a kill loses at most the update in progress
-            bar.update(1)
-            if done % cfg.log_every == 0 or done == num_updates:
-                bar.write(log_line(last, num_updates, cfg), file=sys.stdout)
-                sys.stdout.flush()  # tqdm.write does not flush: keep `| tee log` and nohup logs live
-            halt = cfg.halt_after and done - start_update >= cfg.halt_after and done < num_updates
-            if done % cfg.checkpoint_every == 0 or done == num_updates or stop.signum or halt:
-                save_checkpoint(su, st, run_dir)
-                ck_update = done
-            if (stop.signum and done < num_updates) or halt:  # a signal in the last update: the run is complete
-                status, message = ("interrupted", f"stopped by {signal.Signals(stop.signum).name}") if stop.signum \
-                    else ("halted", "")
-                break
-    except BaseException as e:  # the last good checkpoint stays as it was
-        if (f := fault(e)) is None:
-            raise
-        (status, message), failed = f, True
-        stop.signum = stop.signum or (signal.SIGINT if status == "interrupted" else 0)
-    finally:
-        if bar is not None:
-            bar.close()
-    st["wall_s"] = wall0 + time.perf_counter() - t0
-    rate = last.get("steps_per_s", math.nan) if start_update >= num_updates else \
-        (st["env_steps"] - steps0) / max(time.perf_counter() - t0, 1e-9)
-    return end_run(su, run_dir, st, (status, message, failed), last, rate, ck_update, stop)
-
-def end_run(su: Setup, run_dir: Path, st: dict, how: tuple, last: dict, rate: float, ck_update: int,
-            stop: StopFlag) -> dict:
-    """model.pt, then finish_run (GateCheck, summary.json, ...), then a fault's one line. A second signal or a fault
-    while the end is written leaves the last checkpoint, from which --resume writes the end again; the line says so."""
-    (status, message, failed), code = how, EXIT_CODES.get(how[0], 128 + stop.signum)
-    stop.notice = "once the results are written (again to abandon them; --resume writes them)"
-    try:
-        if status != "diverged":  # a diverged model is not worth keeping; checkpoint.pt holds the last good one
-            write_atomic(run_dir / "model.pt", torch_bytes(su.agent.state_dict()))
-        summary, end = finish_run(su, run_dir, st, status, message, last, code, rate), None
-    except BaseException as e:
-        if (end := fault(e)) is None:
-            raise
-        end = ("interrupted", f"stopped by {signal.Signals(stop.signum or signal.SIGINT).name}") \
-            if end[0] == "interrupted" else end
-        summary = None
-    kept = f"kept the checkpoint of update {ck_update}" if ck_update else "no checkpoint had been written yet"
-    kept += f" in {run_dir}"
-    if end and status in ("completed", "halted"):  # what failed is the end: its status is the run's
-        trained = status == "completed"
-        status, message, code = *end, EXIT_CODES.get(end[0], 128 + (stop.signum or signal.SIGINT))
-        line = f"{status}: {message} while writing the end of the run; {kept}" + (
-            ", which has trained to its end: --resume writes its results" if trained else "")
-    elif end:
-        line = f"{status}: {message}; {kept}; the end of the run (summary.json) was not written ({': '.join(end)})"
-    else:
-        line = f"{status}: {message}; {kept}" if failed else ""
-    if line:
-        print(f"gwt_ib.py: {line}", file=sys.stderr)
-    if end and ck_update and status != "diverged":  # finish_run prints it when the end is written
-        print(f"resume with: python gwt_ib.py --resume {shlex.quote(str(run_dir))}", flush=True)
-    return summary or dict(status=status, message=message, exit_code=code, run_dir=str(run_dir))
-
 def add_eval(st: dict, update: int, e: Eval) -> None:
     st["evals"].append((update, e.mean))
     st["eval_returns"].append(e.returns.tolist())
 
-def log_line(m: dict, num_updates: int, cfg: Cfg) -> str:
-    return (f"upd {m['update']:4d}/{num_updates} | td_mean {m['td_mean']:+.3f} td_std {m['td_std']:.4f} | "
-            f"mean_c {m['mean_c']:.3f} (tgt {cfg.target_c:.2f}, ib_w {m['lambda_c']:.3f}) | EV {m['ev']:.3f} | "
-            f"ep100 {m['ep100']:.2f} | bias {m['bias']:+.3f} | {m['steps_per_s']:,.0f} steps/s | "
-            f"eval {m['eval']:.2f} ({cfg.eval_mode})")
+def mean_of(x) -> float:
+    return float(np.mean(x)) if len(x) else math.nan
 
-def finish_run(su: Setup, run_dir: Path, st: dict, status: str, message: str, last: dict, exit_code: int,
-               steps_per_s: float) -> dict:
-    """GateCheck on whatever exists, summary.json, training.png; prints the GateCheck block."""
-    cfg = su.cfg
-    gs = {k: np.concatenate([h[k] for h in st["gc_hist"]] or [np.zeros(0, bool if k == "dc_ok" else float)])
-          for k in ("td_abs", "c", "dc", "dc_ok", "res")}
-    floor = float(np.mean([h["floor_frac"] for h in st["gc_hist"]])) if st["gc_hist"] else float("nan")
-    g = gatecheck(**gs, floor_frac=floor, td_std=su.norm.scale.item(), eval_returns=st["eval_returns"], cfg=cfg)
-    np.savez_compressed(buf := io.BytesIO(), **gs)  # for plots
-    write_atomic(run_dir / "gate_samples.npz", buf.getvalue())
-    c = gs["c"]
-    mean_c = float(c.mean()) if len(c) else float("nan")
-    ev, ep100 = last.get("ev", float("nan")), float(np.mean(st["ep_hist"])) if st["ep_hist"] else float("nan")
-    if status == "completed":  # the gate's counterfactuals, and one evaluation episode's gate/TD/reward for plots
-        g["evidence"] = gate_evidence(su.agent, su.evc, cfg)
-        write_json(evaluate(su.evc, cfg, trace=True).trace, run_dir / "eval_trace.json")
-    summary = dict(status=status, message=message, exit_code=exit_code, run_dir=str(run_dir), env_id=cfg.env_id,
-                   seed=cfg.seed, updates=st["update"], gatecheck=g, final_eval=st["evals"][-1][1]
-                   if st["evals"] else float("nan"), eval_mode=cfg.eval_mode, evals=st["evals"],
-                   mmer=st["mmer"], mean_c=mean_c, ev=ev, ep100=ep100,
-                   steps_per_s=steps_per_s, env_steps=st["env_steps"], wall_s=st["wall_s"])
-    write_json(summary, run_dir / "summary.json")
+def metrics_row(su: Setup, st: dict, b: dict, ret: torch.Tensor, m: dict, lam_c: float, ep_mean: float,
+                seconds: tuple, rate: float) -> dict:
+    """metrics.jsonl's row for the update st has just counted: PPO's losses (m), the IB weight, the gate, the TD
+    statistics, returns, the latest evaluation; last, the wall-clock keys (seconds: the rollout's, the update's)."""
+    return dict(update=st["update"], env_steps=st["env_steps"], **m, lambda_c=lam_c, mean_c=b["c"].mean().item(),
+                c_std=b["c"].std().item(), td_mean=su.norm.mean.item(), td_std=su.norm.scale.item(),
+                td_raw_std=b["td"].std().item(), ev=explained_variance(b["value"], ret), ep100=mean_of(st["ep_hist"]),
+                episodes=len(st["ep_hist"]), ep_mean=ep_mean, mmer=st["mmer"], bias=su.agent.bias.item(),
+                eval=st["evals"][-1][1], eval_fresh=st["evals"][-1][0] == st["update"],
+                lr=su.opt.param_groups[0]["lr"], rollout_s=seconds[0], update_s=seconds[1], steps_per_s=rate,
+                wall_s=st["wall_s"])
+
+def log_update(fd: int, bar, m: dict, num_updates: int, cfg: Cfg) -> None:
+    """An update's row appended to metrics.jsonl (a kill loses at most the update in progress); every log_every
+    updates and at the end, its progress line."""
+    os.write(fd, (json.dumps(m) + "\n").encode())
+    bar.update(1)
+    if m["update"] % cfg.log_every == 0 or m["update"] == num_updates:
+        bar.write(f"upd {m['update']:4d}/{num_updates} | td_mean {m['td_mean']:+.3f} td_std {m['td_std']:.4f} | "
+                  f"mean_c {m['mean_c']:.3f} (tgt {cfg.target_c:.2f}, ib_w {m['lambda_c']:.3f}) | EV {m['ev']:.3f} | "
+                  f"ep100 {m['ep100']:.2f} | bias {m['bias']:+.3f} | {m['steps_per_s']:,.0f} steps/s | "
+                  f"eval {m['eval']:.2f} ({cfg.eval_mode})", file=sys.stdout)
+        sys.stdout.flush()  # tqdm.write does not flush: keep `| tee log` and nohup logs live
+
+def end_run(su: Setup, run_dir: Path, st: dict, how: tuple, last: dict, rate: float, ck_update: int,
+            stop: StopFlag) -> dict:
+    """The results of whatever exists: model.pt (not a diverged one), GateCheck (with the gate's evidence once
+    completed) printed, summary.json, training.png and the files for plots; then a fault's one line and, where the run
+    can go on from a checkpoint, how to resume. A second signal or a fault while the results are written leaves the
+    last checkpoint, from which --resume writes them again; the line says so."""
+    (status, message, failed), cfg, end = how, su.cfg, None
+    stop.notice = "once the results are written (again to abandon them; --resume writes them)"
     try:
-        if cfg.save_plot:
-            plot_training(run_dir, cfg)
-    except Exception as e:  # a missing font or backend must not lose the run's summary
-        print(f"note: training.png not written ({e})", file=sys.stderr)
-    print("\n" + format_gatecheck(g, mean_c, ev, ep100, summary["mmer"], cfg), flush=True)
-    print(f"run: {run_dir}  ({status}, {st['env_steps']:,} env steps, {st['wall_s']:.1f} s)", flush=True)
-    resumable = ("interrupted", "halted", "env_error", "io_error", "out_of_memory")
-    if status in resumable and (run_dir / "checkpoint.pt").exists():
+        if status != "diverged":  # a diverged model is not worth keeping; checkpoint.pt holds the last good one
+            write_atomic(run_dir / "model.pt", torch_bytes(su.agent.state_dict()))
+        gs = {k: np.concatenate([h[k] for h in st["gc_hist"]] or [np.zeros(0, bool if k == "dc_ok" else float)])
+              for k in ("td_abs", "c", "dc", "dc_ok", "res")}
+        g = gatecheck(**gs, floor_frac=mean_of([h["floor_frac"] for h in st["gc_hist"]]),
+                      td_std=su.norm.scale.item(), eval_returns=st["eval_returns"], cfg=cfg)
+        np.savez_compressed(buf := io.BytesIO(), **gs)  # for plots
+        write_atomic(run_dir / "gate_samples.npz", buf.getvalue())
+        if status == "completed":  # the gate's counterfactuals, and one evaluation episode's gate/TD/reward for plots
+            g["evidence"] = gate_evidence(su.agent, su.evc, cfg)
+            write_json(evaluate(su.evc, cfg, trace=True).trace, run_dir / "eval_trace.json")
+        summary = dict(status=status, message=message, exit_code=EXIT_CODES.get(status, 128 + stop.signum),
+                       run_dir=str(run_dir), env_id=cfg.env_id, seed=cfg.seed, updates=st["update"], gatecheck=g,
+                       final_eval=st["evals"][-1][1] if st["evals"] else math.nan, eval_mode=cfg.eval_mode,
+                       evals=st["evals"], mmer=st["mmer"], mean_c=mean_of(gs["c"]), ev=last.get("ev", math.nan),
+                       ep100=mean_of(st["ep_hist"]), steps_per_s=rate, env_steps=st["env_steps"], wall_s=st["wall_s"])
+        write_json(summary, run_dir / "summary.json")
+        try:
+            if cfg.save_plot:
+                plot_training(run_dir, cfg)
+        except Exception as e:  # a missing font or backend must not lose the run's summary
+            print(f"note: training.png not written ({e})", file=sys.stderr)
+        print("\n" + format_gatecheck(g, summary["mean_c"], summary["ev"], summary["ep100"], summary["mmer"], cfg),
+              flush=True)
+        print(f"run: {run_dir}  ({status}, {st['env_steps']:,} env steps, {st['wall_s']:.1f} s)", flush=True)
+    except BaseException as e:
+        if (end := fault(e, stop)) is None:
+            raise
+        summary = None
+        if end[0] == "interrupted":  # a second signal, by name: what it abandoned is the end
+            end = "interrupted", f"stopped by {signal.Signals(stop.signum).name}"
+    kept = f"kept the checkpoint of update {ck_update}" if ck_update else "no checkpoint had been written yet"
+    kept += f" in {run_dir}"
+    line = f"{status}: {message}; {kept}" if failed else ""
+    if end and status in ("completed", "halted"):  # what failed is the end: its status is the run's
+        line = f"{end[0]}: {end[1]} while writing the end of the run; {kept}" + (
+            ", which has trained to its end: --resume writes its results" if status == "completed" else "")
+        status, message = end
+    elif end:
+        line = f"{status}: {message}; {kept}; the end of the run (summary.json) was not written ({': '.join(end)})"
+    if line:
+        print(f"gwt_ib.py: {line}", file=sys.stderr)
+    if ck_update and status not in ("completed", "diverged"):  # exactly when the run can go on from a checkpoint
         print(f"resume with: python gwt_ib.py --resume {shlex.quote(str(run_dir))}", flush=True)
-    return summary
+    return summary or dict(status=status, message=message, exit_code=EXIT_CODES.get(status, 128 + stop.signum),
+                           run_dir=str(run_dir))
 
+def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
+    """Train GWT-IB with `cfg`, or continue the run in directory `resume` (the resume contract: RESUMABLE); returns
+    the summary (also written to <run_dir>/summary.json). summary["status"] is "completed", "halted" (halt_after),
+    "interrupted", "diverged", "env_error", "io_error" or "out_of_memory". A bad setting raises ConfigError before
+    anything is written."""
+    with contextlib.ExitStack() as cleanup:  # the envs and the run's lock are let go however the run ends
+        stop = cleanup.enter_context(StopFlag())  # from the start: a signal during start-up stops it before any write
+        if resume is not None:  # the contract first: nothing in the run directory is written before it holds
+            run_dir, saved = Path(resume), run_config(resume)
+            check_changes(cfg, saved, "resume")
+            lock_run(run_dir, cleanup)
+        su = build(cfg)
+        cleanup.callback(su.eval_envs.close)
+        cleanup.callback(su.envs.close)
+        agent, opt, norm, batch = su.agent, su.opt, su.norm, cfg.num_envs * cfg.rollout_steps
+        num_updates = cfg.total_timesteps // batch
+        # what a checkpoint carries besides modules and RNGs; evals: (update, mean return), eval_returns: each one's
+        # per-episode returns; gc_hist: GateCheck samples; mmer: the max over updates of the mean return of the
+        # training (sampled-policy) episodes that ended in it; budget_i, multiplier: the budget constraint's (dual_step)
+        st = dict(update=0, env_steps=0, wall_s=0.0, ep_hist=[], evals=[], eval_returns=[], gc_hist=[],
+                  mmer=float("nan"), budget_i=0.0, multiplier=0.0)
+        if resume is not None:  # every file the resume reads is read and checked here, before anything is written
+            st = load_checkpoint(su, run_dir)
+            rows, note, last_row = metrics_plan(run_dir, st["update"])
+            if st["update"] >= num_updates and results_written(run_dir, st):
+                print(f"run: {run_dir} is complete ({st['update']} updates); nothing was changed (a larger "
+                      "--total-timesteps extends it)", flush=True)
+                return dict(status="completed", message="complete already", exit_code=0, run_dir=str(run_dir))
+        if stop.signum:
+            why = f"stopped by {signal.Signals(stop.signum).name} before training started"
+            print(f"gwt_ib.py: interrupted: {why}; nothing was written", file=sys.stderr)
+            return dict(status="interrupted", message=why, exit_code=128 + stop.signum, run_dir="")
+        stop.notice = "after this update (again to abandon it)"  # from here on a first signal stops after an update
+        if resume is None:
+            su.col.reset(seed=cfg.seed)
+            run_dir = start_run(cfg, cleanup)
+        status, message, failed, last, bar = "completed", "", False, {}, None
+        ck_update, start_update = st["update"], st["update"]  # ck_update: the update of the last checkpoint
+        steps0, wall0, t0 = st["env_steps"], st["wall_s"], time.perf_counter()
 
-# `--evaluate RUN` may change only these: how many episodes, which policy, where it runs
-EVALUATE_FLAGS = ("eval_episodes", "eval_mode", "device", "torch_threads", "cpu_kernel", "progress")
+        def clock() -> float:  # st["wall_s"] brought up to now (metrics_row reads it); this invocation's steps/s
+            st["wall_s"] = wall0 + time.perf_counter() - t0
+            return (st["env_steps"] - steps0) / max(time.perf_counter() - t0, 1e-9)
+        try:  # from here on every failure is a status of the run, with its checkpoint kept
+            if resume is not None:
+                resume_writes(cfg, saved, run_dir, rows, note)
+            if start_update >= num_updates:  # trained to its end before, its results never written
+                print(f"run: {run_dir} has trained to its end ({start_update} updates), its results were not "
+                      "written: writing them", flush=True)
+                last = last_row
+            metrics_fd = open_run_file(run_dir / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, own=True)
+            cleanup.callback(os.close, metrics_fd)  # unbuffered: nothing is left to fail at the close
+            from tqdm import tqdm
+            bar = tqdm(total=num_updates, initial=start_update, disable=not cfg.progress, desc=cfg.env_id, unit="upd")
+            for update in range(start_update, num_updates):
+                if cfg.anneal_lr:
+                    opt.param_groups[0]["lr"] = cfg.lr * (1 - update / num_updates)
+                t_start, floor0 = time.perf_counter(), norm.floor_hits.item()
+                b, last_value, fin = rollout(su.col, cfg.rollout_steps)
+                adv, ret = gae(b, last_value, cfg.gamma, cfg.gae_lambda)
+                t_roll = time.perf_counter() - t_start
+                if not st["evals"]:  # GateCheck's early baseline: no update yet, a normalizer that saw a rollout
+                    add_eval(st, 0, evaluate(su.evc, cfg))
+                check_finite(update, "in the rollout", {"TD mean": norm.mean, "TD scale": norm.scale, "return": ret})
+                gs = gate_samples(agent, b, (norm.floor_hits.item() - floor0) / cfg.rollout_steps)
+                lam_c = ib_weight(cfg, update, num_updates, st["multiplier"])
+                m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c, update)
+                st["budget_i"], st["multiplier"] = dual_step(cfg, st["budget_i"], b["c"].mean().item())
+                t_upd = time.perf_counter() - t_start - t_roll
+                check_finite(update, "after the update", {f"parameter {n}": p for n, p in agent.named_parameters()})
+                st["gc_hist"] = (st["gc_hist"] + [gs])[-cfg.gatecheck_rollouts:]
+                st["ep_hist"] = (st["ep_hist"] + [R for _, R, _ in fin])[-100:]
+                ep_mean = mean_of([R for _, R, _ in fin])
+                st["mmer"] = max(st["mmer"], ep_mean, key=lambda v: -math.inf if math.isnan(v) else v)  # POPGym's
+                done = st["update"] = update + 1
+                st["env_steps"] += batch
+                if done == num_updates or cfg.eval_every and done % cfg.eval_every == 0:
+                    add_eval(st, done, evaluate(su.evc, cfg))
+                last = metrics_row(su, st, b, ret, m, lam_c, ep_mean, (t_roll, t_upd), clock())
+                log_update(metrics_fd, bar, last, num_updates, cfg)
+                # a first signal or halt_after stops the run at this update's checkpoint; in the last, it completes
+                halt = done < num_updates and (stop.signum or cfg.halt_after and done - start_update >= cfg.halt_after)
+                if halt or done % cfg.checkpoint_every == 0 or done == num_updates:
+                    save_checkpoint(su, st, run_dir)
+                    ck_update = done
+                if halt:
+                    status, message = ("interrupted", f"stopped by {signal.Signals(stop.signum).name}") \
+                        if stop.signum else ("halted", "")
+                    break
+        except BaseException as e:  # the last good checkpoint stays as it was
+            if (f := fault(e, stop)) is None:
+                raise
+            (status, message), failed = f, True
+        finally:
+            if bar is not None:
+                bar.close()
+        rate = clock()  # and st["wall_s"]
+        if start_update >= num_updates:  # no update in this invocation: the rate of the run's last
+            rate = last.get("steps_per_s", math.nan)
+        return end_run(su, run_dir, st, (status, message, failed), last, rate, ck_update, stop)
 
 def reevaluate(cfg: Cfg, run_dir: Path) -> dict:
     """--evaluate: RUN's last checkpoint (model and TD normalizer) evaluated again, with GateCheck's counterfactual
     arms, on cfg.eval_episodes episodes; printed and written to a new evaluate-<time>.json, nothing else changed."""
-    saved = run_config(str(run_dir), "evaluate")
-    for f in dataclasses.fields(Cfg):
-        if getattr(cfg, f.name) != getattr(saved, f.name) and f.name not in EVALUATE_FLAGS + ("halt_after",):
-            raise ConfigError(f.name, getattr(cfg, f.name), f"cannot change with --evaluate (the run has "
-                              f"{getattr(saved, f.name)!r}); it may change only "
-                              + ", ".join("--" + n.replace("_", "-") for n in EVALUATE_FLAGS))
+    check_changes(cfg, run_config(str(run_dir), "evaluate"), "evaluate")
     su = build(cfg)
     try:
-        su.col.reset(seed=cfg.seed)  # the collector state the checkpoint's is checked against
-        ck = torch.load(io.BytesIO(read_run_file(run_dir / "checkpoint.pt")), map_location="cpu",
-                        weights_only=True)  # as --resume reads it: never through a link, runs no code
-        su.agent.load_state_dict(ck["agent"])
-        check_checkpoint(ck, su)  # every field, as for --resume
-        su.norm.load_state_dict(ck["norm"])
-        update = int(ck["state"]["update"])
-    except Exception as e:
-        raise ConfigError("evaluate", str(run_dir), f"its checkpoint does not load ({one_line(e)})") from None
-    finally:
-        su.envs.close()
-    try:
+        update = load_checkpoint(su, run_dir, "evaluate")["update"]  # read as --resume reads it
         e = evaluate(su.evc, cfg)
         out = dict(run_dir=str(run_dir), update=update, policy=policy(cfg), episodes=len(e.returns),
                    eval=mean_ci(e.returns), mean_c=e.mean_c, returns=e.returns.tolist(),
                    evidence=gate_evidence(su.agent, su.evc, cfg))
     finally:
+        su.envs.close()
         su.eval_envs.close()
     print(f"evaluate: {run_dir} at update {update}: {out['policy']} return {out['eval'][0]:.3f} ± {out['eval'][1]:.3f}"
           f" over {out['episodes']} episodes, mean_c {e.mean_c:.3f}", *format_evidence(out["evidence"]) if
