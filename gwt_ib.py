@@ -1330,8 +1330,7 @@ def build(cfg: Cfg) -> Setup:
     act = action_spec(envs.single_action_space)
     obs_dim = envs.single_observation_space.shape[0] + (act.enc_dim if cfg.prev_action else 0)
     agent = sized(lambda: Agent(obs_dim, act, cfg).to(dev), "enc_dim", "hid_dim", "router_hid", "head_hid")
-    if "accelerate" in globals():  # the optional section at the end: sets agent.accel if it matches agent.cell
-        accelerate(agent, dev)
+    accelerate(agent, dev)  # the optional section at the end: sets agent.accel if it supports and equals Agent.step
     try:  # fused Adam: one kernel for all parameters (5x faster per step on CPU than the per-tensor loop)
         opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
     except (RuntimeError, TypeError, ValueError):  # older torch, or a device without a fused Adam
@@ -1727,7 +1726,7 @@ def main(argv: Optional[list] = None) -> int:
 # float32, one call per time step around torch's matmul: on a CPU the time loop is bound by per-op overhead (the
 # step: ~15 small torch ops, its backward ~30 autograd nodes). What it supports is CCell.SUPPORTS; it is used only
 # if it equals Agent.step for the agent being trained (values and every parameter's gradient on a random batch).
-# Delete this section and Cfg.cpu_kernel, and the reference runs.
+# Delete this section, Cfg.cpu_kernel and the call in build(), and the reference runs.
 _CELL_C = r"""/* One time step t of a (L, B) batch, forward and backward. Row-major float32; X = 3H+R. */
 #include <math.h>
 #include <stdint.h>

@@ -249,9 +249,32 @@ def test_run_without_ray_says_how_to_install_it(tmp_path):
 @pytest.mark.parametrize("flag,value,says", [("--seeds", "0,x", "argument --seeds: '0,x': must be integers"),
                                              ("--variants", "gwt_ib,nope", "--variants: 'gwt_ib,nope': must be 'all'"),
                                              ("--cpus-per-trial", "0", "--cpus-per-trial: '0': must be an integer >= 1"),
-                                             ("--extra", "--seed 3", "must not set --seed")])
+                                             ("--extra", "--seed 3", "must not set --seed"),
+                                             ("--extra", "--lr fast", "--lr 'fast': must be a number"),
+                                             ("--extra", "--memory rnn", "--memory 'rnn': must be one of gru, lstm"),
+                                             ("--extra", "--no-such-flag 1", "unrecognized arguments: --no-such-flag")])
 def test_run_bad_flag_exits_2_with_one_line(tmp_path, flag, value, says):
     p = sweep("run", "--out", str(tmp_path / "sweep"), flag, value, no_ray=True)
     assert p.returncode == 2 and p.stdout == ""
     (line,) = p.stderr.strip().splitlines()
     assert line.startswith("sweep.py run: error: ") and says in line, line
+
+
+def test_an_old_run_is_checked_against_every_trainer_setting_as_the_trainer_types_it(tmp_path):
+    """A run dir's config.json is compared with the Cfg gwt_ib itself makes of the sweep's flags (its parser, types
+    and defaults), every field: a default that differs is found, a value written another way ("1e-3") is not."""
+    import dataclasses
+    import gwt_ib
+    sw = load_sweep()
+    cfg, given = sw.trainer_flags(["--lr", "1e-3", "--memory", "lstm"])
+    assert (cfg.lr, cfg.memory) == (0.001, "lstm") and given == {"lr", "memory"}
+    assert dataclasses.replace(cfg, lr=gwt_ib.Cfg().lr, memory="gru") == gwt_ib.Cfg()  # the rest: the trainer's defaults
+    saved = dataclasses.asdict(cfg)
+    assert sw.same_value(saved["lr"], 0.001) and sw.same_value(1, 1.0) and not sw.same_value(True, 1)
+    assert all(sw.same_value(saved[k], v) for k, v in dataclasses.asdict(cfg).items())
+    assert not sw.same_value(saved["target_c"], 0.3) and not sw.same_value(None, 0.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**saved, "target_c": 0.3, "device": "cuda"}))  # device: how, not what
+    state, diff = sw.check_existing(run, cfg)
+    assert state == "redo" and len(diff) == 1 and diff[0].startswith("target_c: run has 0.3, requested 0.35")
