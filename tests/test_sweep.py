@@ -153,7 +153,7 @@ def test_sweep_runs_every_run_as_a_ray_trial_then_report(tmp_path):
     other = sweep(*run_args(out, "gwt_ib", "0", 2048), no_ray=True)
     assert other.returncode == 2 and other.stdout == ""
     (line,) = other.stderr.strip().splitlines()
-    assert "1 existing run(s)" in line and "total_timesteps: run has 1024, requested '2048'" in line
+    assert "1 existing run(s)" in line and "total_timesteps: run has 1024, requested 2048" in line
 
 
 @pytest.mark.slow
