@@ -537,6 +537,10 @@ class Agent(nn.Module):
         c_s = c if c.shape[-1] == 1 else c.repeat(1, s.shape[-1] // c.shape[-1])  # unit j's gate on all of its state
         return c, torch.lerp(s, self.memory(c_in * z, s), c_s)  # s + c*(cell(c*z, s) - s): exactly s at c = 0
 
+    def frozen(self):
+        """A block in which the parameters do not change (a rollout, an evaluation): the accelerator may pack them."""
+        return contextlib.nullcontext() if self.accel is None else self.accel.frozen(self)
+
     def value(self, state: torch.Tensor) -> torch.Tensor:
         return self.critic(self.memory.read(state)).squeeze(-1)
 
@@ -761,8 +765,9 @@ def rollout(col: Collector, steps: int):
     """`steps` vector steps with the sampling policy -> (buffer dict of (T, N, ...) tensors,
     last_value (N,) for GAE, finished episodes [(env, return, length)])."""
     col.refresh()  # the parameters changed in the last update
-    recs, fins = zip(*[col.step(greedy=False, update_norm=True) for _ in range(steps)])
-    return {k: torch.stack([r[k] for r in recs]) for k in recs[0]}, col.value(), [f for fin in fins for f in fin]
+    with col.agent.frozen():
+        recs, fins = zip(*[col.step(greedy=False, update_norm=True) for _ in range(steps)])
+        return {k: torch.stack([r[k] for r in recs]) for k in recs[0]}, col.value(), [f for fin in fins for f in fin]
 
 
 # ============================================================================ PPO + IB update
@@ -909,7 +914,8 @@ def evaluate(ev: Collector, cfg: Cfg, greedy: Optional[bool] = None, trace: bool
     ev.arm, warm = arm, np.full(ev.N, int(cfg.episode_start_td == "carry"))  # unscored episodes left per env
     rets, tr = {}, {"c": [], "td_abs": [], "reward": []}
     sums, n = torch.zeros(3, device=ev.dev), torch.zeros(3, device=ev.dev)  # c over scored, later steps; |td| later
-    try:
+    with ev.agent.frozen(), contextlib.ExitStack() as done:  # frozen: the C cell packs its weights once
+        done.callback(setattr, ev, "arm", None)
         for _ in range(100_000):
             scored = torch.tensor([warm[i] == 0 and i not in rets for i in range(ev.N)], device=ev.dev)
             rec, fin = ev.step(greedy=cfg.eval_mode == "greedy" if greedy is None else greedy, update_norm=False)
@@ -926,8 +932,6 @@ def evaluate(ev: Collector, cfg: Cfg, greedy: Optional[bool] = None, trace: bool
                     rets.setdefault(i, R)
             if len(rets) == ev.N:
                 break
-    finally:
-        ev.arm = None
     r = np.array([rets.get(i, np.nan) for i in range(ev.N)])
     return Eval(float(np.mean(list(rets.values()))) if rets else float("nan"), r, *(sums / n.clamp(min=1)).tolist(),
                 {"policy": policy(cfg, greedy), **tr})
@@ -1846,7 +1850,7 @@ class CCell:
     SUPPORTS = "memory gru with the router of one hidden layer or none; scalar, vector or fixed gates; float32"
 
     def __init__(self, lib: ctypes.CDLL):
-        self.lib = lib
+        self.lib, self.packed, self.x_of = lib, None, None  # within frozen(): packed weights, (z, version, W_x z)
         for f in (lib.cell_fwd, lib.cell_bwd):  # (struct, step t, is t the last step?)
             f.argtypes, f.restype = [ctypes.POINTER(_CellArgs), ctypes.c_int64, ctypes.c_int64], None
 
@@ -1891,12 +1895,23 @@ class CCell:
             args.w_o, args.b_o = r.out.weight.data_ptr(), r.out.bias.data_ptr()
         return ws, args
 
+    @contextlib.contextmanager
+    def frozen(self, ag: Agent):
+        """A block in which ag's parameters do not change (Agent.frozen: a rollout, an evaluation): step packs the
+        weights once, and keeps W_x z with the z it was made from (the clean bootstrap and the next step share z_{t+1})."""
+        self.packed, self.x_of = [torch.cat(p) for p in self.rows(ag)], None
+        try:
+            yield
+        finally:
+            self.packed = self.x_of = None
+
     def step(self, ag: Agent, z, prior, keep, state):
-        """Agent.step for one step, without gradients (the rollout): the projections as a few matmuls, then C."""
-        W_x, W_h, b_h = self.rows(ag)
+        """Agent.step for one step, without gradients (the rollout): the projections as two matmuls, then C."""
+        W_x, W_h, b_h = self.packed or [torch.cat(p) for p in self.rows(ag)]  # outside frozen(): packed per call
+        if self.packed is None or self.x_of is None or self.x_of[0] is not z or self.x_of[1] != z._version:
+            self.x_of = z, z._version, F.linear(z, W_x)  # holding z: its id is not reused
         hp = state * keep
-        x = torch.cat([F.linear(z, w) for w in W_x], -1)  # the outputs, not the weights: small at rollout batch sizes
-        hh = torch.cat([F.linear(hp, w, b) for w, b in zip(W_h, b_h)], -1)
+        x, hh = self.x_of[2], F.linear(hp, W_h, b_h)
         ws, args = self.workspace(ag, 1, z.shape[0], False, x=x, prior=prior, hp=hp, hh=hh)
         self.lib.cell_fwd(ctypes.byref(args), 0, 1)
         return ws["c"][0], ws["h"][0]
@@ -1926,7 +1941,7 @@ class CCell:
                     w = torch.Generator().manual_seed(1)  # the same random weights for both: every output counts
                     loss = sum((o * torch.randn(o.shape, generator=w)).sum() for o in outs)
                     grads = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
-                with torch.no_grad():
+                with torch.no_grad(), m.frozen():  # as a rollout runs it
                     step = m.step(m.features(obs[0]), *m.gate_prior(td[0], start[0]), h0)
             except Exception as e:  # e.g. an edited memory that the C cell reads wrongly
                 return f"the {name} step raised {type(e).__name__}: {str(e)[:120]}"

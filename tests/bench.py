@@ -7,8 +7,8 @@ In one invocation, every run a fresh subprocess, each repetition runs in turn:
   peer  tests/peer_recurrent_ppo.py: sb3-contrib RecurrentPPO (MlpLstmPolicy) sized like the default Cfg;
         skipped with --skip-peer
 and the final table gives medians over the repetitions, the ratios new/peer and new/old (as the ratio
-of the medians and as the median of the per-repetition ratios) and PASS/FAIL against the targets
-new/peer >= 2.0 and new/old >= 0.9, judged on the median of the per-repetition ratios, which pairs
+of the medians and as the median of the per-repetition ratios) and PASS/FAIL against the target
+new/old >= 0.95 (new/peer is reported beside it), judged on the median of the per-repetition ratios, which pairs
 runs made minutes apart (throughput here drifts 30-50% within minutes; alternating is what makes
 the comparison fair). The targets ask for at least 3 pairs; fewer are reported but flagged.
 
@@ -45,7 +45,7 @@ NEW = ROOT / "gwt_ib.py"
 PEER = ROOT / "tests" / "peer_recurrent_ppo.py"
 VENV_PY = ROOT / ".venv-bench" / "bin" / "python"
 ENV_ID, NUM_ENVS, ROLLOUT = "popgym-CountRecallEasy-v0", 16, 256  # gwt_ib.py's defaults, which the peer copies
-TARGET_PEER, TARGET_OLD, MIN_PAIRS = 2.0, 0.9, 3
+TARGET_PEER, TARGET_OLD, MIN_PAIRS = None, 0.95, 3  # no target against the peer: reported
 
 
 def cpu_clock():  # (CPU s used by the whole machine incl. steal, CPU s of our finished children, wall s)
@@ -161,7 +161,7 @@ def ratio(res, num, den, target):
     a, b = [fig(r) for r in res[num]], [fig(r) for r in res[den]]
     per_rep = [x / y for x, y in zip(a, b)]
     return dict(of_medians=st.median(a) / st.median(b), median_per_rep=st.median(per_rep), per_rep=per_rep,
-                target=target, pairs=len(per_rep), passed=st.median(per_rep) >= target)
+                target=target, pairs=len(per_rep), passed=None if target is None else st.median(per_rep) >= target)
 
 
 def sweep(a, tmp, res):  # scaling sweep: new code only, same rollout_steps, at least 4 updates per size
@@ -236,8 +236,9 @@ def compare(a, tmp, res, old):
         q = res["ratios"][k] = ratio(res, n, d, t)
         few = f" (only {q['pairs']} pair{'s' * (q['pairs'] != 1)}; the target needs >= {MIN_PAIRS})" \
             if q["pairs"] < MIN_PAIRS else ""
-        print(f"{k:12}{q['of_medians']:>11.2f}{q['median_per_rep']:>11.2f}{'>= %.1f' % t:>8}  "
-              f"{'PASS' if q['passed'] else 'FAIL':8}   " + " ".join(f"{x:.2f}" for x in q["per_rep"]) + few)
+        verdict = "-" if t is None else "PASS" if q["passed"] else "FAIL"
+        print(f"{k:12}{q['of_medians']:>11.2f}{q['median_per_rep']:>11.2f}{'-' if t is None else '>= %.2f' % t:>8}  "
+              f"{verdict:8}   " + " ".join(f"{x:.2f}" for x in q["per_rep"]) + few)
 
 
 def main():
