@@ -90,6 +90,31 @@ def test_c_cell_equals_the_reference_in_values_and_every_gradient(variant, threa
         torch.testing.assert_close(out["C"][k], want, rtol=1e-4, atol=1e-5 * (1 + scale), msg=k)
 
 
+def test_c_cell_steps_as_a_rollout_does_and_sees_every_parameter_change(lib):
+    """Within Agent.frozen (a rollout) the C step packs the weights once and reuses W_x z for the same z: steps that
+    share z, and a z changed in place, still equal the reference step. Outside it, a parameter changed in place
+    between two steps (as an optimizer does) is seen by the next step."""
+    ref = perturbed_agent()
+    fast = perturbed_agent()
+    fast.accel = gwt_ib.CCell(lib)
+    g = torch.Generator().manual_seed(3)
+    z, h = torch.randn(4, ref.cfg.enc_dim, generator=g), torch.randn(4, ref.H, generator=g)
+    prior, keep = torch.randn(4, 1, generator=g), torch.ones(4, 1)
+    with torch.no_grad():
+        with fast.frozen():
+            for _ in range(3):  # the same z each time: the clean bootstrap and the next step share z_{t+1}
+                c, h_next = fast.step(z, prior, keep, h)
+                torch.testing.assert_close((c, h_next), ref.step(z, prior, keep, h), rtol=1e-5, atol=1e-6)
+                h = h_next
+            z.mul_(-0.5)  # changed in place: a new projection
+            torch.testing.assert_close(fast.step(z, prior, keep, h), ref.step(z, prior, keep, h), rtol=1e-5, atol=1e-6)
+        fast.step(z, prior, keep, h)  # a step outside any rollout, then an in-place change of the weights
+        for a in (ref, fast):
+            a.memory.cell.weight_ih.mul_(2.0)
+            a.router.mlp[0].weight.add_(0.3)
+        torch.testing.assert_close(fast.step(z, prior, keep, h), ref.step(z, prior, keep, h), rtol=1e-5, atol=1e-6)
+
+
 def test_c_cell_keeps_memory_exactly_where_the_gate_is_zero(lib):
     agent = perturbed_agent(force_c=0.0)
     agent.accel = gwt_ib.CCell(lib)
