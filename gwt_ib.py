@@ -133,6 +133,8 @@ class Cfg:
     halt_after: int = knob(0, "stop cleanly (checkpoint + summary) after this many updates in this invocation; "
                            "0 = never", INT_0)
     cpu_kernel: bool = knob(True, "on CPU, run the C cell (end of file) if it matches Agent.step at start-up")
+    cuda_graph: bool = knob(True, "on CUDA, run each minibatch's forward and backward as a captured CUDA graph (end of "
+                            "file) if it matches eager at the first update")
 
 class ConfigError(ValueError):
     """A bad setting: names the field, the value and what is allowed."""
@@ -817,42 +819,53 @@ def check_finite(update: int, when: str, tensors: dict) -> None:
         if not torch.isfinite(t).all():
             raise NonFinite(f"update {update + 1}: {name} is not finite {when}")
 
+def minibatch_loss(agent: Agent, m: dict, cfg: Cfg, lam_c) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO + IB loss of one minibatch m of whole sequences (L, B, ...) -> loss, stats (8,) = pg, value, entropy, ib,
+    approx_kl, clipfrac, loss, max |ratio - 1|. lam_c: a number, or a 0-d tensor (a CUDA graph's input)."""
+    logits, value, c, _ = agent.unroll(m["obs"], m["h0"], m["surprise"], m["start"])
+    newlogp, ent = logp_entropy(agent, logits, m["act"])
+    logratio = newlogp - m["logp"]
+    ratio = logratio.exp()
+    a = m["adv"]
+    if cfg.norm_adv:
+        a = (a - a.mean()) / (a.std() + 1e-8)
+    pg = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)).mean()
+    vl, en, ib = 0.5 * ((value - m["ret"]) ** 2).mean(), ent.mean(), ib_loss(c, cfg)
+    loss = pg + cfg.vf_coef * vl - cfg.ent_coef * en + lam_c * ib
+    with torch.no_grad():
+        kl, clipfrac = ((ratio - 1) - logratio).mean(), ((ratio - 1).abs() > cfg.clip_eps).float().mean()
+        return loss, torch.stack([pg, vl, en, ib, kl, clipfrac, loss, (ratio - 1).abs().max()]).detach()
+
+def gradients(agent: Agent, m: dict, cfg: Cfg, lam_c: float) -> torch.Tensor:
+    """Every parameter's .grad = d loss / d parameter for minibatch m -> minibatch_loss's stats. On CUDA the
+    accelerator section may replace this by a captured graph of the same code (Setup.gradients)."""
+    loss, stats = minibatch_loss(agent, m, cfg, lam_c)
+    agent.zero_grad(set_to_none=True)
+    loss.backward()
+    return stats
+
 def ppo_update(agent: Agent, opt: torch.optim.Optimizer, b: dict, adv: torch.Tensor, ret: torch.Tensor,
-               cfg: Cfg, lam_c: float, update: int) -> dict:
+               cfg: Cfg, lam_c: float, update: int, grads=gradients) -> dict:
     """Recurrent PPO + IB over shuffled sequences; returns metrics averaged over every minibatch."""
     seq = to_sequences({**b, "adv": adv, "ret": ret}, cfg.seq_len)
     sums, n_mb, ratio0 = torch.zeros(8, device=adv.device), 0, float("nan")
     for epoch in range(cfg.epochs):
         for mb in torch.randperm(seq["h0"].shape[0], device=adv.device).chunk(cfg.minibatches):
             m = {k: v[mb] if k == "h0" else v[:, mb] for k, v in seq.items()}  # whole sequences
-            logits, value, c, _ = agent.unroll(m["obs"], m["h0"], m["surprise"], m["start"])
-            newlogp, ent = logp_entropy(agent, logits, m["act"])
-            logratio = newlogp - m["logp"]
-            ratio = logratio.exp()
+            stats = grads(agent, m, cfg, lam_c)  # pg, value, entropy, ib, kl, clipfrac, loss, max |ratio - 1|
+            if not torch.isfinite(stats[6]):
+                pg, vl, en, ib = stats[:4].tolist()
+                raise NonFinite(f"update {update + 1}: loss is {stats[6].item()} (pg {pg}, value {vl}, entropy {en}, "
+                                f"ib {ib})")
             if n_mb == 0:  # first minibatch: the recomputation must reproduce the rollout exactly
-                ratio0 = (ratio - 1).abs().max().item()
-            a = m["adv"]
-            if cfg.norm_adv:
-                a = (a - a.mean()) / (a.std() + 1e-8)
-            pg = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)).mean()
-            vl = 0.5 * ((value - m["ret"]) ** 2).mean()
-            en = ent.mean()
-            ib = ib_loss(c, cfg)
-            loss = pg + cfg.vf_coef * vl - cfg.ent_coef * en + lam_c * ib
-            if not torch.isfinite(loss):
-                raise NonFinite(f"update {update + 1}: loss is {loss.item()} (pg {pg.item()}, value {vl.item()}, "
-                                f"entropy {en.item()}, ib {ib.item()})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+                ratio0 = stats[7].item()
             gn = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
             if not torch.isfinite(gn):
                 raise NonFinite(f"update {update + 1}: gradient norm is {gn.item()}")
             opt.step()
             with torch.no_grad():
                 agent.bias.clamp_(cfg.bias_clamp_min, cfg.bias_clamp_max)
-                kl = ((ratio - 1) - logratio).mean()
-                clipfrac = ((ratio - 1).abs() > cfg.clip_eps).float().mean()
-                sums += torch.stack([pg, vl, en, ib, kl, clipfrac, gn, loss]).detach()
+                sums += torch.cat([stats[:6], gn.reshape(1), stats[6:7]])
             n_mb += 1
     names = ["pg_loss", "v_loss", "entropy", "ib_loss", "approx_kl", "clipfrac", "grad_norm", "loss"]
     return dict(zip(names, (sums / n_mb).tolist()), ratio0_maxdev=ratio0)
@@ -1175,9 +1188,9 @@ def start_run(cfg: Cfg, cleanup: contextlib.ExitStack) -> Path:
 # total_timesteps extends it (an update stays num_envs*rollout_steps steps; not where a schedule spans the total);
 # halt_after, progress, log_every, save_plot: when this invocation stops, what it shows; checkpoint_every: any
 # checkpoint continues the same run; eval_every, eval_episodes: evaluation sets training's random state aside
-# (isolated_rng); device, torch_threads, cpu_kernel: where and how fast (another device, other random numbers).
+# (isolated_rng); device, torch_threads, cpu_kernel, cuda_graph: where and how fast (another device, other rounding).
 RESUMABLE = ("total_timesteps", "halt_after", "progress", "log_every", "save_plot", "checkpoint_every", "eval_every",
-             "eval_episodes", "device", "torch_threads", "cpu_kernel")
+             "eval_episodes", "device", "torch_threads", "cpu_kernel", "cuda_graph")
 # `--evaluate RUN` may change only these: how many episodes, which policy, where it runs
 EVALUATE_FLAGS = ("eval_episodes", "eval_mode", "device", "torch_threads", "cpu_kernel", "progress")
 MAY_CHANGE = {"resume": (RESUMABLE, "when resuming", "a resume may change only --total-timesteps (to grow it, "
@@ -1299,7 +1312,7 @@ def plot_training(run_dir: Path, cfg: Cfg) -> None:
     plt.close(fig)
     write_atomic(run_dir / "training.png", buf.getvalue())
 
-Setup = namedtuple("Setup", "cfg dev envs eval_envs agent opt norm col evc")  # what build(cfg) makes of a run
+Setup = namedtuple("Setup", "cfg dev envs eval_envs agent opt norm col evc gradients")  # what build(cfg) makes
 
 def build(cfg: Cfg) -> Setup:
     """Validate, seed, make envs and model. Every check that can fail does so here, before any output."""
@@ -1341,7 +1354,7 @@ def build(cfg: Cfg) -> Setup:
         opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
     norm = sized(lambda: TDNormalizer(cfg, dev), "td_window")
     return Setup(cfg, dev, envs, eval_envs, agent, opt, norm, Collector(cfg, envs, agent, norm, dev),
-                 Collector(cfg, eval_envs, agent, norm, dev))
+                 Collector(cfg, eval_envs, agent, norm, dev), graph_gradients(cfg, dev))  # the accelerator's, or eager
 
 def save_checkpoint(su: Setup, st: dict, run_dir: Path) -> None:
     """checkpoint.pt holds tensors and plain types only (torch.load(weights_only=True) reads it); the pickled state
@@ -1643,7 +1656,7 @@ def train(cfg: Cfg, resume: Optional[str] = None) -> dict:
                 check_finite(update, "in the rollout", {"TD mean": norm.mean, "TD scale": norm.scale, "return": ret})
                 gs = gate_samples(agent, b, (norm.floor_hits.item() - floor0) / cfg.rollout_steps)
                 lam_c = ib_weight(cfg, update, num_updates, st["multiplier"])
-                m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c, update)
+                m = ppo_update(agent, opt, b, adv, ret, cfg, lam_c, update, su.gradients)
                 st["budget_i"], st["multiplier"] = dual_step(cfg, st["budget_i"], b["c"].mean().item())
                 t_upd = time.perf_counter() - t_start - t_roll
                 check_finite(update, "after the update", {f"parameter {n}": p for n, p in agent.named_parameters()})
@@ -1948,9 +1961,18 @@ class CCell:
             res[name] = dict(zip(["logits", "value", "c", "h", "step c", "step h"], (*outs, *step)),
                              **{f"grad {n}": torch.zeros_like(p) if d is None else d
                                 for (n, p), d in zip(m.named_parameters(), grads)})
-        err = {k: (res["C"][k] - v).abs().max().item() for k, v in res["reference"].items()}
-        bad = [k for k, v in res["reference"].items() if not err[k] <= 1e-5 + 1e-3 * v.abs().max().item()]
-        return f"{bad[0]} differs by {err[bad[0]]:.2g}" if bad else None
+        return first_difference(res["C"], res["reference"])
+
+def first_difference(got: dict, want: dict) -> Optional[str]:
+    """The first of want's tensors that got lacks or does not hold within 1e-5 + 1e-3 * max|want| (a fast path's
+    check against the reference), in words; None if there is none."""
+    for k, w in want.items():
+        g = got.get(k)
+        if (g is None) != (w is None):
+            return f"{k} is {'missing' if g is None else 'computed where the reference has none'}"
+        if w is not None and not (err := (g - w).abs().max().item()) <= 1e-5 + 1e-3 * w.abs().max().item():
+            return f"{k} differs by {err:.2g}"
+    return None
 
 class _CUnroll(torch.autograd.Function):
     """Agent.unroll's loop as one autograd node: x (L,B,X), prior, keep (L,B,1), h0 (B,H) -> h (L,B,H), c (L,B,G)."""
@@ -2109,6 +2131,63 @@ def accelerate(agent: Agent, dev: torch.device) -> None:
         agent.accel = CCell(_LIB)
         return
     print(f"note: C cell not used ({why}); Agent.step runs as torch ops", file=sys.stderr)
+
+
+# --- CUDA graphs: on a GPU the update is bound by kernel launches (the time loop: ~15 kernels a step forward, ~50
+# backward). gradients() of one minibatch, captured once as a CUDA graph (torch.cuda.graph) of the same code and
+# replayed; clipping and Adam stay eager. Checked against eager on the first real minibatch.
+class GraphGradients:
+    """Stands in for gradients(agent, m, cfg, lam_c): the first call checks a captured graph against eager on its
+    minibatch (stats and every parameter's gradient within 1e-5 + 1e-3 * max|eager|); a graph that cannot be
+    captured or differs is dropped with one line, and eager runs from then on."""
+    def __init__(self):
+        self.graph, self.eager = None, False
+
+    def __call__(self, agent: Agent, m: dict, cfg: Cfg, lam_c: float) -> torch.Tensor:
+        if self.eager:
+            return gradients(agent, m, cfg, lam_c)
+        if self.graph is None:
+            return self.capture(agent, m, cfg, lam_c)
+        for k, v in m.items():
+            self.static[k].copy_(v)
+        self.lam.fill_(lam_c)
+        self.graph.replay()
+        for p, g in zip(agent.parameters(), self.grads):  # the graph's own tensors, whatever set them aside
+            p.grad = g
+        return self.stats.clone()
+
+    def capture(self, agent: Agent, m: dict, cfg: Cfg, lam_c: float) -> torch.Tensor:
+        want = gradients(agent, m, cfg, lam_c)
+        want_g = {f"grad {n}": None if p.grad is None else p.grad.clone() for n, p in agent.named_parameters()}
+        try:
+            self.static, self.lam = {k: v.clone() for k, v in m.items()}, torch.tensor(float(lam_c), device=want.device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: lazy initializations must not happen during the capture
+                for _ in range(3):
+                    gradients(agent, self.static, cfg, self.lam)
+            torch.cuda.current_stream().wait_stream(side)
+            agent.zero_grad(set_to_none=True)  # the backward in the graph allocates its gradients in its pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                loss, self.stats = minibatch_loss(agent, self.static, cfg, self.lam)
+                loss.backward()
+            self.grads = [p.grad for p in agent.parameters()]
+            got = self(agent, m, cfg, lam_c)
+            have = {f"grad {n}": p.grad for n, p in agent.named_parameters()}
+            bad = first_difference({"the loss's stats": got, **have}, {"the loss's stats": want, **want_g})
+            if bad is None:
+                return got
+            why = f"it disagrees with eager: {bad}"
+        except Exception as e:  # e.g. an edited step that syncs with the host, which a graph cannot hold
+            why = f"capturing it failed: {one_line(e)}"
+        print(f"note: CUDA graph not used ({why}); the update runs eagerly", file=sys.stderr)
+        self.eager, self.graph, self.static = True, None, None
+        return gradients(agent, m, cfg, lam_c)
+
+def graph_gradients(cfg: Cfg, dev: torch.device):
+    """The minibatch's gradients: a GraphGradients on CUDA with cuda_graph on, else gradients() itself."""
+    return GraphGradients() if dev.type == "cuda" and cfg.cuda_graph else gradients
 
 
 if __name__ == "__main__":  # run as the module an import makes: pickled env state then names gwt_ib.FlatObs
