@@ -51,6 +51,8 @@ class Cfg:
     seed: int = knob(42, "seeds python, numpy, torch and the environments",
                      (lambda v: 0 <= v < 2 ** 32, "must be an integer >= 0 and < 2**32 (numpy's seed range)"))
     prev_action: bool = knob(False, "append the previous action (one-hot; raw for Box) to the observation, as POPGym does")
+    popgym_wrappers: bool = knob(False, "wrap each POPGym env in POPGym's PreviousAction and Antialias (its PPO "
+                                 "protocol: the previous action, null action 0 at a reset, and an is-first-step flag)")
     async_envs: bool = knob(False, "step each environment in its own subprocess (env_workers = num_envs)")
     env_workers: int = knob(0, "step the envs in this many subprocesses, num_envs/env_workers each; 0 = in this process",
                             INT_0)
@@ -136,6 +138,13 @@ class Cfg:
     cuda_graph: bool = knob(True, "on CUDA, run each minibatch's forward and backward as a captured CUDA graph (end of "
                             "file) if it matches eager at the first update")
 
+# --preset NAME: defaults that flags then override. popgym: this trainer's counterparts of POPGym's PPO settings (its
+# baselines' ppo.py): batch 65,536 (64 envs x 1,024 steps), minibatch 8,192, lr 5e-5, GAE lambda 1.0, 30 SGD passes,
+# clip 0.3, value weight 1.0, no entropy bonus, memory 256, 10M env steps, its PreviousAction and Antialias wrappers.
+PRESETS = {"popgym": dict(popgym_wrappers=True, num_envs=64, rollout_steps=1024, minibatches=8, lr=5e-5,
+                          gae_lambda=1.0, epochs=30, clip_eps=0.3, vf_coef=1.0, ent_coef=0.0, hid_dim=256,
+                          total_timesteps=10_000_000)}
+
 class ConfigError(ValueError):
     """A bad setting: names the field, the value and what is allowed."""
     def __init__(self, name: str, value: Any, allowed: str):
@@ -185,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=typ.__name__.upper(), default=None,
                        help=f"{f.metadata['doc']} (default: {f.default})",
                        **(dict(nargs="?", const="true") if typ is bool else {}))
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from these settings instead of Cfg's defaults "
+                   "(PRESETS; popgym: POPGym's PPO protocol); the other flags override them")
     p.add_argument("--list-envs", action="store_true", help="print POPGym ids with their spaces and exit")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
                    "(its config.json is used; flags given here override it)")
@@ -226,6 +237,8 @@ def validate(cfg: Cfg) -> None:
     need("td_std_min", c.td_std_min < c.td_std_max, f"must be < td_std_max ({c.td_std_max})")
     need("gate", c.gate == "scalar" or c.use_router_residual,
          "vector gates need use_router_residual=true (the prior alone is one number per step)")
+    need("prev_action", not (c.prev_action and c.popgym_wrappers), "cannot be combined with popgym_wrappers=true "
+         "(POPGym's PreviousAction adds the previous action already)")
     need("env_workers", c.env_workers <= c.num_envs, f"must be <= num_envs ({c.num_envs})")
     need("env_workers", not (c.env_workers and c.async_envs), "cannot be combined with async_envs=true")
     cpus = os.cpu_count() or 1  # settings that would take the machine down rather than run faster
@@ -319,8 +332,14 @@ def env_call(fn, *args, **kw):
     except (Exception, SystemExit) as e:
         raise EnvError(f"the environment raised {one_line(e)}") from e
 
-def make_env(env_id: str):
+def make_env(env_id: str, popgym_wrappers: bool = False):
     env = _gym().make(env_id, disable_env_checker=True)  # the checker only warns about popgym infos
+    if popgym_wrappers:  # POPGym's baselines wrap every env so (they assert a POPGymEnv inside)
+        from popgym.core.env import POPGymEnv
+        from popgym.wrappers import Antialias, PreviousAction
+        if not isinstance(env, POPGymEnv):
+            raise ConfigError("popgym_wrappers", True, f"needs a POPGym env; {env_id} is not one")
+        env = Antialias(PreviousAction(env))
     check_obs_space(env.observation_space, env_id)
     return FlatObs(env)
 
@@ -328,13 +347,14 @@ def make_envs(cfg: Cfg, n: int, async_envs: bool = False, workers: int = 0):
     """SAME_STEP autoreset: step() returns the new episode's first observation and puts the real last one
     in info["final_obs"], so every stored transition is one the env made (no dummy reset step)."""
     if workers or async_envs:
-        return ShardedVectorEnv(cfg.env_id, n, n if async_envs else workers)
+        return ShardedVectorEnv(cfg, n, n if async_envs else workers)
     from gymnasium.vector import AutoresetMode, SyncVectorEnv
-    return SyncVectorEnv([lambda: make_env(cfg.env_id)] * n, autoreset_mode=AutoresetMode.SAME_STEP)
+    return SyncVectorEnv([lambda: make_env(cfg.env_id, cfg.popgym_wrappers)] * n,
+                         autoreset_mode=AutoresetMode.SAME_STEP)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what StopFlag handles
 
-def _shard_worker(pipe, env_id: str, n: int, inherited: list) -> None:
+def _shard_worker(pipe, cfg: Cfg, n: int, inherited: list) -> None:
     """Steps n envs for ShardedVectorEnv. Stop signals are the trainer's (a Ctrl-C reaches the whole process group):
     ignored here, the trainer closes its workers. What the envs raise, sys.exit included, goes back as a message."""
     for sig in STOP_SIGNALS:
@@ -343,7 +363,7 @@ def _shard_worker(pipe, env_id: str, n: int, inherited: list) -> None:
     for conn in inherited:  # the other pipes' ends: only then does a dead peer read as EOF
         conn.close()
     try:
-        envs = make_envs(Cfg(env_id=env_id), n)
+        envs = make_envs(cfg, n)
         while (msg := pipe.recv())[0] != "close":
             if msg[0] == "reset":
                 pipe.send(("ok", envs.reset(seed=msg[1])[0]))
@@ -361,18 +381,18 @@ class ShardedVectorEnv:
     """n envs stepped by `workers` subprocesses, each a SAME_STEP SyncVectorEnv over its share: unlike
     one process per env (gymnasium's AsyncVectorEnv) the messages stay few. Env i gets seed `seed + i`
     at reset, as in SyncVectorEnv, so a run is the same as in-process. A worker that dies is an EnvError."""
-    def __init__(self, env_id: str, n: int, workers: int):
+    def __init__(self, cfg: Cfg, n: int, workers: int):
         import multiprocessing as mp
         from multiprocessing.connection import wait
         fork = "fork" in mp.get_all_start_methods()
         ctx, self.wait = mp.get_context("fork" if fork else "spawn"), wait
-        with make_env(env_id) as probe:
+        with make_env(cfg.env_id, cfg.popgym_wrappers) as probe:
             self.single_observation_space, self.single_action_space = probe.observation_space, probe.action_space
         self.num_envs, self.sizes = n, [len(a) for a in np.array_split(np.arange(n), workers)]
         self.pipes, children = zip(*[ctx.Pipe() for _ in self.sizes])
         ends = [*self.pipes, *children]  # a forked worker inherits all of them
         self.procs = [ctx.Process(target=_shard_worker, daemon=True,
-                                  args=(c, env_id, k, [e for e in ends if e is not c] if fork else []))
+                                  args=(c, cfg, k, [e for e in ends if e is not c] if fork else []))
                       for c, k in zip(children, self.sizes)]
         old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # no signal before a worker ignores them
         try:
@@ -1722,10 +1742,13 @@ def main(argv: Optional[list] = None) -> int:
         print(list_envs())
         return 0
     try:
+        if ns.preset and (ns.resume is not None or ns.evaluate is not None):
+            raise ConfigError("preset", ns.preset, "cannot be combined with --resume or --evaluate (the run has its "
+                                                   "settings)")
         if ns.evaluate is not None:
             reevaluate(parse_overrides(ns, run_config(ns.evaluate, "evaluate")), Path(ns.evaluate))
             return 0
-        base = run_config(ns.resume) if ns.resume is not None else Cfg()
+        base = run_config(ns.resume) if ns.resume is not None else Cfg(**PRESETS.get(ns.preset, {}))
         summary = train(parse_overrides(ns, base), resume=ns.resume)  # build() validates before anything runs
     except (ConfigError, EnvError, OSError) as e:  # before anything is written: a faulty setting, environment or path
         print(f"gwt_ib.py: error: {one_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
