@@ -2182,6 +2182,8 @@ class GraphGradients:
     def capture(self, agent: Agent, m: dict, cfg: Cfg, lam_c: float) -> torch.Tensor:
         want = gradients(agent, m, cfg, lam_c)
         want_g = {f"grad {n}": None if p.grad is None else p.grad.clone() for n, p in agent.named_parameters()}
+        rng = torch.cuda.default_generators[want.device.index]
+        rng_state = rng.clone_state()  # a failed capture leaves the generator in capture mode: set back after one
         try:
             self.static, self.lam = {k: v.clone() for k, v in m.items()}, torch.tensor(float(lam_c), device=want.device)
             side = torch.cuda.Stream()
@@ -2204,6 +2206,7 @@ class GraphGradients:
             why = f"it disagrees with eager: {bad}"
         except Exception as e:  # e.g. an edited step that syncs with the host, which a graph cannot hold
             why = f"capturing it failed: {one_line(e)}"
+            rng.graphsafe_set_state(rng_state)
         print(f"note: CUDA graph not used ({why}); the update runs eagerly", file=sys.stderr)
         self.eager, self.graph, self.static = True, None, None
         return gradients(agent, m, cfg, lam_c)

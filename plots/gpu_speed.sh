@@ -5,7 +5,7 @@
 # Usage, from the repo root on a CUDA machine:  bash plots/gpu_speed.sh [OTHER_TRAINER.py] [REPS] [UPDATES]
 # Each run trains UPDATES updates (default 6); prints end-to-end env steps/s and the last update's rollout/update split.
 set -u
-OTHER=${1:-}; REPS=${2:-2}; UPD=${3:-6}; OUTD=${OUT:-/tmp}/gpu_speed; mkdir -p "$OUTD"
+OTHER=${1:-}; [ -n "$OTHER" ] && cp "$OTHER" /tmp/old_gwt_ib.py && OTHER=/tmp/old_gwt_ib.py; REPS=${2:-2}; UPD=${3:-6}; OUTD=${OUT:-/tmp}/gpu_speed; mkdir -p "$OUTD"
 echo "# device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) CPUs, torch $(python3 -c 'import torch;print(torch.__version__)')"
 run() {  # label trainer N rep
   name=$1_n$3_r$4

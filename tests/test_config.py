@@ -159,6 +159,8 @@ BAD = [  # argv, field, the bad value as it must appear, a piece of what is allo
     (["--env-id", "popgym-CountRecalEasy-v0"], "env_id", "popgym-CountRecalEasy-v0", "popgym-CountRecallEasy-v0"),
     (["--env-id", "NoSuchEnvAtAll-v9"], "env_id", "NoSuchEnvAtAll-v9", "not a registered gymnasium id"),
     (["--resume", "/nonexistent/run"], "resume", "/nonexistent/run", "config.json and checkpoint.pt"),
+    (["--prev-action", "--popgym-wrappers"], "prev_action", "True", "cannot be combined with popgym_wrappers"),
+    (["--preset", "popgym", "--resume", "runs/x"], "preset", "popgym", "cannot be combined with --resume"),
 ]
 
 
@@ -286,3 +288,21 @@ def test_unsupported_env_fails_before_training(capsys, tmp_path):
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and "unsupported observation space" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_popgym_wrappers_refuse_an_env_that_is_not_popgyms(capsys, tmp_path):
+    """POPGym's wrappers assert a POPGym env: any other id exits 2 with one line before anything is written."""
+    assert gwt_ib.main(["--popgym-wrappers", "--env-id", "CartPole-v1", "--out-dir", str(tmp_path / "runs")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--popgym-wrappers True: needs a POPGym env; CartPole-v1 is not one" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_popgym_preset_sets_popgyms_ppo_settings_and_flags_override_them():
+    ns = gwt_ib.build_parser().parse_args(["--preset", "popgym", "--num-envs", "8"])
+    cfg = gwt_ib.parse_overrides(ns, gwt_ib.Cfg(**gwt_ib.PRESETS[ns.preset]))
+    assert (cfg.num_envs, cfg.rollout_steps * 64, cfg.epochs, cfg.lr, cfg.gae_lambda, cfg.clip_eps, cfg.vf_coef,
+            cfg.ent_coef, cfg.popgym_wrappers) == (8, 65536, 30, 5e-5, 1.0, 0.3, 1.0, 0.0, True)
+    full = gwt_ib.Cfg(**gwt_ib.PRESETS["popgym"])
+    gwt_ib.validate(full)  # batch 65,536 in minibatches of 8,192
+    assert full.num_envs * full.rollout_steps // full.minibatches == 8192

@@ -3,6 +3,7 @@ previous-action features."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import gymnasium
@@ -12,7 +13,7 @@ import torch
 from gymnasium import spaces
 
 import gwt_ib
-from conftest import COUNTER_ID, COUNTER_LIMIT, built, close, read_metrics, step_from_obs, tiny_cfg
+from conftest import COUNTER_ID, COUNTER_LIMIT, TINY_ARGS, built, close, read_metrics, step_from_obs, tiny_cfg
 
 import popgym  # noqa: F401  registers popgym-*-v0
 
@@ -302,3 +303,36 @@ def test_prev_action_box_is_the_clipped_action():
     assert torch.all(pa[start] == 0)
     torch.testing.assert_close(pa[1:][~start[1:]], b["act"][:-1, :, 0].clamp(-2, 2)[~start[1:]], atol=1e-6, rtol=0)
     close(su)
+
+
+# ----------------------------------------------------------------------------- POPGym's protocol
+def test_popgym_wrappers_add_the_previous_action_and_a_first_step_flag():
+    """--popgym-wrappers: POPGym's PreviousAction (its null action 0 after a reset) and Antialias (is-first-step),
+    flattened after the observation: RepeatPrevious's Discrete(4) obs + Discrete(4) action + Discrete(2) flag."""
+    cfg = tiny_cfg(env_id="popgym-RepeatPreviousEasy-v0", num_envs=3, rollout_steps=64, seq_len=16, minibatches=1,
+                   total_timesteps=192, popgym_wrappers=True, seed=1)
+    su = built(cfg)
+    b, _, _ = gwt_ib.rollout(su.col, 64)
+    obs, start, act = b["obs"], b["start"] > 0, b["act"][..., 0]
+    assert obs.shape[-1] == 4 + 4 + 2
+    one_hot = torch.nn.functional.one_hot
+    torch.testing.assert_close(obs[..., 8:][start], one_hot(torch.ones_like(act[start]), 2).float())  # is_t0 = 1
+    torch.testing.assert_close(obs[..., 8:][~start], one_hot(torch.zeros_like(act[~start]), 2).float())
+    assert torch.all(obs[..., 4:8][start] == one_hot(torch.zeros_like(act[start]), 4).float())  # null action 0
+    later = ~start[1:]
+    torch.testing.assert_close(obs[1:, :, 4:8][later], one_hot(act[:-1], 4).float()[later], atol=0, rtol=0)
+    close(su)
+
+
+def test_the_popgym_preset_trains_a_short_run(tmp_path):
+    """--preset popgym with a tiny size: 30 SGD passes per rollout, POPGym's wrappers, a completed run."""
+    flags = dict(zip(TINY_ARGS[::2], TINY_ARGS[1::2]))
+    del flags["--epochs"]  # the preset's 30 passes stay
+    flags.update({"--env-id": "popgym-RepeatPreviousEasy-v0", "--total-timesteps": "128", "--minibatches": "1",
+                  "--out-dir": str(tmp_path), "--run-name": "p"})
+    rc = gwt_ib.main(["--preset", "popgym", *[x for kv in flags.items() for x in kv]])
+    assert rc == 0
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert (cfg["epochs"], cfg["lr"], cfg["gae_lambda"], cfg["popgym_wrappers"], cfg["ent_coef"]) == (30, 5e-5, 1.0,
+                                                                                                       True, 0.0)
+    assert len(read_metrics(tmp_path / "p")) == 2
