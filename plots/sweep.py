@@ -82,7 +82,7 @@ RUN_RE = re.compile(r"^(?P<env>.+)__(?P<variant>[A-Za-z0-9_]+?)__s(?P<seed>\d+)$
 # config fields that do not change what a run computes: ignored when checking an old run against the request
 # (a field that only one side has, e.g. renamed in the trainer, is not compared either)
 NON_SEMANTIC = {"out_dir", "run_name", "progress", "torch_threads", "device", "log_every", "checkpoint_every",
-                "save_plot", "cpu_kernel", "halt_after", "async_envs", "env_workers"}
+                "save_plot", "cpu_kernel", "cuda_graph", "halt_after", "async_envs", "env_workers"}
 assert NON_SEMANTIC <= set(gwt_ib.Cfg.__dataclass_fields__), NON_SEMANTIC - set(gwt_ib.Cfg.__dataclass_fields__)
 FINAL_K = 3  # "final eval" = mean of the last FINAL_K evaluations of a run
 
