@@ -5,7 +5,8 @@
 # Usage, from the repo root on a CUDA machine:  bash plots/gpu_speed.sh [OTHER_TRAINER.py] [REPS] [UPDATES]
 # Each run trains UPDATES updates (default 6); prints end-to-end env steps/s and the last update's rollout/update split.
 set -u
-OTHER=${1:-}; [ -n "$OTHER" ] && cp "$OTHER" /tmp/old_gwt_ib.py && OTHER=/tmp/old_gwt_ib.py; REPS=${2:-2}; UPD=${3:-6}; OUTD=${OUT:-/tmp}/gpu_speed; mkdir -p "$OUTD"
+OTHER=${1:-}; REPS=${2:-2}; UPD=${3:-6}; OUTD=${OUT:-/tmp}/gpu_speed; mkdir -p "$OUTD"
+[ -n "$OTHER" ] && cp "$OTHER" /tmp/old_gwt_ib.py && OTHER=/tmp/old_gwt_ib.py  # runs as the module old_gwt_ib
 echo "# device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) CPUs, torch $(python3 -c 'import torch;print(torch.__version__)')"
 run() {  # label trainer N rep
   name=$1_n$3_r$4
@@ -29,7 +30,7 @@ import gwt_ib
 N = int(sys.argv[1])
 envs = gwt_ib.make_envs(gwt_ib.Cfg(num_envs=N), N, workers=16)
 envs.reset(seed=0)
-space, rng = envs.single_action_space, np.random.default_rng(0)
+space = envs.single_action_space
 acts = [np.stack([space.sample() for _ in range(N)]) for _ in range(8)]
 for t in range(16):
     envs.step(acts[t % 8])
